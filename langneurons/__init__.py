@@ -1,0 +1,1 @@
+"""Shared code of the language-neuron pipeline (detection, deactivation, training, evaluation)."""

@@ -1,0 +1,162 @@
+"""Neuron sets: files (ours and the authors'), set algebra of METHOD.md section 4, statistics.
+
+In memory a neuron set is a dict group -> bool tensor [num_layers, group_size]; set algebra is
+then elementwise logic. On disk it is the authors' JSON layout {group: {"layer": [indices]}}."""
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cli import InputError, read_json, write_json
+from .model import GROUPS, Geometry
+
+NeuronSet = dict[str, torch.Tensor]
+COMPONENTS = {"QK": ("attn_q", "attn_k"), "VO": ("attn_v", "attn_o"), "FFN": ("fwd_up", "fwd_down")}
+
+
+def empty_set(geom: Geometry) -> NeuronSet:
+    return {g: torch.zeros(geom.shape(g), dtype=torch.bool) for g in GROUPS}
+
+
+def size(s: NeuronSet) -> int:
+    return int(sum(int(m.sum()) for m in s.values()))
+
+
+def intersection(sets: list[NeuronSet]) -> NeuronSet:
+    return {g: torch.stack([s[g] for s in sets]).all(0) for g in GROUPS}
+
+
+def union(sets: list[NeuronSet]) -> NeuronSet:
+    return {g: torch.stack([s[g] for s in sets]).any(0) for g in GROUPS}
+
+
+def difference(a: NeuronSet, b: NeuronSet) -> NeuronSet:
+    return {g: a[g] & ~b[g] for g in GROUPS}
+
+
+def random_set(n: int, geom: Geometry, seed: int, name: str) -> NeuronSet:
+    """`n` neurons drawn uniformly over all layers and groups; the seed is mixed with the set's name
+    so that every control is different but reproducible."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    sizes = [geom.num_layers * geom.group_size(g) for g in GROUPS]
+    flat = np.zeros(sum(sizes), dtype=bool)
+    flat[rng.choice(flat.size, size=n, replace=False)] = True
+    out, start = {}, 0
+    for g, k in zip(GROUPS, sizes):
+        out[g] = torch.from_numpy(flat[start:start + k].reshape(geom.shape(g)).copy())
+        start += k
+    return out
+
+
+def language_sets(related: dict[str, NeuronSet], geom: Geometry, seed: int) -> dict[str, NeuronSet]:
+    """All sets of INTERFACE.md from the language-related sets N_l (METHOD.md section 4)."""
+    langs = list(related)
+    shared = intersection(list(related.values()))
+    sets = {f"related_{l}": related[l] for l in langs}
+    sets["related_all"] = union(list(related.values()))
+    sets["shared"] = shared
+    for l in langs:
+        sets[f"exclusive_{l}"] = difference(related[l], shared)
+        others = [related[m] for m in langs if m != l]
+        sets[f"unique_{l}"] = difference(related[l], union(others)) if others else related[l]
+    sets["random_shared"] = random_set(size(shared), geom, seed, "random_shared")
+    for l in langs:
+        sets[f"random_exclusive_{l}"] = random_set(size(sets[f"exclusive_{l}"]), geom, seed, f"random_exclusive_{l}")
+    return sets
+
+
+def related_from_counts(counts: dict[str, torch.Tensor], sentences: torch.Tensor, langs: list[str],
+                        threshold: float) -> dict[str, NeuronSet]:
+    """N_l = neurons whose firing rate (count / sentences of l) is at least `threshold`."""
+    out = {}
+    for i, l in enumerate(langs):
+        n = int(sentences[i])
+        if n == 0:
+            raise InputError(f"no sentences counted for language '{l}'")
+        # integer comparison avoids float rounding at threshold 1.0
+        need = int(np.ceil(threshold * n - 1e-9))
+        out[l] = {g: counts[g][i] >= need for g in GROUPS}
+    return out
+
+
+# ---------------------------------------------------------------- files
+
+def to_json(s: NeuronSet, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    obj: dict[str, Any] = {g: {str(layer): torch.nonzero(s[g][layer]).flatten().tolist()
+                               for layer in range(s[g].shape[0])} for g in GROUPS}
+    obj["meta"] = {**(meta or {}), "kv_index_space": "kv_rows"}
+    return obj
+
+
+def write_neuron_file(path: str | Path, s: NeuronSet, meta: dict[str, Any] | None = None) -> None:
+    write_json(path, to_json(s, meta))
+
+
+def read_neuron_file(path: str | Path, geom: Geometry, legacy_kv: bool = False) -> tuple[NeuronSet, dict]:
+    """Read our files and the authors' (no `meta`: k/v indices in query-head space).
+
+    The authors' query-head index i = h*head_dim + d belongs to key/value row (h // n_rep)*head_dim + d.
+    Their own code used i // n_rep (wrong whenever head_dim > 1); `legacy_kv` reproduces it."""
+    obj = read_json(path, "neuron file")
+    if not isinstance(obj, dict):
+        raise InputError(f"neuron file {path}: expected a JSON object of groups")
+    meta = obj.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise InputError(f"neuron file {path}: 'meta' is not an object")
+    space = meta.get("kv_index_space", "query_heads" if "meta" not in obj else "kv_rows")
+    if space not in ("kv_rows", "query_heads"):
+        raise InputError(f"neuron file {path}: unknown kv_index_space '{space}'")
+    out = empty_set(geom)
+    for group, layers in obj.items():
+        if group == "meta":
+            continue
+        if group not in GROUPS:
+            raise InputError(f"neuron file {path}: unknown group '{group}'")
+        if not isinstance(layers, dict):
+            raise InputError(f"neuron file {path}: group {group} is not an object of layers")
+        kv_from_q = group in ("attn_k", "attn_v") and space == "query_heads"
+        limit = geom.num_heads * geom.head_dim if kv_from_q else geom.group_size(group)
+        for key, idx in layers.items():
+            if not (isinstance(key, str) and key.isdigit() and int(key) < geom.num_layers):
+                raise InputError(f"neuron file {path}: group {group} layer {key} does not exist "
+                                 f"(model has {geom.num_layers} layers)")
+            if not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+                raise InputError(f"neuron file {path}: group {group} layer {key}: indices must be a list of integers")
+            t = torch.tensor(idx, dtype=torch.long)
+            if len(idx) and (int(t.min()) < 0 or int(t.max()) >= limit):
+                bad = int(t.max()) if int(t.max()) >= limit else int(t.min())
+                raise InputError(f"neuron file {path}: group {group} layer {key}: index {bad} out of range "
+                                 f"[0, {limit})")
+            if kv_from_q:
+                d = geom.head_dim
+                t = t // geom.n_rep if legacy_kv else (t // d // geom.n_rep) * d + t % d
+            out[group][int(key)][t] = True
+    return out, meta
+
+
+# ---------------------------------------------------------------- statistics
+
+def set_stats(s: NeuronSet, geom: Geometry) -> dict[str, Any]:
+    total = geom.total_neurons
+    n = size(s)
+    groups = {g: int(s[g].sum()) for g in GROUPS}
+    return {"size": n, "fraction": n / total,
+            "groups": groups,
+            "group_fractions": {g: groups[g] / (geom.num_layers * geom.group_size(g)) for g in GROUPS},
+            "components": {c: sum(groups[g] for g in gs) for c, gs in COMPONENTS.items()},
+            "component_shares": {c: (sum(groups[g] for g in gs) / n if n else 0.0) for c, gs in COMPONENTS.items()},
+            "layers": [int(sum(int(s[g][layer].sum()) for g in GROUPS)) for layer in range(geom.num_layers)]}
+
+
+def stats(sets: dict[str, NeuronSet], langs: list[str], geom: Geometry) -> dict[str, Any]:
+    """stats.json: every set's size per group/component/layer, fractions of all neurons, shared ratio."""
+    per_set = {name: set_stats(s, geom) for name, s in sets.items()}
+    mean_excl = float(np.mean([per_set[f"exclusive_{l}"]["size"] for l in langs]))
+    return {"total_neurons": geom.total_neurons,
+            "neurons_per_group": {g: geom.num_layers * geom.group_size(g) for g in GROUPS},
+            "shared_ratio": per_set["shared"]["size"] / mean_excl if mean_excl else None,
+            "sets": per_set}

@@ -1,0 +1,109 @@
+"""Tiny randomly initialised decoders built from configs, a byte-level tokenizer and a tiny dataset
+in the paper's layout, so that every stage can be tested in seconds without downloading anything."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+ARCHS = ["llama", "qwen2", "qwen3", "gemma2", "gemma3"]
+VOCAB = 256 + 3  # bytes + <pad>, <bos>, <eos>
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+_EXTRA = {
+    "llama": dict(model_type="llama", attention_bias=False),
+    # Qwen2 has q/k/v biases and grouped-query attention
+    "qwen2": dict(model_type="qwen2"),
+    # Qwen3 normalises q and k per head
+    "qwen3": dict(model_type="qwen3"),
+    # Gemma2: logit soft-capping in attention and at the head, sliding window on alternate layers
+    "gemma2": dict(model_type="gemma2", attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                   sliding_window=6, query_pre_attn_scalar=16),
+    # Gemma3: q/k norms, sliding window, different scaling
+    "gemma3": dict(model_type="gemma3_text", sliding_window=6, query_pre_attn_scalar=16,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+}
+
+
+def tiny_config(arch: str):
+    kw = {**_COMMON, **_EXTRA[arch]}
+    return AutoConfig.for_model(kw.pop("model_type"), **kw)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch)
+    cfg._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init, and non-zero biases
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    for ch in sorted(byte_chars):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+def save_tiny(arch: str, path: str | Path, seed: int = 0) -> Path:
+    path = Path(path)
+    model = tiny_model(arch, seed)
+    model.config._attn_implementation = "sdpa" if arch not in ("gemma2",) else "eager"
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+SENTENCES = {
+    "en": ["The cat sleeps on the warm mat.", "We walked to the market early.",
+           "Rain fell all night over the hills.", "She reads a book every evening before bed.",
+           "The train to the city leaves at nine.", "My brother cooks rice with beans."],
+    "fr": ["Le chat dort sur le tapis chaud.", "Nous sommes allés au marché tôt.",
+           "La pluie est tombée toute la nuit sur les collines.", "Elle lit un livre chaque soir avant de dormir.",
+           "Le train pour la ville part à neuf heures.", "Mon frère cuisine du riz avec des haricots."],
+    "de": ["Die Katze schläft auf der warmen Matte.", "Wir sind früh zum Markt gegangen.",
+           "Die ganze Nacht fiel Regen über den Hügeln.", "Sie liest jeden Abend vor dem Schlafen ein Buch.",
+           "Der Zug in die Stadt fährt um neun.", "Mein Bruder kocht Reis mit Bohnen."],
+}
+
+
+def tiny_dataset(root: str | Path, langs=("en", "fr", "de")) -> Path:
+    """A dataset in the paper's layout with a handful of items per language."""
+    root = Path(root)
+    locales = {"en": "EN-EN", "fr": "FR-FR", "de": "DE-DE"}
+    for lang in langs:
+        s = SENTENCES[lang]
+        for sub, lines in (("detect", s), ("val", s[::-1])):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            (root / sub / f"{lang}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (root / "train").mkdir(parents=True, exist_ok=True)
+        (root / "train" / f"{lang}.jsonl").write_text(
+            "".join(json.dumps({"text": a + " " + b}, ensure_ascii=False) + "\n" for a, b in zip(s, s[1:] + s[:1])),
+            encoding="utf-8")
+        (root / "test" / "mgsm").mkdir(parents=True, exist_ok=True)
+        (root / "test" / "mgsm" / f"mgsm_{lang}.tsv").write_text(
+            "".join(f"{a} + {b} = ?\t{a + b}\n" for a, b in [(2, 3), (10, 7), (40, 2)]), encoding="utf-8")
+        (root / "test" / "mmlu").mkdir(parents=True, exist_ok=True)
+        with open(root / "test" / "mmlu" / f"mmlu_{locales[lang]}.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["", "Question", "A", "B", "C", "D", "Answer", "Subject"])
+            for i, (q, ans) in enumerate([("2+2?", "B"), ("Capital of France?", "A"), ("Color of sky?", "C")]):
+                w.writerow([i, q, "Paris", "4", "blue", "green", ans, "misc"])
+    return root
