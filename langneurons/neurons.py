@@ -83,6 +83,36 @@ def related_from_counts(counts: dict[str, torch.Tensor], sentences: torch.Tensor
     return out
 
 
+def lape_related(active: torch.Tensor, tokens: torch.Tensor, langs: list[str], geom: Geometry,
+                 top_rate: float, quantile: float = 0.95) -> dict[str, NeuronSet]:
+    """Language-specific FFN neurons by activation-probability entropy (LAPE, Tang et al., 2024).
+
+    active [langs, layers, intermediate]: tokens with activation > 0; tokens [langs]. Neurons whose
+    probability never exceeds the `quantile` of all probabilities are dropped, the `top_rate` fraction
+    with the lowest entropy across languages is kept, and each kept neuron belongs to every language
+    whose probability exceeds that quantile (their filter_rate = activation_bar_ratio = 0.95)."""
+    probs = active.double() / tokens.double().clamp(min=1)[:, None, None]  # [L, layers, n]
+    probs = probs.permute(1, 2, 0)  # [layers, n, L]
+    flat = probs.flatten()
+    bar = flat.kthvalue(max(1, round(flat.numel() * quantile))).values
+    normed = probs / probs.sum(-1, keepdim=True)
+    normed = torch.nan_to_num(normed, nan=0.0)
+    entropy = -(normed * torch.log(normed.clamp(min=1e-300))).sum(-1)
+    entropy[(probs > bar).sum(-1) == 0] = float("inf")
+    k = max(1, round(entropy.numel() * top_rate))
+    chosen = torch.zeros(entropy.numel(), dtype=torch.bool)
+    chosen[entropy.flatten().topk(k, largest=False).indices] = True
+    chosen &= torch.isfinite(entropy.flatten())
+    chosen = chosen.reshape(entropy.shape)
+    out = {}
+    for i, l in enumerate(langs):
+        s = empty_set(geom)
+        ffn = chosen & (probs[..., i] > bar)
+        s["fwd_up"], s["fwd_down"] = ffn.clone(), ffn.clone()
+        out[l] = s
+    return out
+
+
 # ---------------------------------------------------------------- files
 
 def to_json(s: NeuronSet, meta: dict[str, Any] | None = None) -> dict[str, Any]:

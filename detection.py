@@ -1,0 +1,173 @@
+"""Stage 1: find the language-related neurons of a model, and sort them into shared and exclusive.
+
+For every sentence of every language, every neuron's importance (METHOD.md section 2) is computed
+from one ordinary forward pass; the top --ratio of each layer and group are 'activated' by that
+sentence. Firing counts per language are stored, and the sets of METHOD.md section 4 are derived
+from them at --threshold. A later run that differs only in --threshold re-derives the sets from the
+stored counts without loading the model.
+
+    python detection.py --model gemma-3-270m --langs en,zh,th,sw,fr,de --ratio 0.01
+    accelerate launch detection.py ...   # sentences split over processes, counts summed
+"""
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from langneurons import cli
+from langneurons.data import detection_corpus
+from langneurons.importance import ImportanceProbe
+from langneurons.metrics import batches_by_length, pad_batch
+from langneurons.model import GROUPS, Geometry, load_model, load_tokenizer, model_tag
+from langneurons.neurons import (language_sets, lape_related, related_from_counts, stats,
+                                 write_neuron_file)
+
+FFN_GROUPS = ("fwd_up", "fwd_down")
+
+
+def parse_args():
+    p = cli.common_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--method", choices=["importance", "activation"], default="importance",
+                   help="importance: the paper's parallel neuron detection; activation: LAPE (FFN only)")
+    p.add_argument("--ratio", type=float, default=0.01,
+                   help="importance: fraction of each layer's group activated per sentence; "
+                        "activation: fraction of FFN neurons kept by lowest entropy")
+    p.add_argument("--threshold", type=float, default=1.0,
+                   help="a neuron is related to a language when firing count / sentences >= threshold")
+    p.add_argument("--sample-size", type=int, default=0, help="sentences per language (0 = all)")
+    p.add_argument("--groups", default=",".join(GROUPS), help="neuron groups to score (importance method)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256, help="tokens per sentence (longer ones are cut)")
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    cli.check_range("--ratio", args.ratio, 0, 1, lo_open=True)
+    cli.check_range("--threshold", args.threshold, 0, 1, lo_open=True)
+    cli.check_range("--sample-size", args.sample_size, 0, float("inf"))
+    cli.check_range("--batch-size", args.batch_size, 1, float("inf"))
+    cli.check_range("--max-length", args.max_length, 2, float("inf"))
+    groups = tuple(g for g in args.groups.split(",") if g)
+    if unknown := [g for g in groups if g not in GROUPS] or not groups:
+        raise cli.InputError(f"--groups: unknown group {unknown} (known: {', '.join(GROUPS)})")
+    langs = cli.parse_langs(args.langs)
+    corpora = {l: detection_corpus(args.dataset, l, args.sample_size, args.seed) for l in langs}
+    out_dir = Path(args.out) / model_tag(args.model) / "neurons"
+    if cli.reusable(out_dir / "meta.json", args):
+        return
+    cli.seed_everything(args.seed)
+
+    # ---- firing counts: from an earlier run that differs only in --threshold, else from the model
+    counts = stored_counts(out_dir, args)
+    if counts is None:
+        counts = count_firing(args, corpora, groups)
+    if counts is None:  # not the main process of a multi-process run
+        return
+    firing, sentences, geom, config = counts
+
+    # ---- sets and statistics
+    if args.method == "importance":
+        related = related_from_counts(firing, sentences, langs, args.threshold)
+    else:
+        related = lape_related(firing["fwd_up"], sentences, langs, geom, args.ratio)
+    sets = language_sets(related, geom, args.seed)
+    summary = stats(sets, langs, geom)
+    meta = {"model": args.model, "tag": model_tag(args.model), "method": args.method, "ratio": args.ratio,
+            "threshold": args.threshold, "langs": langs, "groups": list(groups),
+            "corpus": {l: {"file": str(Path(args.dataset) / "detect" / f"{l}.txt"), "sentences": len(corpora[l])}
+                       for l in langs},
+            "geometry": geom.__dict__, "config": config,
+            "unit": "sentences" if args.method == "importance" else "tokens",
+            "run": cli.run_meta(args)}
+
+    # ---- write everything into a fresh directory, then swap it in whole
+    with cli.atomic_dir(out_dir) as tmp:
+        tensors = {f"{g}.{layer}": firing[g][:, layer].to(torch.int32).contiguous()
+                   for g in firing for layer in range(geom.num_layers)}
+        tensors["sentences"] = sentences.to(torch.int32)
+        save_file(tensors, tmp / "firing.safetensors",
+                  metadata={"langs": json.dumps(langs), "method": args.method, "ratio": str(args.ratio),
+                            "unit": meta["unit"]})
+        provenance = {"model": args.model, "method": args.method, "ratio": args.ratio,
+                      "threshold": args.threshold, "langs": langs}
+        for name, s in sets.items():
+            write_neuron_file(tmp / f"{name}.json", s, {**provenance, "set": name})
+        cli.write_json(tmp / "stats.json", summary)
+        cli.write_json(tmp / "meta.json", meta)
+
+    print(f"\nLanguage neurons of {args.model} ({args.method}, ratio {args.ratio}, threshold {args.threshold}),"
+          f" {geom.total_neurons:,} neurons in all:")
+    print(f"{'set':<22}{'size':>9}{'% of all':>10}   QK / VO / FFN")
+    for name in ["shared", "related_all"] + [f"{k}_{l}" for k in ("exclusive", "unique") for l in langs]:
+        st = summary["sets"][name]
+        c = st["components"]
+        print(f"{name:<22}{st['size']:>9}{100 * st['fraction']:>9.3f}%   {c['QK']} / {c['VO']} / {c['FFN']}")
+    print(f"shared ratio |shared| / mean |exclusive|: {summary['shared_ratio']}")
+    print(f"\nNeuron files and stats: {out_dir}/ (stats.json, firing.safetensors, shared.json, exclusive_<lang>.json, ...)")
+
+
+def stored_counts(out_dir: Path, args):
+    """Counts of an earlier run whose every argument but --threshold is the same, or None."""
+    meta_file, firing_file = out_dir / "meta.json", out_dir / "firing.safetensors"
+    if args.force or not (meta_file.is_file() and firing_file.is_file()):
+        return None
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    ignore = ("threshold", "force")
+    old = {k: v for k, v in meta["run"]["args"].items() if k not in ignore}
+    if old != {k: v for k, v in vars(args).items() if k not in ignore}:
+        return None
+    print(f"Re-deriving the sets from the stored firing counts in {firing_file} (no model run)")
+    t = load_file(firing_file)
+    geom = Geometry(**meta["geometry"])
+    firing = {g: torch.stack([t[f"{g}.{layer}"] for layer in range(geom.num_layers)], 1).long()
+              for g in GROUPS if f"{g}.0" in t}
+    return firing, t["sentences"].long(), geom, meta["config"]
+
+
+def count_firing(args, corpora: dict[str, list[str]], groups: tuple[str, ...]):
+    """Firing counts per language {group: int64 [langs, layers, n]}, sentence (activation: token)
+    counts [langs], the model's geometry and config; None on processes other than the main one."""
+    from accelerate import PartialState
+    state = PartialState()
+    model, tok = load_model(args.model, args.device, args.dtype, device_map_auto=True)
+    geom = Geometry.from_config(model.config)
+    device = model.get_input_embeddings().weight.device
+    langs = list(corpora)
+    count_groups = groups if args.method == "importance" else FFN_GROUPS
+    firing = {g: torch.zeros(len(langs), geom.num_layers, geom.group_size(g), dtype=torch.int64) for g in count_groups}
+    seen = torch.zeros(len(langs), dtype=torch.int64)
+    top_k = {g: max(1, int(args.ratio * geom.group_size(g))) for g in count_groups}
+    with ImportanceProbe(model, groups=groups, method=args.method) as probe:
+        for li, lang in enumerate(langs):
+            mine = corpora[lang][state.process_index::state.num_processes]
+            seqs = [tok(s, truncation=True, max_length=args.max_length)["input_ids"] for s in mine]
+            bar = tqdm(batches_by_length([len(s) for s in seqs], args.batch_size), desc=f"detect {lang}",
+                       disable=not state.is_main_process)
+            for idx in bar:
+                ids, mask = pad_batch([seqs[i] for i in idx], tok.pad_token_id, device)
+                scores = probe(ids, mask)
+                if args.method == "activation":
+                    active = scores["active"].sum(0).long()
+                    firing["fwd_up"][li] += active
+                    firing["fwd_down"][li] += active
+                    seen[li] += int(scores["tokens"].sum())
+                    continue
+                for g in count_groups:
+                    top = scores[g].topk(top_k[g], dim=-1).indices  # [batch, layers, k]
+                    fired = torch.zeros(scores[g].shape, dtype=torch.int64).scatter_(-1, top, 1)
+                    firing[g][li] += fired.sum(0)
+                seen[li] += len(idx)
+    if state.num_processes > 1:
+        from accelerate.utils import reduce
+        firing = {g: reduce(c.to(state.device), reduction="sum").cpu() for g, c in firing.items()}
+        seen = reduce(seen.to(state.device), reduction="sum").cpu()
+        if not state.is_main_process:
+            return None
+    return firing, seen, geom, model.config.to_dict()
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,195 @@
+"""Per-sentence neuron importance (METHOD.md section 2) from the model's own forward pass.
+
+FFN and output-projection importance are read by forward pre-hooks on `down_proj` and `o_proj`:
+removing channel k subtracts the rank-one term H[:,k] W[:,k]^T, whose Frobenius norm is
+||H[:,k]|| * ||W[:,k]||. Value importance is the norm of the attention output channels the value
+row feeds (O_h[:,d] = A_h V_g[:,d]), read at the same o_proj input. Query/key importance needs what
+happens inside attention, so the probe registers an attention function (transformers' registry,
+with a matching mask function, or causal masking would silently disappear) that returns the model's
+own eager attention output unchanged and, beside it, measures for every head h and channel d
+|| (softmax(S_h) - softmax(S_h - Q_h[:,d] K_g[:,d]^T * scale)) V_g ||. Removing query channel d
+of head h and key channel d of kv head g perturb S_h by the same rank-one term, so one computation
+serves both: key importance sums it over the query heads that read g.
+
+The LAPE detector (Tang et al., 2024) only needs the FFN activation sign, read at `act_fn`."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
+
+import torch
+
+from .model import GROUPS, Geometry, decoder_layers, projections
+
+PROBE_NAME = "langneurons_probe"
+_ACTIVE: list["ImportanceProbe"] = []  # the probe whose forward is running (attention functions are global)
+
+
+def _eager_attention(module):
+    """The model's own eager attention (it knows the architecture's soft-capping, sinks, ...)."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn
+
+
+def _probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    out = _eager_attention(module)(module, query, key, value, attention_mask, scaling=scaling,
+                                   dropout=dropout, **kwargs)
+    if _ACTIVE and _ACTIVE[-1].wants_qk:
+        _ACTIVE[-1].query_key_importance(module, query, key, value, attention_mask,
+                                         module.scaling if scaling is None else scaling, kwargs.get("softcap"))
+    return out
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    AttentionInterface.register(PROBE_NAME, _probe_attention)
+    AttentionMaskInterface.register(PROBE_NAME, eager_mask)
+
+
+def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
+                  valid: torch.Tensor, scaling: float, softcap: float | None = None,
+                  chunk_bytes: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query importance [B, H*D] and key importance [B, KV*D] of one attention layer.
+
+    query [B,H,T,D] and key/value [B,KV,S,D] as the attention function sees them (after rotary
+    embedding and q/k norms); keep [B,1|H,T,S] bool: key s visible from query t; valid [B,T] bool:
+    real (non-padding) query tokens. Channels are processed in chunks so that the
+    [B,H,c,T,S] temporaries stay under `chunk_bytes`."""
+    B, H, T, D = query.shape
+    KV, S = key.shape[1], key.shape[2]
+    rep = H // KV
+    q, k, v = query.float(), key.float().repeat_interleave(rep, 1), value.float().repeat_interleave(rep, 1)
+    # rows of padding queries see every key: they are discarded, and this keeps softmax finite
+    keep = (keep | ~valid[:, None, :, None]).expand(B, H, T, S)
+
+    def scores(pre: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        if softcap is not None:
+            pre = torch.tanh(pre / softcap) * softcap
+        return pre.masked_fill(~keep, float("-inf"))
+
+    pre = (q @ k.transpose(-1, -2)) * scaling  # [B,H,T,S]
+    probs = torch.softmax(scores(pre, keep), -1)
+    rowmask = valid[:, None, None, :, None]  # [B,1,1,T,1]
+    c = max(1, min(D, chunk_bytes // (4 * B * H * T * S * 4)))
+    n2 = torch.empty(B, H, D, device=q.device)
+    for d0 in range(0, D, c):
+        d1 = min(D, d0 + c)
+        dpre = torch.einsum("bhtc,bhsc->bhcts", q[..., d0:d1], k[..., d0:d1]) * scaling
+        dprobs = probs[:, :, None] - torch.softmax(scores(pre[:, :, None] - dpre, keep[:, :, None]), -1)
+        change = dprobs @ v[:, :, None]  # [B,H,c,T,D]
+        n2[:, :, d0:d1] = change.square().sum(-1, keepdim=True).mul(rowmask).sum((-1, -2))
+    q_imp = n2.sqrt().reshape(B, H * D)
+    k_imp = n2.reshape(B, KV, rep, D).sum(2).sqrt().reshape(B, KV * D)
+    return q_imp, k_imp
+
+
+class ImportanceProbe:
+    """Importance of every neuron for every sentence of a batch, from one forward pass.
+
+    Use as a context manager, then call with (input_ids, attention_mask); returns
+    {group: float32 tensor [batch, num_layers, group_size]} on the CPU. With method="activation",
+    returns {"active": [batch, layers, intermediate] counts of tokens with FFN activation > 0,
+    "tokens": [batch] token counts} instead."""
+
+    def __init__(self, model, groups: tuple[str, ...] = GROUPS, method: str = "importance",
+                 chunk_bytes: int = 1 << 28):
+        self.model, self.method, self.chunk_bytes = model, method, chunk_bytes
+        self.groups = tuple(groups) if method == "importance" else ()
+        self.geom = Geometry.from_config(model.config)
+        self.layers = [projections(layer) for layer in decoder_layers(model)]
+        self.layer_of = {id(p["attn"]): i for i, p in enumerate(self.layers)}
+        self.wants_qk = bool({"attn_q", "attn_k"} & set(self.groups))
+        self._handles: list = []
+        self._scores: dict[str, list] = {}
+        self._valid: torch.Tensor | None = None
+
+    # ------------------------------------------------------------ hooks
+    def _norms(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C] L2 norms over real tokens of x [B, T, C]."""
+        valid = self._valid.to(x.device)
+        return (x.float().square() * valid[..., None]).sum(1).sqrt()
+
+    def _down_hook(self, layer: int, module, args) -> None:
+        imp = self._norms(args[0]) * module.weight.float().norm(dim=0)
+        for g in ("fwd_up", "fwd_down"):
+            if g in self.groups:
+                self._scores[g][layer] = imp
+
+    def _o_hook(self, layer: int, module, args) -> None:
+        x = args[0]
+        if "attn_o" in self.groups:
+            self._scores["attn_o"][layer] = self._norms(x) * module.weight.float().norm(dim=0)
+        if "attn_v" in self.groups:
+            g = self.geom
+            per_channel = self._norms(x).square().reshape(-1, g.num_kv_heads, g.n_rep, g.head_dim)
+            self._scores["attn_v"][layer] = per_channel.sum(2).sqrt().reshape(-1, g.num_kv_heads * g.head_dim)
+
+    def _act_hook(self, layer: int, module, args, output) -> None:
+        valid = self._valid.to(output.device)
+        self._scores["active"][layer] = ((output > 0) & valid[..., None]).sum(1).float()
+
+    def query_key_importance(self, module, query, key, value, attention_mask, scaling, softcap) -> None:
+        valid = self._valid.to(query.device)
+        S = key.shape[2]
+        if attention_mask is None:
+            keep = torch.ones(1, 1, query.shape[2], S, dtype=torch.bool, device=query.device).tril(S - query.shape[2])
+        elif attention_mask.dtype == torch.bool:
+            keep = attention_mask[..., :S]
+        else:
+            keep = attention_mask[..., :S] > torch.finfo(attention_mask.dtype).min / 2
+        q_imp, k_imp = qk_importance(query, key, value, keep, valid, scaling, softcap, self.chunk_bytes)
+        layer = self.layer_of[id(module)]
+        if "attn_q" in self.groups:
+            self._scores["attn_q"][layer] = q_imp
+        if "attn_k" in self.groups:
+            self._scores["attn_k"][layer] = k_imp
+
+    # ------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "ImportanceProbe":
+        for i, p in enumerate(self.layers):
+            if self.method == "activation":
+                self._handles.append(p["mlp"].act_fn.register_forward_hook(
+                    lambda m, a, o, i=i: self._act_hook(i, m, a, o)))
+                continue
+            if {"fwd_up", "fwd_down"} & set(self.groups):
+                self._handles.append(p["down"].register_forward_pre_hook(lambda m, a, i=i: self._down_hook(i, m, a)))
+            if {"attn_o", "attn_v"} & set(self.groups):
+                self._handles.append(p["o"].register_forward_pre_hook(lambda m, a, i=i: self._o_hook(i, m, a)))
+        self._old_impl = self.model.config._attn_implementation
+        if self.wants_qk:
+            _register()
+            self.model.set_attn_implementation(PROBE_NAME)
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE.remove(self)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self.wants_qk:
+            self.model.set_attn_implementation(self._old_impl)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        n = len(self.layers)
+        keys = ("active",) if self.method == "activation" else self.groups
+        self._scores = {g: [None] * n for g in keys}
+        self._valid = attention_mask.bool()
+        # the decoder alone: detection needs no logits, and the LM head is a large share of a small
+        # model's forward (Gemma 3 270M: 262k x 640)
+        self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = {g: torch.stack([s.cpu() for s in v], 1) for g, v in self._scores.items()}
+        if self.method == "activation":
+            out["tokens"] = attention_mask.sum(1).cpu()
+        return out
+
+
+@contextlib.contextmanager
+def probing(model, **kwargs) -> Iterator[ImportanceProbe]:
+    with ImportanceProbe(model, **kwargs) as probe:
+        yield probe
