@@ -37,7 +37,7 @@ def _eager_attention(module):
 def _probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     out = _eager_attention(module)(module, query, key, value, attention_mask, scaling=scaling,
                                    dropout=dropout, **kwargs)
-    if _ACTIVE and _ACTIVE[-1].wants_qk:
+    if _ACTIVE and _ACTIVE[-1].measuring and _ACTIVE[-1].wants_qk:
         _ACTIVE[-1].query_key_importance(module, query, key, value, attention_mask,
                                          module.scaling if scaling is None else scaling, kwargs.get("softcap"))
     return out
@@ -108,18 +108,27 @@ class ImportanceProbe:
         self._valid: torch.Tensor | None = None
 
     # ------------------------------------------------------------ hooks
+    # (they measure only inside __call__: other forwards of the model under the probe are untouched)
+    @property
+    def measuring(self) -> bool:
+        return self._valid is not None
+
     def _norms(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C] L2 norms over real tokens of x [B, T, C]."""
         valid = self._valid.to(x.device)
         return (x.float().square() * valid[..., None]).sum(1).sqrt()
 
     def _down_hook(self, layer: int, module, args) -> None:
+        if not self.measuring:
+            return
         imp = self._norms(args[0]) * module.weight.float().norm(dim=0)
         for g in ("fwd_up", "fwd_down"):
             if g in self.groups:
                 self._scores[g][layer] = imp
 
     def _o_hook(self, layer: int, module, args) -> None:
+        if not self.measuring:
+            return
         x = args[0]
         if "attn_o" in self.groups:
             self._scores["attn_o"][layer] = self._norms(x) * module.weight.float().norm(dim=0)
@@ -129,6 +138,8 @@ class ImportanceProbe:
             self._scores["attn_v"][layer] = per_channel.sum(2).sqrt().reshape(-1, g.num_kv_heads * g.head_dim)
 
     def _act_hook(self, layer: int, module, args, output) -> None:
+        if not self.measuring:
+            return
         valid = self._valid.to(output.device)
         self._scores["active"][layer] = ((output > 0) & valid[..., None]).sum(1).float()
 
@@ -180,9 +191,15 @@ class ImportanceProbe:
         keys = ("active",) if self.method == "activation" else self.groups
         self._scores = {g: [None] * n for g in keys}
         self._valid = attention_mask.bool()
-        # the decoder alone: detection needs no logits, and the LM head is a large share of a small
-        # model's forward (Gemma 3 270M: 262k x 640)
-        self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        try:
+            # the decoder alone: detection needs no logits, and the LM head is a large share of a
+            # small model's forward (Gemma 3 270M: 262k x 640)
+            # positions count real tokens only, so left padding does not shift the rotary phases
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=positions, use_cache=False)
+        finally:
+            self._valid = None
         out = {g: torch.stack([s.cpu() for s in v], 1) for g, v in self._scores.items()}
         if self.method == "activation":
             out["tokens"] = attention_mask.sum(1).cpu()
