@@ -37,6 +37,8 @@ def parse_args():
     p.add_argument("--threshold", type=float, default=1.0,
                    help="a neuron is related to a language when firing count / sentences >= threshold")
     p.add_argument("--sample-size", type=int, default=0, help="sentences per language (0 = all)")
+    p.add_argument("--corpus", choices=["detect", "mgsm"], default="detect",
+                   help="detect/<lang>.txt, or the MGSM questions of test/mgsm/ (the authors' own runs)")
     p.add_argument("--groups", default=",".join(GROUPS), help="neuron groups to score (importance method)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256, help="tokens per sentence (longer ones are cut)")
@@ -54,7 +56,7 @@ def main():
     if unknown := [g for g in groups if g not in GROUPS] or not groups:
         raise cli.InputError(f"--groups: unknown group {unknown} (known: {', '.join(GROUPS)})")
     langs = cli.parse_langs(args.langs)
-    corpora = {l: detection_corpus(args.dataset, l, args.sample_size, args.seed) for l in langs}
+    corpora = {l: detection_corpus(args.dataset, l, args.sample_size, args.seed, args.corpus) for l in langs}
     out_dir = Path(args.out) / model_tag(args.model) / "neurons"
     if cli.reusable(out_dir / "meta.json", args):
         return
@@ -77,8 +79,7 @@ def main():
     summary = stats(sets, langs, geom)
     meta = {"model": args.model, "tag": model_tag(args.model), "method": args.method, "ratio": args.ratio,
             "threshold": args.threshold, "langs": langs, "groups": list(groups),
-            "corpus": {l: {"file": str(Path(args.dataset) / "detect" / f"{l}.txt"), "sentences": len(corpora[l])}
-                       for l in langs},
+            "corpus": {"name": args.corpus, "sentences": {l: len(corpora[l]) for l in langs}},
             "geometry": geom.__dict__, "config": config,
             "unit": "sentences" if args.method == "importance" else "tokens",
             "run": cli.run_meta(args)}
@@ -88,9 +89,9 @@ def main():
         tensors = {f"{g}.{layer}": firing[g][:, layer].to(torch.int32).contiguous()
                    for g in firing for layer in range(geom.num_layers)}
         tensors["sentences"] = sentences.to(torch.int32)
-        save_file(tensors, tmp / "firing.safetensors",
-                  metadata={"langs": json.dumps(langs), "method": args.method, "ratio": str(args.ratio),
-                            "unit": meta["unit"]})
+        # one metadata key: safetensors writes several in hash order, and files must be reproducible
+        save_file(tensors, tmp / "firing.safetensors", metadata={"langneurons": json.dumps(
+            {"langs": langs, "method": args.method, "ratio": args.ratio, "unit": meta["unit"]}, sort_keys=True)})
         provenance = {"model": args.model, "method": args.method, "ratio": args.ratio,
                       "threshold": args.threshold, "langs": langs}
         for name, s in sets.items():

@@ -47,9 +47,14 @@ def lang_file(dataset: str | Path, sub: str, lang: str, suffix: str) -> Path:
     return path
 
 
-def detection_corpus(dataset: str | Path, lang: str, sample_size: int, seed: int) -> list[str]:
-    """`sample_size` sentences of detect/<lang>.txt drawn with the seed (all, in order, when 0)."""
-    lines = read_lines(lang_file(dataset, "detect", lang, ".txt"), "detection corpus")
+def detection_corpus(dataset: str | Path, lang: str, sample_size: int, seed: int, corpus: str = "detect") -> list[str]:
+    """`sample_size` sentences of detect/<lang>.txt (or, with corpus 'mgsm', the MGSM questions, as the
+    authors ran it) drawn with the seed (all, in order, when 0)."""
+    if corpus == "mgsm":
+        lang_file(dataset, "test/mgsm", f"mgsm_{lang}", ".tsv")
+        lines = [q for q, _ in read_mgsm(dataset, lang)]
+    else:
+        lines = read_lines(lang_file(dataset, "detect", lang, ".txt"), "detection corpus")
     if 0 < sample_size < len(lines):
         lines = random.Random(f"{seed}-{lang}").sample(lines, sample_size)
     return lines

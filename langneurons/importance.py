@@ -52,36 +52,50 @@ def _register() -> None:
 
 def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
                   valid: torch.Tensor, scaling: float, softcap: float | None = None,
-                  chunk_bytes: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk_bytes: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
     """Query importance [B, H*D] and key importance [B, KV*D] of one attention layer.
 
     query [B,H,T,D] and key/value [B,KV,S,D] as the attention function sees them (after rotary
     embedding and q/k norms); keep [B,1|H,T,S] bool: key s visible from query t; valid [B,T] bool:
-    real (non-padding) query tokens. Channels are processed in chunks so that the
-    [B,H,c,T,S] temporaries stay under `chunk_bytes`."""
+    real (non-padding) query tokens. Channels are processed in chunks so that the [B,H,c,T,S]
+    temporaries stay near `chunk_bytes`."""
     B, H, T, D = query.shape
     KV, S = key.shape[1], key.shape[2]
     rep = H // KV
-    q, k, v = query.float(), key.float().repeat_interleave(rep, 1), value.float().repeat_interleave(rep, 1)
+    q, k, v = query.float(), key.float().repeat_interleave(rep, 1), value.float()
+    if S < D:
+        # ||x V|| = ||x R^T|| for V^T = Q R (Q with orthonormal columns): the products with the values
+        # shrink from D to S columns without changing any norm
+        v = torch.linalg.qr(v.transpose(-1, -2), mode="r").R.transpose(-1, -2)
+    v = v.repeat_interleave(rep, 1)  # [B,H,S,r]
     # rows of padding queries see every key: they are discarded, and this keeps softmax finite
     keep = (keep | ~valid[:, None, :, None]).expand(B, H, T, S)
 
     def scores(pre: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         if softcap is not None:
             pre = torch.tanh(pre / softcap) * softcap
-        return pre.masked_fill(~keep, float("-inf"))
+            return pre.masked_fill_(~keep, float("-inf"))
+        return pre  # already -inf where masked (below), and -inf minus a finite change stays -inf
 
     pre = (q @ k.transpose(-1, -2)) * scaling  # [B,H,T,S]
-    probs = torch.softmax(scores(pre, keep), -1)
-    rowmask = valid[:, None, None, :, None]  # [B,1,1,T,1]
-    c = max(1, min(D, chunk_bytes // (4 * B * H * T * S * 4)))
+    if softcap is None:
+        pre = pre.masked_fill(~keep, float("-inf"))
+    out = torch.softmax(scores(pre.clone(), keep), -1) @ v  # [B,H,T,r]
+    rowmask = valid[:, None, None, :].float()  # [B,1,1,T]
+    qt, kt = q.transpose(-1, -2), k.transpose(-1, -2)  # [B,H,D,T], [B,H,D,S]
+    c = max(1, min(D, chunk_bytes // (4 * B * H * T * S)))
     n2 = torch.empty(B, H, D, device=q.device)
+    buffer = torch.empty(B * H * c * T * S, device=q.device)  # reused: allocation is a large share on CPU
     for d0 in range(0, D, c):
         d1 = min(D, d0 + c)
-        dpre = torch.einsum("bhtc,bhsc->bhcts", q[..., d0:d1], k[..., d0:d1]) * scaling
-        dprobs = probs[:, :, None] - torch.softmax(scores(pre[:, :, None] - dpre, keep[:, :, None]), -1)
-        change = dprobs @ v[:, :, None]  # [B,H,c,T,D]
-        n2[:, :, d0:d1] = change.square().sum(-1, keepdim=True).mul(rowmask).sum((-1, -2))
+        # S_h - Q_h[:,d] K_g[:,d]^T * scale for every channel d of the chunk, in one fused pass
+        perturbed = torch.addcmul(pre[:, :, None], qt[:, :, d0:d1, :, None], kt[:, :, d0:d1, None, :], value=-scaling,
+                                  out=buffer[:B * H * (d1 - d0) * T * S].view(B, H, d1 - d0, T, S))
+        probs = torch.softmax(scores(perturbed, keep[:, :, None]), -1, out=perturbed) if softcap is None else \
+            torch.softmax(scores(perturbed, keep[:, :, None]), -1)  # [B,H,c,T,S]
+        changed = (probs.view(B, H, -1, S) @ v).view(B, H, d1 - d0, T, -1)
+        rows = torch.linalg.vector_norm(changed.sub_(out[:, :, None]), dim=-1)  # [B,H,c,T]
+        n2[:, :, d0:d1] = (rows.square_() * rowmask).sum(-1)
     q_imp = n2.sqrt().reshape(B, H * D)
     k_imp = n2.reshape(B, KV, rep, D).sum(2).sqrt().reshape(B, KV * D)
     return q_imp, k_imp

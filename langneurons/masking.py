@@ -1,0 +1,234 @@
+"""Switching neurons off (METHOD.md section 1): in the weights, in place or reversibly, with forward
+hooks, or directly in the safetensors shards of a model directory without building the model.
+
+Every path goes through one plan: parameter name -> (dimension, indices) to zero, derived from the
+model's own modules (`decoder_layers`, `projections`), so all paths zero exactly the same entries."""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .cli import InputError
+from .model import GROUPS, PROVENANCE_FILE, Geometry, decoder_layers, projections
+from .neurons import NeuronSet
+
+# group -> (projection, dimension of the weight that indexes the neuron, bias entry too?)
+# Rows (dim 0) are output channels: their bias entry is part of the neuron. Columns (dim 1) are input
+# channels: an output bias of down_proj/o_proj belongs to no single input channel and stays.
+_TARGETS = {"fwd_up": (("up", 0), ("gate", 0)), "fwd_down": (("down", 1),),
+            "attn_q": (("q", 0),), "attn_k": (("k", 0),), "attn_v": (("v", 0),), "attn_o": (("o", 1),)}
+
+# weight files that a streamed variant must not carry over unzeroed from the source directory
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+
+Plan = dict[str, tuple[int, torch.Tensor]]  # parameter name -> (dim, sorted unique indices)
+
+
+def _check_fits(model, nset: NeuronSet) -> None:
+    geom = Geometry.from_config(model.config)
+    for g in GROUPS:
+        if g in nset and tuple(nset[g].shape) != geom.shape(g):
+            raise InputError(f"neuron set group {g} has shape {tuple(nset[g].shape)}, the model needs "
+                             f"{geom.shape(g)} (layers x neurons)")
+
+
+def zero_plan(model, nset: NeuronSet) -> Plan:
+    """Which entries of which parameters to zero for `nset`: {param name: (dim, indices)}.
+    Works on a model skeleton on the meta device too (only names and shapes are used)."""
+    _check_fits(model, nset)
+    names = {id(m): n for n, m in model.named_modules()}
+    plan: Plan = {}
+    for li, layer in enumerate(decoder_layers(model)):
+        proj = projections(layer)
+        for group, targets in _TARGETS.items():
+            if group not in nset:
+                continue
+            idx = torch.nonzero(nset[group][li]).flatten()
+            if idx.numel() == 0:
+                continue
+            for key, dim in targets:
+                if key not in proj:  # non-gated FFN: no gate_proj
+                    continue
+                mod = proj[key]
+                params = [("weight", dim)] + ([("bias", 0)] if dim == 0 and mod.bias is not None else [])
+                for pname, d in params:
+                    full = f"{names[id(mod)]}.{pname}"
+                    if full in plan:  # the same projection reached through two groups: union
+                        idx = torch.unique(torch.cat([plan[full][1], idx]))
+                    plan[full] = (d, idx)
+    return plan
+
+
+def _params(model) -> dict[str, torch.nn.Parameter]:
+    return dict(model.named_parameters(remove_duplicate=False))
+
+
+@torch.no_grad()
+def zero_neurons(model, nset: NeuronSet) -> Plan:
+    """Zero the neurons of `nset` in place (weights and their bias entries). Returns the plan used."""
+    plan = zero_plan(model, nset)
+    params = _params(model)
+    for name, (dim, idx) in plan.items():
+        p = params[name]
+        p.index_fill_(dim, idx.to(p.device), 0)
+    return plan
+
+
+@contextlib.contextmanager
+def zeroed(model, nset: NeuronSet) -> Iterator[Plan]:
+    """Zero `nset` in place for the duration of the block, then restore the original values exactly.
+
+    Only the affected rows/columns are kept (on the CPU), so measuring many sets costs neither a
+    model copy nor a save/reload per set."""
+    plan = zero_plan(model, nset)
+    params = _params(model)
+    saved = {}
+    with torch.no_grad():
+        for name, (dim, idx) in plan.items():
+            p = params[name]
+            saved[name] = p.index_select(dim, idx.to(p.device)).to("cpu", copy=True)
+    try:
+        with torch.no_grad():
+            for name, (dim, idx) in plan.items():
+                params[name].index_fill_(dim, idx.to(params[name].device), 0)
+        yield plan
+    finally:
+        with torch.no_grad():
+            for name, (dim, idx) in plan.items():
+                p = params[name]
+                p.index_copy_(dim, idx.to(p.device), saved[name].to(p.device))
+
+
+@contextlib.contextmanager
+def ablation_hooks(model, nset: NeuronSet) -> Iterator[None]:
+    """Switch the same neurons off with hooks instead of weights (an independent check of `zero_neurons`).
+
+    Rows of up/gate/q/k/v become zeroed output channels of those projections (a zero row plus its zero
+    bias entry gives exactly a zero output channel; zeroing up's channel k gives H[:,k] = 0). Columns of
+    down/o become zeroed input channels (forward pre-hook)."""
+    _check_fits(model, nset)
+    handles = []
+
+    def out_hook(idx):
+        def hook(module, args, output):
+            return output.index_fill(-1, idx.to(output.device), 0)
+        return hook
+
+    def in_hook(idx):
+        def hook(module, args):
+            return (args[0].index_fill(-1, idx.to(args[0].device), 0),) + tuple(args[1:])
+        return hook
+
+    try:
+        for li, layer in enumerate(decoder_layers(model)):
+            proj = projections(layer)
+            for group, targets in _TARGETS.items():
+                if group not in nset:
+                    continue
+                idx = torch.nonzero(nset[group][li]).flatten()
+                if idx.numel() == 0:
+                    continue
+                for key, dim in targets:
+                    if key not in proj:
+                        continue
+                    if dim == 0:
+                        handles.append(proj[key].register_forward_hook(out_hook(idx)))
+                    else:
+                        handles.append(proj[key].register_forward_pre_hook(in_hook(idx)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def meta_skeleton(config):
+    """The model built on the meta device from its config: module names and shapes, no memory."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _shard_files(src: Path) -> list[Path]:
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [src / f for f in sorted(set(weight_map.values()))]
+    return sorted(src.glob("*.safetensors"))
+
+
+# safetensors dtype names -> torch dtypes (the formats a transformers checkpoint uses)
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _ST_DTYPES[_name] = getattr(torch, _attr)
+
+
+def _safetensors_header(path: Path) -> tuple[int, dict]:
+    """(start of the data section, header) of a safetensors file: u64 little-endian length, JSON."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+def zero_neurons_streaming(src_dir: str | Path, dst_dir: str | Path, nset: NeuronSet, geom: Geometry) -> Plan:
+    """Write a copy of the model directory `src_dir` to `dst_dir` with `nset` zeroed, without building
+    the model or loading its shards: each shard is copied as a file, then only the affected projection
+    tensors are read, zeroed and written back at their offsets. Memory is bounded by the largest
+    affected tensor (one projection), not by a shard or the model.
+
+    Parameter names come from a skeleton on the meta device; tensors keep their stored dtype and the
+    shard headers (metadata included) are kept verbatim, so the tensors are byte for byte those that
+    `zero_neurons` + `save_pretrained` produce from a model in the same dtype."""
+    from transformers import AutoConfig
+
+    src, dst = Path(src_dir), Path(dst_dir)
+    shards = _shard_files(src)
+    if not shards:
+        raise InputError(f"--streaming: {src} has no .safetensors weights")
+    config = AutoConfig.from_pretrained(src)
+    if Geometry.from_config(config) != geom:
+        raise InputError(f"--streaming: {src} does not have the geometry {geom}")
+    plan = zero_plan(meta_skeleton(config), nset)
+
+    headers = {f: _safetensors_header(f) for f in shards}
+    keys = {k: f for f, (_, h) in headers.items() for k in h if k != "__metadata__"}
+    # checkpoint keys may carry a different prefix than the module names (e.g. saved from the base model)
+    key_plan = {}
+    for name, entry in plan.items():
+        hits = [name] if name in keys else [k for k in keys if k.endswith("." + name) or name.endswith("." + k)]
+        if len(hits) != 1:
+            raise InputError(f"--streaming: parameter {name} not found (or ambiguous) in the shards of {src}")
+        key_plan[hits[0]] = entry
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f, (start, header) in headers.items():
+        shutil.copyfile(f, dst / f.name)  # a plain file copy: the kernel moves the bytes, not Python
+        todo = [k for k in header if k in key_plan]
+        if not todo:
+            continue
+        with open(dst / f.name, "r+b") as out:
+            for k in todo:
+                info = header[k]
+                if info["dtype"] not in _ST_DTYPES:
+                    raise InputError(f"--streaming: tensor {k} in {f} has unsupported dtype {info['dtype']}")
+                lo, hi = info["data_offsets"]
+                out.seek(start + lo)
+                buf = bytearray(out.read(hi - lo))
+                t = torch.frombuffer(buf, dtype=_ST_DTYPES[info["dtype"]]).view(info["shape"])  # shares buf
+                dim, idx = key_plan[k]
+                t.index_fill_(dim, idx, 0)
+                out.seek(start + lo)
+                out.write(buf)
+    # config, tokenizer, index, generation config, licence files: copied unchanged; other weight
+    # formats are left out (they would carry the neurons still switched on)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name != PROVENANCE_FILE:
+            shutil.copy2(f, dst / f.name)
+    return key_plan
