@@ -120,6 +120,7 @@ class ImportanceProbe:
         self._handles: list = []
         self._scores: dict[str, list] = {}
         self._valid: torch.Tensor | None = None
+        self._col_norms: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------ hooks
     # (they measure only inside __call__: other forwards of the model under the probe are untouched)
@@ -132,10 +133,16 @@ class ImportanceProbe:
         valid = self._valid.to(x.device)
         return (x.float().square() * valid[..., None]).sum(1).sqrt()
 
+    def _column_norms(self, linear: torch.nn.Linear) -> torch.Tensor:
+        """||W[:, k]|| of an input channel: fixed while probing, so computed once per module."""
+        if id(linear) not in self._col_norms:
+            self._col_norms[id(linear)] = linear.weight.float().norm(dim=0)
+        return self._col_norms[id(linear)]
+
     def _down_hook(self, layer: int, module, args) -> None:
         if not self.measuring:
             return
-        imp = self._norms(args[0]) * module.weight.float().norm(dim=0)
+        imp = self._norms(args[0]) * self._column_norms(module)
         for g in ("fwd_up", "fwd_down"):
             if g in self.groups:
                 self._scores[g][layer] = imp
@@ -145,7 +152,7 @@ class ImportanceProbe:
             return
         x = args[0]
         if "attn_o" in self.groups:
-            self._scores["attn_o"][layer] = self._norms(x) * module.weight.float().norm(dim=0)
+            self._scores["attn_o"][layer] = self._norms(x) * self._column_norms(module)
         if "attn_v" in self.groups:
             g = self.geom
             per_channel = self._norms(x).square().reshape(-1, g.num_kv_heads, g.n_rep, g.head_dim)
@@ -193,6 +200,7 @@ class ImportanceProbe:
 
     def __exit__(self, *exc) -> None:
         _ACTIVE.remove(self)
+        self._col_norms.clear()
         for h in self._handles:
             h.remove()
         self._handles.clear()

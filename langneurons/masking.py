@@ -158,6 +158,8 @@ def _shard_files(src: Path) -> list[Path]:
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         return [src / f for f in sorted(set(weight_map.values()))]
+    if (src / "model.safetensors").is_file():  # not e.g. a consolidated.safetensors lying beside it
+        return [src / "model.safetensors"]
     return sorted(src.glob("*.safetensors"))
 
 

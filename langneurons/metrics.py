@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from tqdm.auto import tqdm
@@ -45,3 +46,111 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 512, batch_
         nll += float(tok_nll[valid].double().sum())
         count += int(valid.sum())
     return {"ppl": math.exp(nll / count) if count else float("nan"), "tokens": count}
+
+
+# ---------------------------------------------------------------- MGSM (METHOD.md section 7)
+
+MGSM_PROMPT = "Question: {question}\nAnswer:"
+MGSM_STOP = "Question:"  # the model starting the next item ends its answer
+
+# full-width digits and signs (Chinese/Japanese outputs), Unicode minus signs
+_WIDE = str.maketrans("０１２３４５６７８９，．－＋−–", "0123456789,.-+--")
+# an optional minus, an integer with thousands commas (1,234,567) or plain digits, an optional decimal part;
+# "12,5" is read as 12 and 5 (decimal commas are not thousands groups), "1,234." ends at the full stop
+_NUMBER = re.compile(r"(-?)(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?!\d)")
+
+
+def extract_answer(text: str) -> float | None:
+    """The last number of a generated MGSM answer (None when there is none).
+
+    Text after a following "Question:" is ignored (the model has started a new item). Thousands commas,
+    currency signs, "18.0", full-width digits and negative numbers are handled; a '-' directly after a
+    letter or digit ("3-5", "COVID-19") is a hyphen, not a sign."""
+    text = text.split(MGSM_STOP, 1)[0].translate(_WIDE)
+    last = None
+    for m in _NUMBER.finditer(text):
+        sign = m.group(1)
+        if sign and m.start() > 0 and text[m.start() - 1].isalnum():
+            sign = ""
+        last = float(sign + m.group(2).replace(",", "") + (m.group(3) or ""))
+    return last
+
+
+def answer_correct(pred: float | None, gold: float) -> bool:
+    return pred is not None and math.isclose(pred, gold, rel_tol=1e-9, abs_tol=1e-6)
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8,
+                    max_length: int = 512, stop: str | None = MGSM_STOP, desc: str = "generate") -> list[str]:
+    """Greedy continuations of `prompts` (the generated text only), in batches of similar length with left
+    padding; a sequence stops at EOS or once it has produced `stop`."""
+    seqs = tokenize(tokenizer, prompts, max_length)
+    device = next(model.parameters()).device
+    out: list[str] = [""] * len(prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for idx in tqdm(batches_by_length([len(s) for s in seqs], batch_size), desc=desc, leave=False):
+        ids, mask = pad_batch([seqs[i] for i in idx], pad, device, left=True)
+        kw = dict(stop_strings=[stop], tokenizer=tokenizer) if stop else {}
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             temperature=None, top_p=None, top_k=None, pad_token_id=pad, **kw)
+        for row, i in enumerate(idx):
+            out[i] = tokenizer.decode(gen[row, ids.shape[1]:], skip_special_tokens=True)
+    return out
+
+
+# ---------------------------------------------------------------- MMMLU (METHOD.md section 7)
+
+CHOICES = ("A", "B", "C", "D")
+
+
+def mmlu_prompt(row: dict[str, str]) -> str:
+    """Question, the four options, then "Answer:"; the option letter is scored as the next token."""
+    options = "".join(f"\n{c}. {row[c]}" for c in CHOICES)
+    return f"{row['Question']}{options}\nAnswer:"
+
+
+def _truncate_left(ids: list[int], max_length: int, bos: int | None) -> list[int]:
+    """Keep the end of a long prompt (where "Answer:" is), and its BOS token."""
+    if len(ids) <= max_length:
+        return ids
+    if bos is not None and ids and ids[0] == bos:
+        return [bos] + ids[len(ids) - max_length + 1:]
+    return ids[-max_length:]
+
+
+@torch.no_grad()
+def score_choices(model, tokenizer, prompts: list[str], choices: tuple[str, ...] = tuple(" " + c for c in CHOICES),
+                  batch_size: int = 8, max_length: int = 1024, desc: str = "mmmlu") -> torch.Tensor:
+    """Log-likelihood [len(prompts), len(choices)] of each continuation after each prompt, one forward pass
+    per batch of prompts.
+
+    The continuations are tokenized on their own and appended to the prompt (as lm-evaluation-harness
+    does). Their common leading tokens (e.g. a space token) are appended to every prompt and scored once;
+    after it each continuation must be a single distinct token, so its log-probability is read from the
+    last position. The result is the full log-likelihood of the continuation, common part included."""
+    enc = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+    common = 0
+    while all(len(e) > common + 1 for e in enc) and len({e[common] for e in enc}) == 1:
+        common += 1
+    prefix = enc[0][:common]
+    last = [e[common] if len(e) == common + 1 else None for e in enc]
+    if None in last or len(set(last)) != len(last):
+        raise ValueError(f"choices {choices} are not single distinct tokens after a common prefix")
+    bos = tokenizer.bos_token_id
+    seqs = [_truncate_left(tokenizer(p)["input_ids"], max_length - len(prefix), bos) + prefix for p in prompts]
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = torch.empty(len(prompts), len(choices), dtype=torch.float64)
+    last_ids = torch.tensor(last, device=device)
+    for idx in tqdm(batches_by_length([len(s) for s in seqs], batch_size), desc=desc, leave=False):
+        ids, mask = pad_batch([seqs[i] for i in idx], pad, device)  # right padding: real tokens never see it
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
+        ends = mask.sum(1) - 1  # last real position of each row
+        rows = torch.arange(len(idx), device=device)
+        score = logp[rows, ends][:, last_ids].double()
+        for j in range(common):  # the shared prefix tokens, predicted from the positions before them
+            pos = ends - common + j
+            score += logp[rows, pos, prefix[j]].double()[:, None]
+        out[idx] = score.cpu()
+    return out
