@@ -1,0 +1,287 @@
+"""Stage 2, deactivation (METHOD.md section 5): switch neuron sets off, save each deactivated model as
+an ordinary transformers model directory, and measure what it costs in perplexity per language.
+
+    python deactivation.py --model gemma-3-270m --langs en,zh,th,sw,fr,de --measure-ppl
+
+Reads neuron files in our format and the authors' (outputs/<tag>/neurons/ by default), writes
+outputs/<tag>/variants/<set>/ and, with --measure-ppl, outputs/<tag>/deactivation.json with
+PPL, dPPL per set, the shared-neuron importance Imp_l and the language-agnostic score LAS."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from langneurons.cli import (InputError, atomic_dir, common_parser, parse_langs, read_json, run, run_meta,
+                             seed_everything, write_json)
+from langneurons.model import PROVENANCE_FILE, Geometry, load_model, model_tag, resolve_model
+from langneurons.neurons import read_neuron_file, size
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = common_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--neurons", action="append", metavar="[NAME=]FILE",
+                   help="neuron file to deactivate (repeatable); the set is named after the file stem, or NAME "
+                        "when given as NAME=FILE (e.g. shared=Llama-3.1-8B_shared_neurons_0.05.json, so the "
+                        "authors' files count for Imp/LAS). Default: shared, exclusive_<lang>, random_shared "
+                        "and random_exclusive_<lang> from <out>/<tag>/neurons/")
+    p.add_argument("--legacy-kv-mapping", action="store_true",
+                   help="map the authors' query-head attn_k/attn_v indices with their code's i // n_rep instead "
+                        "of the correct (i // head_dim // n_rep) * head_dim + i %% head_dim")
+    p.add_argument("--measure-ppl", action="store_true",
+                   help="perplexity per language on <dataset>/val/<lang>.txt for the base model and every set; "
+                        "writes <out>/<tag>/deactivation.json")
+    p.add_argument("--save-variants", default="all",
+                   help="which deactivated models to write to <out>/<tag>/variants/: all, none, or a comma "
+                        "list of set names (each is a full model copy on disk)")
+    p.add_argument("--streaming", action="store_true",
+                   help="write variants without building the model: copy each safetensors shard and zero only "
+                        "the affected tensors in it (needs a local safetensors model directory; memory stays at "
+                        "one projection matrix; tensors keep their stored dtype)")
+    p.add_argument("--batch-size", type=int, default=8, help="texts per forward pass for perplexity")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per text for perplexity (truncated)")
+    p.add_argument("--limit", type=int, default=0, help="first N lines of val/<lang>.txt per language (0 = all)")
+    return p.parse_args(argv)
+
+
+def neuron_specs(args: argparse.Namespace, tag: str, langs: list[str]) -> list[tuple[str, Path]]:
+    """(set name, file) for every set to deactivate."""
+    if args.neurons:
+        specs = []
+        for spec in args.neurons:
+            name, sep, file = spec.partition("=")
+            if not sep or Path(spec).exists():
+                name, file = Path(spec).stem, spec
+            if not Path(file).is_file():
+                raise InputError(f"--neurons {file}: no such file")
+            specs.append((name, Path(file)))
+    else:
+        folder = Path(args.out) / tag / "neurons"
+        names = (["shared"] + [f"exclusive_{l}" for l in langs] + ["random_shared"]
+                 + [f"random_exclusive_{l}" for l in langs])
+        specs = [(n, folder / f"{n}.json") for n in names if (folder / f"{n}.json").is_file()]
+        if not specs:
+            raise InputError(f"no neuron files found in {folder} (run detection.py first, or pass --neurons FILE)")
+        missing = [n for n in names if not (folder / f"{n}.json").is_file()]
+        if missing:
+            print(f"warning: {folder} has no {', '.join(missing)}; deactivating the other sets", file=sys.stderr)
+    for name, file in specs:
+        # the set name becomes a directory name
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
+            raise InputError(f"--neurons {file}: set name '{name}' is not a safe directory name; use NAME=FILE")
+    seen = [n for n, _ in specs]
+    dup = sorted({n for n in seen if seen.count(n) > 1})
+    if dup:
+        raise InputError(f"--neurons: set name {dup[0]} given twice; use NAME=FILE to tell them apart")
+    return specs
+
+
+def local_safetensors_dir(path: str, gguf: str | None, model: str) -> Path:
+    """The directory whose shards --streaming rewrites."""
+    if gguf is None and not Path(path).is_dir():  # a hub id: its snapshot in the local cache, if any
+        try:
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(path, local_files_only=True)
+        except Exception:
+            raise InputError(f"--streaming: --model {model} is not in the local cache as a model directory") from None
+    d = Path(path)
+    if gguf is not None or not any(d.glob("*.safetensors")):
+        raise InputError(f"--streaming: --model {model} is not a local directory with .safetensors weights")
+    return d
+
+
+def finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def language_agnostic(sets: dict[str, dict], langs: list[str]) -> tuple[dict[str, float | None], float | None]:
+    """Imp_l = (dPPL_l(shared)/|shared|) / (dPPL_l(exclusive_l)/|exclusive_l|), LAS = log(1 + mean_l Imp_l).
+
+    `sets` maps a set name to {"size": N, "dppl": {lang: x}}. Languages without an exclusive set are left
+    out; an empty set or a zero/undefined dPPL gives Imp null; LAS averages the defined Imp (null if none,
+    or if 1 + mean <= 0)."""
+    shared = sets.get("shared")
+    if shared is None:
+        return {}, None
+    imp: dict[str, float | None] = {}
+    for l in langs:
+        excl = sets.get(f"exclusive_{l}")
+        if excl is None:
+            continue
+        d_sh, d_ex = shared["dppl"].get(l), excl["dppl"].get(l)
+        if not shared["size"] or not excl["size"] or d_sh is None or d_ex is None or d_ex == 0:
+            imp[l] = None
+        else:
+            imp[l] = finite((d_sh / shared["size"]) / (d_ex / excl["size"]))
+    vals = [v for v in imp.values() if v is not None]
+    las = math.log1p(float(np.mean(vals))) if vals and 1 + float(np.mean(vals)) > 0 else None
+    return imp, las
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fresh(meta_file: Path, args: argparse.Namespace, hashes: dict[str, str]) -> bool:
+    """True when `meta_file` records a finished run with the same arguments (cli.reusable's rule) and
+    the same neuron file contents (detection may have rewritten them since)."""
+    if args.force or not meta_file.is_file():
+        return False
+    try:
+        old = read_json(meta_file)
+    except InputError:
+        return False
+    if not isinstance(old, dict):
+        return False
+    src = old.get("meta", old)  # deactivation.json keeps its provenance under "meta", variants at the top
+    old_hashes = src.get("neuron_sha256")
+    if not isinstance(old_hashes, dict) or any(old_hashes.get(k) != v for k, v in hashes.items()):
+        return False
+    old_args = {k: v for k, v in (src.get("run") or {}).get("args", {}).items() if k != "force"}
+    if old_args != {k: v for k, v in vars(args).items() if k != "force"}:
+        return False
+    print(f"Reusing {meta_file} (same arguments and neuron files; --force recomputes)")
+    return True
+
+
+def main() -> None:
+    # ---------------------------------------------------------------- arguments (all checked before any output)
+    args = parse_args()
+    langs = parse_langs(args.langs)
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size: {args.batch_size} must be at least 1")
+    if args.max_length < 2:
+        raise InputError(f"--max-length: {args.max_length} must be at least 2 (one token is predicted from another)")
+    seed_everything(args.seed)
+    path, gguf = resolve_model(args.model)
+    tag = model_tag(args.model)
+    from transformers import AutoConfig
+    try:  # the config alone is enough to check every neuron file against the model before loading it
+        config = AutoConfig.from_pretrained(path, gguf_file=gguf)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--model {args.model}: cannot read its config ({str(e).splitlines()[0]})") from None
+    geom = Geometry.from_config(config)
+    src_dir = local_safetensors_dir(path, gguf, args.model) if args.streaming else None
+
+    specs = neuron_specs(args, tag, langs)
+    sets, meta_sets = {}, {}
+    for name, file in specs:
+        nset, fmeta = read_neuron_file(file, geom, legacy_kv=args.legacy_kv_mapping)
+        sets[name] = nset
+        meta_sets[name] = {"file": str(file.resolve()), "sha256": sha256(file), "size": size(nset),
+                           "format": "ours" if "meta" in read_json(file, "neuron file") else "authors",
+                           "kv_index_space": fmeta.get("kv_index_space", "query_heads")}
+    hashes = {n: m["sha256"] for n, m in meta_sets.items()}
+
+    if args.save_variants == "all":
+        to_save = list(sets)
+    elif args.save_variants == "none":
+        to_save = []
+    else:
+        to_save = [s.strip() for s in args.save_variants.split(",") if s.strip()]
+        unknown = [s for s in to_save if s not in sets]
+        if unknown:
+            raise InputError(f"--save-variants: no set named {unknown[0]} (sets: {', '.join(sets)})")
+    if not to_save and not args.measure_ppl:
+        raise InputError("--save-variants none without --measure-ppl: nothing to do")
+    if args.measure_ppl:
+        from langneurons.data import val_texts
+        texts = {l: val_texts(args.dataset, l)[:args.limit or None] for l in langs}
+
+    out_dir = Path(args.out) / tag
+    result_file = out_dir / "deactivation.json"
+    variant_dir = out_dir / "variants"
+    do_ppl = args.measure_ppl and not fresh(result_file, args, hashes)
+    to_save = [n for n in to_save if not fresh(variant_dir / n / PROVENANCE_FILE, args, {n: hashes[n]})]
+    if not do_ppl and not to_save:
+        print("Nothing to recompute")
+        return
+
+    # ---------------------------------------------------------------- load
+    model = tok = None
+    if do_ppl or (to_save and not args.streaming):
+        model, tok = load_model(args.model, args.device, args.dtype)
+    from langneurons.masking import zero_neurons_streaming, zeroed
+
+    # ---------------------------------------------------------------- perplexity, in memory
+    # Each set is zeroed in place and restored exactly afterwards: no model copy, no save/reload per set.
+    if do_ppl:
+        from langneurons.metrics import perplexity
+
+        def ppl_all(label: str) -> dict[str, dict]:
+            res = {}
+            for l in langs:
+                r = perplexity(model, tok, texts[l], args.max_length, args.batch_size, desc=f"{label}/{l}")
+                res[l] = {"ppl": finite(r["ppl"]), "tokens": r["tokens"]}
+            return res
+
+        base = ppl_all("base")
+        results = {}
+        for name in tqdm(sets, desc="sets (ppl)"):
+            with zeroed(model, sets[name]):
+                ppl = ppl_all(name)
+            dppl = {l: (ppl[l]["ppl"] - base[l]["ppl"] if ppl[l]["ppl"] is not None and base[l]["ppl"] is not None
+                        else None) for l in langs}
+            results[name] = {"size": size(sets[name]), "ppl": ppl, "dppl": dppl}
+        importance, las = language_agnostic(results, langs)
+        write_json(result_file, {
+            "model": args.model,
+            "meta": {"tag": tag, "base_model": path, "gguf_file": gguf, "geometry": vars(geom),
+                     "langs": langs, "dataset": str(args.dataset), "batch_size": args.batch_size,
+                     "max_length": args.max_length, "legacy_kv_mapping": args.legacy_kv_mapping,
+                     "neuron_files": meta_sets, "neuron_sha256": hashes, "run": run_meta(args)},
+            "results": {"ppl": base},
+            "sets": results,
+            "importance": importance,
+            "language_agnostic_score": las})
+
+        # the table: PPL per language, dPPL in brackets
+        w = max(len(n) for n in ["base", *sets])
+        print(f"\n{'set':<{w}} {'size':>8} " + " ".join(f"{l:>18}" for l in langs))
+        print(f"{'base':<{w}} {'':>8} " + " ".join(f"{base[l]['ppl'] or float('nan'):>18.3f}" for l in langs))
+        for name, r in results.items():
+            cells = [f"{(r['ppl'][l]['ppl'] or float('nan')):.3f} ({(r['dppl'][l] if r['dppl'][l] is not None else float('nan')):+.3f})"
+                     for l in langs]
+            print(f"{name:<{w}} {r['size']:>8} " + " ".join(f"{c:>18}" for c in cells))
+        if importance:
+            print("Imp: " + ", ".join(f"{l} {v:.4g}" if v is not None else f"{l} n/a" for l, v in importance.items()))
+        print(f"LAS: {las:.4f}" if las is not None else "LAS: n/a (needs the shared and exclusive_<lang> sets)")
+        print(f"Wrote {result_file}")
+
+    # ---------------------------------------------------------------- variants on disk
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if to_save and not args.streaming and stored is not None and str(stored).replace("torch.", "") != \
+            str(model.dtype).replace("torch.", ""):
+        # then every weight of the variant differs from the base, not only the zeroed neurons
+        print(f"warning: saving variants in {model.dtype} while the model is stored in {stored}; "
+              "--dtype or --streaming keeps the stored precision", file=sys.stderr)
+    for name in tqdm(to_save, desc="variants", disable=not to_save):
+        file = Path(meta_sets[name]["file"])
+        with atomic_dir(variant_dir / name) as tmp:
+            if args.streaming:
+                zero_neurons_streaming(src_dir, tmp, sets[name], geom)
+            else:
+                with zeroed(model, sets[name]):
+                    model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+                if Path(path).is_dir():  # licence and notice files travel with the weights
+                    for f in Path(path).iterdir():
+                        if f.is_file() and re.match(r"(LICEN[CS]E|NOTICE|.*TERMS)", f.name, re.I):
+                            shutil.copy2(f, tmp / f.name)
+            shutil.copy2(file, tmp / "neurons.json")
+            write_json(tmp / PROVENANCE_FILE, {
+                "tag": tag, "base_model": args.model, "neuron_set": name, "neuron_file": str(file),
+                "size": size(sets[name]), "neuron_sha256": {name: hashes[name]},
+                "streaming": args.streaming, "run": run_meta(args)})
+        print(f"Wrote {variant_dir / name}")
+
+
+if __name__ == "__main__":
+    run(main)
