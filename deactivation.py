@@ -159,6 +159,8 @@ def main() -> None:
         raise InputError(f"--batch-size: {args.batch_size} must be at least 1")
     if args.max_length < 2:
         raise InputError(f"--max-length: {args.max_length} must be at least 2 (one token is predicted from another)")
+    if args.limit < 0:
+        raise InputError(f"--limit: {args.limit} must be 0 (all) or more")
     seed_everything(args.seed)
     path, gguf = resolve_model(args.model)
     tag = model_tag(args.model)
