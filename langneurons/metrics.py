@@ -1,6 +1,7 @@
 """Metrics shared by deactivation and evaluation (METHOD.md section 7)."""
 from __future__ import annotations
 
+import inspect
 import math
 import re
 
@@ -51,7 +52,8 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 512, batch_
 # ---------------------------------------------------------------- MGSM (METHOD.md section 7)
 
 MGSM_PROMPT = "Question: {question}\nAnswer:"
-MGSM_STOP = "Question:"  # the model starting the next item ends its answer
+# an answer ends where the model starts the next item or a new paragraph (as lm-evaluation-harness's MGSM)
+MGSM_STOPS = ("Question:", "\n\n")
 
 # full-width digits and signs (Chinese/Japanese outputs), Unicode minus signs
 _WIDE = str.maketrans("０１２３４５６７８９，．－＋−–", "0123456789,.-+--")
@@ -63,10 +65,12 @@ _NUMBER = re.compile(r"(-?)(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?!\d)")
 def extract_answer(text: str) -> float | None:
     """The last number of a generated MGSM answer (None when there is none).
 
-    Text after a following "Question:" is ignored (the model has started a new item). Thousands commas,
+    Text after a following "Question:" or a blank line is ignored (MGSM_STOPS). Thousands commas,
     currency signs, "18.0", full-width digits and negative numbers are handled; a '-' directly after a
     letter or digit ("3-5", "COVID-19") is a hyphen, not a sign."""
-    text = text.split(MGSM_STOP, 1)[0].translate(_WIDE)
+    for stop in MGSM_STOPS:
+        text = text.split(stop, 1)[0]
+    text = text.translate(_WIDE)
     last = None
     for m in _NUMBER.finditer(text):
         sign = m.group(1)
@@ -82,16 +86,17 @@ def answer_correct(pred: float | None, gold: float) -> bool:
 
 @torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8,
-                    max_length: int = 512, stop: str | None = MGSM_STOP, desc: str = "generate") -> list[str]:
+                    max_length: int = 512, stop: tuple[str, ...] | None = MGSM_STOPS,
+                    desc: str = "generate") -> list[str]:
     """Greedy continuations of `prompts` (the generated text only), in batches of similar length with left
-    padding; a sequence stops at EOS or once it has produced `stop`."""
+    padding; a sequence stops at EOS or once it has produced one of the `stop` strings."""
     seqs = tokenize(tokenizer, prompts, max_length)
     device = next(model.parameters()).device
     out: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for idx in tqdm(batches_by_length([len(s) for s in seqs], batch_size), desc=desc, leave=False):
         ids, mask = pad_batch([seqs[i] for i in idx], pad, device, left=True)
-        kw = dict(stop_strings=[stop], tokenizer=tokenizer) if stop else {}
+        kw = dict(stop_strings=list(stop), tokenizer=tokenizer) if stop else {}
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              temperature=None, top_p=None, top_k=None, pad_token_id=pad, **kw)
         for row, i in enumerate(idx):
@@ -143,14 +148,19 @@ def score_choices(model, tokenizer, prompts: list[str], choices: tuple[str, ...]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = torch.empty(len(prompts), len(choices), dtype=torch.float64)
     last_ids = torch.tensor(last, device=device)
+    # Left padding puts the positions we need (the last common+1) in the same columns of every row, so only
+    # their logits are computed (logits_to_keep): with a large vocabulary the head over all positions would
+    # cost more than the rest of the model. Position ids are given explicitly so padding does not shift them.
+    keep = common + 1
+    has_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     for idx in tqdm(batches_by_length([len(s) for s in seqs], batch_size), desc=desc, leave=False):
-        ids, mask = pad_batch([seqs[i] for i in idx], pad, device)  # right padding: real tokens never see it
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
-        ends = mask.sum(1) - 1  # last real position of each row
-        rows = torch.arange(len(idx), device=device)
-        score = logp[rows, ends][:, last_ids].double()
+        ids, mask = pad_batch([seqs[i] for i in idx], pad, device, left=True)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        kw = {"logits_to_keep": keep} if has_keep else {}
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw).logits
+        logp = torch.log_softmax(logits[:, -keep:].float(), -1)  # [batch, keep, vocab]
+        score = logp[:, -1, last_ids].double()
         for j in range(common):  # the shared prefix tokens, predicted from the positions before them
-            pos = ends - common + j
-            score += logp[rows, pos, prefix[j]].double()[:, None]
+            score += logp[:, j, prefix[j]].double()[:, None]
         out[idx] = score.cpu()
     return out

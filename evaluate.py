@@ -1,0 +1,176 @@
+"""Stage 4, evaluation (METHOD.md section 7): MGSM accuracy, MMMLU accuracy and perplexity per language of
+any model: the base model, a deactivated variant, a trained model, a hub id or a .gguf file.
+
+    python evaluate.py --model gemma-3-270m --tasks ppl,mgsm,mmmlu --limit 0
+
+Writes <out>/<tag>/eval/<name>.json, where <tag> is the base model's tag (variants and trained models
+carry it in their langneurons.json) and <name> the model's own name (--name).
+
+MGSM: zero-shot, no chat template, greedy decoding of the prompt "Question: <question>\\nAnswer:";
+generation stops at EOS, at "Question:", at a blank line or after --max-new-tokens; the score is whether the
+last number of the answer equals the gold number. MMMLU: "<question>\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:";
+the prediction is the letter " A".." D" with the highest log-likelihood as the next token. Perplexity:
+every line of <dataset>/val/<lang>.txt scored on its own (METHOD.md section 7).
+
+Results of earlier runs on the same model files are kept: evaluating one task at a time fills one file,
+and a task already evaluated with the same arguments is skipped (--force recomputes)."""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+
+from langneurons.cli import (InputError, common_parser, parse_langs, read_json, run, run_meta, seed_everything,
+                             write_json)
+from langneurons import metrics
+from langneurons.data import read_mgsm, read_mmlu, val_texts
+from langneurons.model import EMBEDDED_MODEL, load_model, model_tag, provenance, resolve_model
+
+TASKS = ("ppl", "mgsm", "mmmlu")
+# arguments that do not change a task's numbers (so they do not stop reuse)
+NOT_RESULT_ARGS = {"tasks", "force", "name", "out", "batch_size"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = common_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma list of ppl, mgsm, mmmlu")
+    p.add_argument("--limit", type=int, default=0, help="first N items per language and task (0 = all)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass / generate call")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="MGSM: generated tokens per answer at most")
+    p.add_argument("--max-length", type=int, default=512,
+                   help="tokens per text (perplexity: truncated at the end; MMMLU/MGSM prompts: cut at the start)")
+    p.add_argument("--name", default=None, help="model name for the results file <out>/<tag>/eval/<name>.json "
+                   "(default: the basename of --model, or the embedded model's name)")
+    return p.parse_args(argv)
+
+
+def model_name(model: str) -> str:
+    name = EMBEDDED_MODEL if model == EMBEDDED_MODEL else Path(model.rstrip("/")).name
+    name = name[:-5] if name.endswith(".gguf") else name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def fingerprint(model: str) -> dict[str, list[int]] | str:
+    """Sizes and modification times of a local model's weight files, so results of a model directory that
+    has been rewritten since (e.g. retrained) are not reused; a hub id stands for itself."""
+    path, gguf = resolve_model(model)
+    p = Path(path)
+    if not p.is_dir():
+        return model
+    files = [p / gguf] if gguf else sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+
+def result_args(args: argparse.Namespace, task: str) -> dict:
+    keep = {k: v for k, v in vars(args).items() if k not in NOT_RESULT_ARGS}
+    if task != "mgsm":
+        keep.pop("max_new_tokens")
+    return keep
+
+
+def mean(values: list[float]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def main() -> None:
+    # ---------------------------------------------------------------- arguments and data (checked before loading)
+    args = parse_args()
+    langs = parse_langs(args.langs)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise InputError(f"--tasks: unknown task '{bad[0] if bad else args.tasks}' (choose from {', '.join(TASKS)})")
+    for flag, value, lo in (("--limit", args.limit, 0), ("--batch-size", args.batch_size, 1),
+                            ("--max-new-tokens", args.max_new_tokens, 1), ("--max-length", args.max_length, 8)):
+        if value < lo:
+            raise InputError(f"{flag}: {value} must be at least {lo}")
+    seed_everything(args.seed)
+    tag = model_tag(args.model)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", args.name).strip("._") if args.name else model_name(args.model)
+    if not name:
+        raise InputError(f"--name {args.name}: not usable as a file name")
+
+    def cut(items: list) -> list:
+        return items[:args.limit] if args.limit else items
+
+    data = {}  # task -> lang -> items; every file is read (and checked) before any model is loaded
+    for task in tasks:
+        read = {"ppl": val_texts, "mgsm": read_mgsm, "mmmlu": read_mmlu}[task]
+        data[task] = {l: cut(read(args.dataset, l)) for l in langs}
+
+    # ---------------------------------------------------------------- what is already there
+    out_file = Path(args.out) / tag / "eval" / f"{name}.json"
+    fp = fingerprint(args.model)
+    old = {}
+    if out_file.is_file():
+        try:
+            old = read_json(out_file)
+        except InputError:
+            old = {}
+    old_tasks = (old.get("meta") or {}).get("tasks", {}) if isinstance(old, dict) else {}
+    # results of other tasks survive when they were measured on the same model files
+    results = {t: r for t, r in (old.get("results") or {}).items()
+               if old_tasks.get(t, {}).get("fingerprint") == fp} if isinstance(old, dict) else {}
+    task_meta = {t: m for t, m in old_tasks.items() if t in results}
+    todo = [t for t in tasks if args.force or t not in results
+            or task_meta.get(t, {}).get("args") != result_args(args, t)]
+    for t in tasks:
+        if t not in todo:
+            print(f"Reusing {t} from {out_file} (same model files and arguments; --force recomputes)")
+
+    # ---------------------------------------------------------------- evaluate
+    if todo:
+        model, tok = load_model(args.model, args.device, args.dtype, device_map_auto=True)
+        for task in todo:
+            res = {}
+            for l in langs:
+                items = data[task][l]
+                if task == "ppl":
+                    r = metrics.perplexity(model, tok, items, args.max_length, args.batch_size, desc=f"ppl/{l}")
+                    res[l] = {"ppl": r["ppl"] if math.isfinite(r["ppl"]) else None, "tokens": r["tokens"]}
+                elif task == "mgsm":
+                    outputs = metrics.generate_greedy(
+                        model, tok, [metrics.MGSM_PROMPT.format(question=q) for q, _ in items],
+                        args.max_new_tokens, args.batch_size, args.max_length, desc=f"mgsm/{l}")
+                    preds = [metrics.extract_answer(o) for o in outputs]
+                    correct = [metrics.answer_correct(p, gold) for p, (_, gold) in zip(preds, items)]
+                    res[l] = {"accuracy": sum(correct) / len(items), "n": len(items),
+                              "examples": [{"question": q, "gold": gold, "output": o, "pred": p}
+                                           for (q, gold), o, p in list(zip(items, outputs, preds))[:3]]}
+                else:
+                    scores = metrics.score_choices(model, tok, [metrics.mmlu_prompt(r) for r in items],
+                                                   batch_size=args.batch_size, max_length=args.max_length,
+                                                   desc=f"mmmlu/{l}")
+                    preds = [metrics.CHOICES[i] for i in scores.argmax(1).tolist()]
+                    res[l] = {"accuracy": sum(p == r["Answer"] for p, r in zip(preds, items)) / len(items),
+                              "n": len(items)}
+            results[task] = res
+            task_meta[task] = {"args": result_args(args, task), "fingerprint": fp}
+
+    # ---------------------------------------------------------------- write and print
+    meta = {**run_meta(args), "tag": tag, "name": name, "provenance": provenance(args.model),
+            "prompts": {"mgsm": metrics.MGSM_PROMPT, "mgsm_scoring": "zero-shot, greedy, last number",
+                        "mmmlu": metrics.mmlu_prompt({"Question": "{question}", **{c: "{" + c + "}" for c in "ABCD"}}),
+                        "mmmlu_scoring": "highest next-token log-likelihood of ' A'..' D'"},
+            "tasks": task_meta}
+    ordered = {t: results[t] for t in TASKS if t in results}
+    if todo:
+        write_json(out_file, {"model": args.model, "meta": meta, "results": ordered})
+
+    print(f"\n{name} ({args.model})")
+    print(f"{'task':<8}" + "".join(f"{l:>10}" for l in langs) + f"{'mean':>10}")
+    for task, res in ordered.items():
+        key = "ppl" if task == "ppl" else "accuracy"
+        vals = [res.get(l, {}).get(key) for l in langs]
+        cells = [f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in vals]
+        m = mean(vals)
+        print(f"{task:<8}" + "".join(cells) + (f"{m:>10.3f}" if m is not None else f"{'-':>10}"))
+    if todo:
+        print(f"Wrote {out_file}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,254 @@
+"""Evaluation: MGSM answer extraction, MMMLU scoring and perplexity against direct computations, the CLI's
+results file, its errors, and lm-evaluation-harness compatibility of our model directories."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from tiny import save_tiny, tiny_dataset, tiny_model, tiny_tokenizer
+
+from langneurons import metrics
+
+
+# ---------------------------------------------------------------- MGSM answer extraction
+
+EXTRACTION = [
+    ("The answer is 1,234.", 1234.0),
+    ("$18", 18.0),
+    ("She pays $18.00 in total.", 18.0),
+    ("18.0", 18.0),
+    ("答案是１８。", 18.0),
+    ("所以她一共有１，２００元", 1200.0),
+    ("-5", -5.0),
+    ("The temperature drops to -5 degrees.", -5.0),
+    ("He buys 3 apples for 2 dollars each, so 3 * 2 = 6. The answer is 6.", 6.0),
+    ("Janet sells 16 - 3 - 4 = 9 eggs. 9 * 2 = 18. So 18\n\nQuestion: Tom has 5 cars. Answer: 5", 18.0),
+    ("I don't know.", None),
+    ("", None),
+    ("Question: what is 2+2?", None),
+    ("The shop earns €1,000.50 a day", 1000.5),
+    ("Hours 3-5 are free, so 40 remain", 40.0),
+    ("La réponse est 42 €.", 42.0),
+    ("Jibu ni 1,000,000", 1_000_000.0),
+    ("Die Antwort ist 3 + 4 = 7.\nQuestion: 2 + 2 = ?", 7.0),  # the prompt's scaffold is English in every language
+    ("x = 12,5", 5.0),
+    ("The answer is 12.\n\nThe next problem has 30 apples.", 12.0),  # a decimal comma is not a thousands group: 12 and 5, the last is 5
+]
+
+
+@pytest.mark.parametrize("text,expected", EXTRACTION)
+def test_extract_answer(text, expected):
+    got = metrics.extract_answer(text)
+    assert got == expected
+
+
+def test_answer_correct():
+    assert metrics.answer_correct(18.0, 18)
+    assert metrics.answer_correct(1234.0, 1234.0)
+    assert not metrics.answer_correct(None, 0.0)
+    assert not metrics.answer_correct(17.0, 18.0)
+
+
+# ---------------------------------------------------------------- MMMLU scoring
+
+ROWS = [{"Question": "What is 2+2?", "A": "3", "B": "4", "C": "5", "D": "22", "Answer": "B"},
+        {"Question": "Which planet is closest to the Sun? A much longer question to vary the lengths.",
+         "A": "Mercury", "B": "Venus", "C": "Mars", "D": "Earth", "Answer": "A"},
+        {"Question": "Sky?", "A": "green", "B": "red", "C": "blue", "D": "black", "Answer": "C"},
+        {"Question": "Le chat dort sur le tapis chaud. Où dort le chat ?", "A": "lit", "B": "tapis",
+         "C": "table", "D": "jardin", "Answer": "B"},
+        {"Question": "x", "A": "a", "B": "b", "C": "c", "D": "d", "Answer": "D"}]
+
+
+def direct_loglik(model, tok, prompt: str, continuation: str) -> float:
+    """log P(continuation | prompt), one sequence at a time, continuation tokenized on its own."""
+    ctx = tok(prompt)["input_ids"]
+    cont = tok(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)[0]
+    return float(sum(logp[len(ctx) + j - 1, t] for j, t in enumerate(cont)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("choices", [(" A", " B", " C", " D"), ("A", "B", "C", "D")])
+def test_mmmlu_scores_equal_direct_loglik(arch, choices):
+    # the byte tokenizer makes " A" two tokens (space, letter): exercises the common-prefix path
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    prompts = [metrics.mmlu_prompt(r) for r in ROWS]
+    batched = metrics.score_choices(model, tok, prompts, choices, batch_size=3)
+    single = metrics.score_choices(model, tok, prompts, choices, batch_size=1)
+    direct = torch.tensor([[direct_loglik(model, tok, p, c) for c in choices] for p in prompts], dtype=torch.float64)
+    assert batched.shape == (len(ROWS), 4)
+    assert torch.allclose(batched, direct, atol=1e-4), (batched - direct).abs().max()
+    assert torch.allclose(batched, single, atol=1e-5)
+    assert (batched.argmax(1) == direct.argmax(1)).all()
+
+
+def test_mmmlu_prompt_ends_with_answer():
+    p = metrics.mmlu_prompt(ROWS[0])
+    assert p == "What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 22\nAnswer:"
+
+
+def test_mmmlu_long_prompt_keeps_the_end():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    long = {**ROWS[0], "Question": "word " * 400}
+    s = metrics.score_choices(model, tok, [metrics.mmlu_prompt(long)], batch_size=1, max_length=64)
+    assert torch.isfinite(s).all()
+    # the end of the prompt is kept ("Answer:"), BOS stays in front, the space token is appended
+    ids = tok(metrics.mmlu_prompt(long))["input_ids"]
+    kept = [ids[0]] + ids[len(ids) - 62:] + tok(" ", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([kept])).logits.double(), -1)[0]
+    space = tok(" ", add_special_tokens=False)["input_ids"][0]
+    a = tok(" A", add_special_tokens=False)["input_ids"][-1]
+    assert math.isclose(float(s[0, 0]), float(logp[-2, space] + logp[-1, a]), abs_tol=1e-4)
+
+
+# ---------------------------------------------------------------- perplexity
+
+def test_perplexity_equals_independent_computation():
+    model, tok = tiny_model("qwen2"), tiny_tokenizer()
+    texts = ["The cat sleeps on the warm mat.", "Rain.", "Die Katze schläft auf der warmen Matte, sagt man.",
+             "x y", "Le train pour la ville part à neuf heures."]
+    got = metrics.perplexity(model, tok, texts, max_length=32, batch_size=2)
+    nll, count = 0.0, 0
+    for t in texts:
+        ids = torch.tensor([tok(t, truncation=True, max_length=32)["input_ids"]])
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids).loss.double()
+        n = ids.shape[1] - 1
+        nll += float(loss) * n
+        count += n
+    assert got["tokens"] == count
+    assert math.isclose(got["ppl"], math.exp(nll / count), rel_tol=1e-5)
+
+
+# ---------------------------------------------------------------- generation
+
+def test_generate_greedy_batched_equals_single():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    prompts = [metrics.MGSM_PROMPT.format(question=q) for q in ["2 + 3 = ?", "A farmer has 18 cows. How many legs?",
+                                                                  "x"]]
+    batched = metrics.generate_greedy(model, tok, prompts, max_new_tokens=12, batch_size=3, stop=None)
+    single = [metrics.generate_greedy(model, tok, [p], max_new_tokens=12, batch_size=1, stop=None)[0] for p in prompts]
+    assert batched == single
+    assert all(isinstance(o, str) for o in batched)
+
+
+def test_generate_stops_at_question():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    full = metrics.generate_greedy(model, tok, ["Question: 1\nAnswer:"], max_new_tokens=40, stop=None)[0]
+    stopped = metrics.generate_greedy(model, tok, ["Question: 1\nAnswer:"], max_new_tokens=40, stop=("e",))[0]
+    # greedy decoding is deterministic, so the stopped output is the prefix of the full one up to the stop
+    assert full.startswith(stopped)
+    if "e" in full:
+        assert stopped.endswith("e") and stopped.count("e") == 1
+
+
+# ---------------------------------------------------------------- the CLI
+
+def evaluate(*argv, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *map(str, argv)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    return save_tiny("llama", root / "tinyllama"), tiny_dataset(root / "dataset"), root
+
+
+def test_cli_writes_results_and_reuses(tiny_setup):
+    model, dataset, root = tiny_setup
+    out = root / "out"
+    r = evaluate("--model", model, "--langs", "en,fr", "--dataset", dataset, "--out", out, "--device", "cpu",
+                 "--tasks", "ppl,mmmlu", "--limit", 2, "--batch-size", 2)
+    assert r.returncode == 0, r.stderr
+    f = out / "tinyllama" / "eval" / "tinyllama.json"
+    res = json.loads(f.read_text())
+    assert res["model"] == str(model)
+    assert res["meta"]["args"]["limit"] == 2 and "versions" in res["meta"]
+    assert set(res["results"]) == {"ppl", "mmmlu"}
+    assert set(res["results"]["ppl"]) == {"en", "fr"}
+    assert res["results"]["ppl"]["en"]["tokens"] > 0 and res["results"]["ppl"]["en"]["ppl"] > 1
+    assert res["results"]["mmmlu"]["fr"]["n"] == 2
+    assert 0 <= res["results"]["mmmlu"]["fr"]["accuracy"] <= 1
+    assert "mmmlu" in r.stdout and "en" in r.stdout
+
+    # a second task fills the same file; the earlier ones are reused, not recomputed
+    r = evaluate("--model", model, "--langs", "en,fr", "--dataset", dataset, "--out", out, "--device", "cpu",
+                 "--tasks", "mgsm,ppl", "--limit", 2, "--max-new-tokens", 4)
+    assert r.returncode == 0, r.stderr
+    assert "Reusing ppl" in r.stdout
+    res2 = json.loads(f.read_text())
+    assert set(res2["results"]) == {"ppl", "mgsm", "mmmlu"}
+    assert res2["results"]["ppl"] == res["results"]["ppl"]
+    assert res2["results"]["mgsm"]["en"]["n"] == 2
+
+    # --name chooses the file
+    r = evaluate("--model", model, "--langs", "en", "--dataset", dataset, "--out", out, "--device", "cpu",
+                 "--tasks", "ppl", "--limit", 1, "--name", "base model")
+    assert r.returncode == 0, r.stderr
+    assert (out / "tinyllama" / "eval" / "base_model.json").is_file()
+
+
+def test_cli_pipeline_dir_uses_base_tag(tiny_setup, tmp_path):
+    model, dataset, _ = tiny_setup
+    variant = save_tiny("llama", tmp_path / "shared")
+    (variant / "langneurons.json").write_text(json.dumps({"tag": "mybase", "neuron_set": "shared"}))
+    r = evaluate("--model", variant, "--langs", "en", "--dataset", dataset, "--out", tmp_path / "out",
+                 "--device", "cpu", "--tasks", "ppl", "--limit", 1)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "mybase" / "eval" / "shared.json").is_file()
+
+
+@pytest.mark.parametrize("task,file,content,line", [
+    ("mgsm", "test/mgsm/mgsm_en.tsv", "2 + 3 = ?\t5\nno tab here\n", 2),
+    ("mgsm", "test/mgsm/mgsm_en.tsv", "2 + 3 = ?\t5\n4 + 4 = ?\t5\nfive?\tfive\n", 3),
+    ("mmmlu", "test/mmlu/mmlu_EN-EN.csv", ",Question,A,B,C,D,Answer,Subject\n0,q,a,b,c,d,A,s\n1,q,a,b,c,d,E,s\n", 3),
+])
+def test_cli_malformed_task_file(tiny_setup, tmp_path, task, file, content, line):
+    model, _, _ = tiny_setup
+    dataset = tiny_dataset(tmp_path / "dataset", langs=("en",))
+    (dataset / file).write_text(content, encoding="utf-8")
+    r = evaluate("--model", model, "--langs", "en", "--dataset", dataset, "--out", tmp_path / "out",
+                 "--device", "cpu", "--tasks", task)
+    assert r.returncode == 2
+    msg = r.stderr.strip().splitlines()
+    assert len(msg) == 1, r.stderr
+    assert str(dataset / file) in msg[0] and f"line {line}" in msg[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_flags(tiny_setup, tmp_path):
+    model, dataset, _ = tiny_setup
+    for argv, needle in ((["--tasks", "ppl,bleu"], "--tasks"), (["--limit", "-1"], "--limit"),
+                         (["--langs", "en,xx"], "xx")):
+        r = evaluate("--model", model, "--dataset", dataset, "--out", tmp_path / "out", *argv)
+        assert r.returncode == 2, r.stderr
+        assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- lm-evaluation-harness
+
+def test_lm_eval_harness_loads_our_model_dirs(tiny_setup):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+    model_dir, _, _ = tiny_setup
+    lm = get_model("hf").create_from_arg_string(f"pretrained={model_dir},dtype=float32",
+                                                {"batch_size": 1, "device": "cpu"})
+    prompt = metrics.mmlu_prompt(ROWS[0])
+    reqs = [Instance(request_type="loglikelihood", doc={}, arguments=(prompt, f" {c}"), idx=i)
+            for i, c in enumerate("ABCD")]
+    out = lm.loglikelihood(reqs)
+    assert len(out) == 4
+    lls = [ll for ll, _ in out]
+    assert all(math.isfinite(x) and x <= 0 for x in lls)
