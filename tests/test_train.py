@@ -1,0 +1,238 @@
+"""train.py and langneurons/sparse.py: only the selected neurons change (bit-for-bit elsewhere), also under
+gradient accumulation and two processes; resume = uninterrupted; LoRA/full baselines; bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiny import save_tiny, tiny_config, tiny_dataset, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from langneurons.masking import meta_skeleton, zero_plan  # noqa: E402
+from langneurons.model import Geometry, model_tag  # noqa: E402
+from langneurons.neurons import random_set, read_neuron_file, write_neuron_file  # noqa: E402
+from langneurons.sparse import (attach_deltas, delta_modules, merge_deltas, optimizer_param_ids,  # noqa: E402
+                                optimizer_state_bytes)
+
+PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+FAST = ["--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2", "--cutoff-len", "64", "--val-limit", "2"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    ds = tiny_dataset(root / "dataset")
+    models, sets = {}, {}
+    for arch in ("llama", "qwen2"):
+        models[arch] = save_tiny(arch, root / arch)
+        geom = Geometry.from_config(tiny_config(arch))
+        nset = random_set(40, geom, 0, "train-test")
+        nset["attn_q"][1, :3] = True  # make sure every group and a q bias entry (qwen2) are in the set
+        nset["fwd_down"][2, 5] = True
+        sets[arch] = root / f"set_{arch}.json"
+        write_neuron_file(sets[arch], nset)
+    return {"root": root, "dataset": ds, "models": models, "sets": sets}
+
+
+def train(work, out, *extra, arch="llama", launcher=(PY,), check=True):
+    cmd = [*launcher, str(REPO / "train.py"), "--model", str(work["models"][arch]), "--dataset",
+           str(work["dataset"]), "--out", str(out), "--lang", "en", *FAST, *extra]
+    r = subprocess.run(cmd, cwd=work["root"], env=ENV, capture_output=True, text=True, timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)}\nexit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def run_dir(out, arch, name):
+    return Path(out) / arch / "trained" / name
+
+
+def assert_only_selected_changed(work, arch, trained_dir):
+    """Entries of the selected rows/columns move; every other entry of every tensor is bit-identical."""
+    base = load_file(work["models"][arch] / "model.safetensors")
+    new = load_file(trained_dir / "model.safetensors")
+    assert set(base) == set(new)
+    config = tiny_config(arch)
+    nset, _ = read_neuron_file(work["sets"][arch], Geometry.from_config(config))
+    plan = zero_plan(meta_skeleton(config), nset)
+    assert any(k.endswith(".bias") for k in plan) == (arch == "qwen2")
+    for name, a in base.items():
+        b = new[name]
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if name not in plan:
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"{name} changed"
+            continue
+        dim, idx = plan[name]
+        keep = torch.ones(a.shape[dim], dtype=torch.bool)
+        keep[idx] = False
+        other = torch.nonzero(keep).flatten()
+        assert torch.equal(a.index_select(dim, other).view(torch.int32), b.index_select(dim, other).view(torch.int32)), \
+            f"{name}: an entry outside the selected neurons changed"
+        moved = (a.index_select(dim, idx) != b.index_select(dim, idx))
+        moved = moved.flatten(1).any(1) if moved.dim() > 1 and dim == 0 else (moved.any(0) if moved.dim() > 1 else moved)
+        assert bool(moved.all()), f"{name}: a selected neuron did not move"
+
+
+# ---------------------------------------------------------------- unit level: langneurons/sparse.py
+
+def test_deltas_are_the_only_optimized_parameters(tmp_path):
+    from transformers import Trainer, TrainingArguments
+    model = tiny_model("qwen2")
+    geom = Geometry.from_config(model.config)
+    nset = random_set(30, geom, 1, "unit")
+    nset["attn_v"][:] = False
+    nset["fwd_down"][0, :] = False
+    nset["fwd_down"][0, 7] = True
+    ids = torch.randint(3, 200, (2, 9))
+    ref = model(ids).logits
+    touched = attach_deltas(model, nset)
+    deltas = {id(p) for _, (_, d) in delta_modules(model).items() for p in d.parameters()}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == deltas
+    assert not any(n.endswith("v_proj") for n in touched)  # a projection without selected neurons gets nothing
+    assert torch.equal(model(ids).logits, ref)  # zero deltas: the same function, exactly
+
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    opt = trainer.create_optimizer()
+    assert optimizer_param_ids(opt) == deltas  # parameters with no selected neuron never reach the optimizer
+
+    with torch.no_grad():  # the additive form equals the merged weights
+        for _, (_, d) in delta_modules(model).items():
+            for p in d.parameters():
+                p.normal_(0, 0.1)
+    hooked = model(ids).logits
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    merge_deltas(model)
+    assert not delta_modules(model) and not any(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(model(ids).logits, hooked, rtol=1e-4, atol=1e-4)
+    plan = zero_plan(model, nset)
+    after = dict(model.named_parameters())
+    for n, p in before.items():
+        if n not in plan:
+            assert torch.equal(p, after[n]), n
+
+    # optimizer state is counted from the wrapped optimizer's state tensors
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.ones(10))])
+    opt2.param_groups[0]["params"][0].grad = torch.ones(10)
+    opt2.step()
+    assert optimizer_state_bytes(opt2) == 10 * 4 * 2 + 4  # exp_avg, exp_avg_sq (float32) and a float32 step
+
+
+# ---------------------------------------------------------------- the command line
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_only_selected_neurons_change(work, arch, tmp_path):
+    out = tmp_path / "out"
+    train(work, out, "--neurons", str(work["sets"][arch]), "--max-steps", "2", arch=arch)
+    d = run_dir(out, arch, f"en-set_{arch}")
+    assert_only_selected_changed(work, arch, d)
+    log = json.loads((d / "train_log.json").read_text())
+    assert log["gradient_accumulation_steps"] == 2 and log["steps"] == 2 and log["effective_batch_size"] == 4
+    assert log["neurons"]["size"] > 0 and log["neurons"]["format"] == "ours"
+    assert log["trainable_parameters"] < log["total_parameters"] / 10
+    # AdamW: two float32 moments per trainable entry, plus one step counter per delta tensor
+    assert log["trainable_parameters"] * 8 <= log["optimizer_state_bytes"] <= log["trainable_parameters"] * 8 + 4096
+    assert [p["step"] for p in log["loss_curve"]] == [1, 2] and log["tokens_seen"] > 0
+    assert log["val"]["before"]["loss"] > 0 and log["val"]["after"]["ppl"] > 0
+    assert log["run"]["args"]["lang"] == "en" and "torch" in log["run"]["versions"]
+    assert model_tag(str(d)) == model_tag(str(work["models"][arch])) == arch
+    prov = json.loads((d / "langneurons.json").read_text())
+    assert prov["trained_lang"] == "en" and prov["neurons"] == f"set_{arch}"
+    assert not (out / arch / "trained" / f".en-set_{arch}.ckpt").exists()  # checkpoints removed after success
+    assert not list((out / arch / "trained").glob(".*tmp"))
+    # the same command again reuses the finished run
+    r = train(work, out, "--neurons", str(work["sets"][arch]), "--max-steps", "2", arch=arch)
+    assert "Reusing" in r.stdout
+
+
+def test_two_processes_keep_unselected_entries(work, tmp_path):
+    out = tmp_path / "out"
+    torchrun = str(Path(PY).parent / "torchrun")
+    launcher = (torchrun, "--nproc_per_node", "2", "--master_port", "29533") if Path(torchrun).exists() else \
+        (PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
+    # batch 4 = micro 1 x 2 accumulation steps x 2 processes
+    train(work, out, "--neurons", str(work["sets"]["qwen2"]), "--max-steps", "2", "--micro-batch-size", "1",
+          "--device", "cpu", arch="qwen2", launcher=launcher)
+    d = run_dir(out, "qwen2", "en-set_qwen2")
+    assert_only_selected_changed(work, "qwen2", d)
+    log = json.loads((d / "train_log.json").read_text())
+    assert log["world_size"] == 2 and log["gradient_accumulation_steps"] == 2 and log["effective_batch_size"] == 4
+
+
+def test_resume_gives_the_same_weights(work, tmp_path):
+    args = ("--neurons", str(work["sets"]["llama"]), "--max-steps", "4", "--save-steps", "2", "--run-name", "r")
+    a = tmp_path / "a"
+    train(work, a, *args, "--keep-checkpoints")
+    ckpt = a / "llama" / "trained" / ".r.ckpt"
+    assert (ckpt / "checkpoint-2" / "neuron_deltas.safetensors").is_file()
+    assert not (ckpt / "checkpoint-2" / "model.safetensors").exists()  # checkpoints hold the deltas only
+    # an interrupted run: killed after its step-2 checkpoint, before the end
+    b = tmp_path / "b"
+    (b / "llama" / "trained" / ".r.ckpt").mkdir(parents=True)
+    shutil.copytree(ckpt / "checkpoint-2", b / "llama" / "trained" / ".r.ckpt" / "checkpoint-2")
+    shutil.copy(ckpt / "run_args.json", b / "llama" / "trained" / ".r.ckpt" / "run_args.json")
+    r = train(work, b, *args)
+    assert "Resuming from" in r.stdout
+    wa = load_file(a / "llama" / "trained" / "r" / "model.safetensors")
+    wb = load_file(b / "llama" / "trained" / "r" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    la = json.loads((a / "llama" / "trained" / "r" / "train_log.json").read_text())
+    lb = json.loads((b / "llama" / "trained" / "r" / "train_log.json").read_text())
+    assert lb["resumed_from"] and la["loss_curve"] == lb["loss_curve"] and la["tokens_seen"] == lb["tokens_seen"]
+    # checkpoints of a run with other arguments are not silently resumed
+    (b / "llama" / "trained" / ".r.ckpt").mkdir(parents=True)
+    shutil.copytree(ckpt / "checkpoint-2", b / "llama" / "trained" / ".r.ckpt" / "checkpoint-2")
+    shutil.copy(ckpt / "run_args.json", b / "llama" / "trained" / ".r.ckpt" / "run_args.json")
+    r = train(work, b, *args[:-2], "--lr", "3e-3", "--run-name", "r", check=False)
+    assert r.returncode == 2 and "other arguments" in r.stderr
+
+
+@pytest.mark.parametrize("mode", [("--neurons", "full"), ("--lora-rank", "2")])
+def test_full_and_lora_save_a_loadable_model(work, tmp_path, mode):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "out"
+    train(work, out, *mode, "--max-steps", "1", "--warmup", "0")
+    name = "en-full" if mode[1] == "full" else "en-lora2"
+    d = run_dir(out, "llama", name)
+    m = AutoModelForCausalLM.from_pretrained(d)
+    assert not any("lora" in n for n, _ in m.named_parameters())  # merged, an ordinary model
+    base, new = load_file(work["models"]["llama"] / "model.safetensors"), load_file(d / "model.safetensors")
+    changed = [k for k in base if not torch.equal(base[k], new[k])]
+    log = json.loads((d / "train_log.json").read_text())
+    if mode[1] == "full":
+        assert len(changed) == len(base) and log["trainable_parameters"] == log["total_parameters"]
+    else:
+        assert changed and all("proj" in k for k in changed) and log["trainable_parameters"] < log["total_parameters"]
+        assert log["lora"]["rank"] == 2
+
+
+def test_bad_inputs_exit_2_and_write_nothing(work, tmp_path):
+    empty = tmp_path / "empty_ds"
+    shutil.copytree(work["dataset"], empty)
+    (empty / "train" / "en.jsonl").write_text("\n")
+    misfit = tmp_path / "misfit.json"
+    misfit.write_text(json.dumps({"fwd_up": {"7": [1]}}))
+    cases = [(("--neurons", str(work["sets"]["llama"]), "--lang", "xx"), "unknown language"),
+             (("--neurons", str(misfit)), "layer 7 does not exist"),
+             (("--neurons", str(work["sets"]["llama"]), "--lr", "0"), "--lr"),
+             (("--neurons", str(work["sets"]["llama"]), "--micro-batch-size", "8"), "--micro-batch-size"),
+             (("--neurons", str(tmp_path / "nope.json")), "no such file"),
+             (("--neurons", str(work["sets"]["llama"]), "--dataset", str(empty)), "empty")]
+    for extra, msg in cases:
+        out = tmp_path / "out"
+        r = train(work, out, *extra, check=False)
+        assert r.returncode == 2, (extra, r.stderr[-2000:])
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (extra, r.stderr)
+        assert not out.exists(), extra

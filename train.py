@@ -1,0 +1,372 @@
+"""Stage 3, neuron-targeted continued pretraining (METHOD.md section 6): next-token training on one
+language's text in which only the selected neurons change; every other parameter entry stays bit-for-bit.
+
+    python train.py --model gemma-3-270m --lang sw --neurons outputs/gemma-3-270m/neurons/exclusive_sw.json
+    python train.py --lang sw --neurons full          # full fine-tuning baseline
+    python train.py --lang sw --lora-rank 8           # LoRA baseline, merged into the saved model
+    torchrun --nproc_per_node 8 train.py ...          # data-parallel, unchanged (or: accelerate launch train.py ...)
+
+Defaults are the paper's: lr 5e-5, 3% linear warmup, 1 epoch, batch 128 (gradient accumulation over
+--micro-batch-size), cutoff 1024 tokens per document, bf16 on GPU. Writes outputs/<tag>/trained/<run-name>/:
+an ordinary transformers model directory, langneurons.json and train_log.json (arguments, neuron set, loss
+curve, tokens seen, trainable parameters, optimizer-state bytes, validation loss/PPL before and after)."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from langneurons.cli import (InputError, atomic_dir, common_parser, read_json, run, run_meta, seed_everything,
+                             write_json)
+from langneurons.model import (PROVENANCE_FILE, Geometry, decoder_layers, load_model, model_tag, projections,
+                               resolve_model)
+from langneurons.neurons import read_neuron_file, size
+
+CKPT_ARGS_FILE = "run_args.json"  # in the checkpoint folder: what the checkpoints were trained with
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = common_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--lang", required=True, help="language whose dataset/train/<lang>.jsonl is trained on "
+                   "(validation on dataset/val/<lang>.txt); --langs is not used by this stage")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--neurons", metavar="FILE|full",
+                      help="neuron file (ours or the authors' format): only these neurons are trained; "
+                           "'full' trains every parameter")
+    what.add_argument("--lora-rank", type=int, metavar="R",
+                      help="train a LoRA adapter of rank R on q/k/v/o/up/gate/down instead, merged into the saved model")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling alpha (default: 2 x rank)")
+    p.add_argument("--legacy-kv-mapping", action="store_true",
+                   help="map the authors' query-head attn_k/attn_v indices with their code's i // n_rep")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW, linear decay)")
+    p.add_argument("--warmup", type=float, default=0.03, help="linear warmup, fraction of the steps")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training documents")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: --epochs decides)")
+    p.add_argument("--batch-size", type=int, default=128, help="documents per optimizer step, over all processes")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="documents per forward pass per process "
+                   "(gradient accumulation makes up --batch-size)")
+    p.add_argument("--cutoff-len", type=int, default=1024, help="tokens per document; longer ones are truncated")
+    p.add_argument("--limit", type=int, default=0, help="train on N documents drawn with the seed (0 = all; the "
+                   "paper: 100000)")
+    p.add_argument("--val-limit", type=int, default=0, help="first N lines of val/<lang>.txt (0 = all)")
+    p.add_argument("--save-steps", type=float, default=0.1, help="checkpoint every N steps (a value below 1 is a "
+                   "fraction of the run)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward "
+                   "pass (less memory, ~30%% slower)")
+    p.add_argument("--run-name", default=None, help="output folder name (default: <lang>-<neuron file stem>, "
+                   "<lang>-full or <lang>-lora<R>)")
+    p.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
+                   help="resume from the last checkpoint of this run (an error when there is none) or from the "
+                        "given checkpoint folder; without the flag a run resumes automatically when its "
+                        "checkpoints exist, and --force discards them")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoint folder after success")
+    return p.parse_args(argv)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class PadCollator:
+    """Right-pads a batch; padding gets attention mask 0 and label -100 (never predicted, never counted).
+    Labels come from the mask, not from the token id, so an EOS that doubles as padding is still learnt."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        from langneurons.metrics import pad_batch
+        ids, mask = pad_batch([f["input_ids"] for f in features], self.pad_id, "cpu")
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def lora_targets(model) -> list[str]:
+    """Module names (last component) of q/k/v/o/up/gate/down, read from the model itself."""
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    proj = projections(decoder_layers(model)[0])
+    return sorted({names[id(proj[k])] for k in ("q", "k", "v", "o", "up", "gate", "down") if k in proj})
+
+
+def main() -> None:
+    # ---------------------------------------------------------------- arguments (all checked before any output)
+    args = parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if not args.lr > 0 or not math.isfinite(args.lr):
+        raise InputError(f"--lr: {args.lr} must be a positive number")
+    if not 0 <= args.warmup < 1:
+        raise InputError(f"--warmup: {args.warmup} must be a fraction in [0, 1)")
+    if not args.epochs > 0:
+        raise InputError(f"--epochs: {args.epochs} must be positive")
+    for flag, v in (("--max-steps", args.max_steps), ("--limit", args.limit), ("--val-limit", args.val_limit)):
+        if v < 0:
+            raise InputError(f"{flag}: {v} must be 0 or more")
+    if args.micro_batch_size < 1:
+        raise InputError(f"--micro-batch-size: {args.micro_batch_size} must be at least 1")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size: {args.batch_size} must be at least 1")
+    if args.micro_batch_size > args.batch_size:
+        raise InputError(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size {args.batch_size}")
+    if args.batch_size % (args.micro_batch_size * world):
+        raise InputError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size} x {world} processes")
+    if args.cutoff_len < 2:
+        raise InputError(f"--cutoff-len: {args.cutoff_len} must be at least 2 (one token is predicted from another)")
+    if not args.save_steps > 0:
+        raise InputError(f"--save-steps: {args.save_steps} must be positive")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise InputError(f"--lora-rank: {args.lora_rank} must be at least 1")
+    if args.lora_alpha is not None and (args.lora_rank is None or not args.lora_alpha > 0):
+        raise InputError("--lora-alpha: needs --lora-rank and a positive value")
+    mode = "lora" if args.lora_rank is not None else ("full" if args.neurons == "full" else "neurons")
+    if mode == "full" and args.dtype == "float16":
+        raise InputError("--dtype float16 with --neurons full: float16 weights cannot be trained with loss "
+                         "scaling; use bfloat16 or float32")
+
+    sharded = any(os.environ.get(v, "").lower() in ("1", "true") for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    if sharded and mode != "full":
+        raise InputError(f"FSDP/DeepSpeed launch with --{'lora-rank' if mode == 'lora' else 'neurons FILE'}: "
+                         "not supported; its trainable state is tiny, plain data parallelism (torchrun/accelerate "
+                         "launch without FSDP/DeepSpeed) suffices")
+
+    seed_everything(args.seed)
+    path, gguf = resolve_model(args.model)
+    tag = model_tag(args.model)
+    from transformers import AutoConfig
+    try:  # the config alone checks the neuron file against the model before anything is loaded
+        config = AutoConfig.from_pretrained(path, gguf_file=gguf)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--model {args.model}: cannot read its config ({str(e).splitlines()[0]})") from None
+    geom = Geometry.from_config(config)
+
+    neuron_info, nset = None, None
+    if mode == "neurons":
+        nfile = Path(args.neurons)
+        if not nfile.is_file():
+            raise InputError(f"--neurons {nfile}: no such file (or 'full')")
+        nset, fmeta = read_neuron_file(nfile, geom, legacy_kv=args.legacy_kv_mapping)
+        if size(nset) == 0:
+            raise InputError(f"--neurons {nfile}: the set is empty, nothing to train")
+        neuron_info = {"name": nfile.stem, "file": str(nfile.resolve()), "sha256": sha256(nfile),
+                       "size": size(nset), "fraction": size(nset) / geom.total_neurons,
+                       "groups": {g: int(m.sum()) for g, m in nset.items()},
+                       "format": "ours" if "meta" in read_json(nfile, "neuron file") else "authors",
+                       "kv_index_space": fmeta.get("kv_index_space", "query_heads"),
+                       "legacy_kv_mapping": args.legacy_kv_mapping}
+    set_name = {"neurons": neuron_info and neuron_info["name"], "full": "full", "lora": f"lora{args.lora_rank}"}[mode]
+    run_name = args.run_name or f"{args.lang}-{set_name}"
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", run_name):
+        raise InputError(f"--run-name: '{run_name}' is not a safe directory name")
+
+    from langneurons.data import lang_file, train_texts, val_texts
+    docs = train_texts(args.dataset, args.lang)
+    train_sha = sha256(lang_file(args.dataset, "train", args.lang, ".jsonl"))
+    val = val_texts(args.dataset, args.lang)[:args.val_limit or None]
+    if args.limit and args.limit < len(docs):
+        # a seeded sample, like the paper's shuffle-then-take-100k; order is reshuffled by the sampler anyway
+        docs = random.Random(args.seed).sample(docs, args.limit)
+
+    run_dir = Path(args.out) / tag / "trained" / run_name
+    ckpt_dir = run_dir.parent / f".{run_name}.ckpt"
+    # what decides the result: a finished run or checkpoints with another fingerprint are not reused
+    fingerprint = {k: getattr(args, k) for k in (
+        "model", "lang", "neurons", "lora_rank", "lora_alpha", "legacy_kv_mapping", "lr", "warmup", "epochs",
+        "max_steps", "batch_size", "micro_batch_size", "cutoff_len", "limit", "dtype", "seed", "dataset",
+        "gradient_checkpointing")}
+    fingerprint.update(world_size=world, train_sha256=train_sha, neuron_sha256=neuron_info and neuron_info["sha256"])
+    log_file = run_dir / "train_log.json"
+    if not args.force and log_file.is_file():
+        try:
+            done = read_json(log_file).get("fingerprint") == fingerprint
+        except (InputError, AttributeError):
+            done = False
+        if done:
+            print(f"Reusing {run_dir} (same training arguments; --force retrains)")
+            return
+
+    from transformers.trainer_utils import get_last_checkpoint
+    resume_from = None
+    if args.resume not in (None, "last"):
+        resume_from = Path(args.resume)
+        if not (resume_from.is_dir() and (resume_from / "trainer_state.json").is_file()):
+            raise InputError(f"--resume {resume_from}: not a checkpoint folder (no trainer_state.json)")
+    elif not args.force and ckpt_dir.is_dir():
+        last = get_last_checkpoint(str(ckpt_dir))
+        if last is not None:
+            old = read_json(ckpt_dir / CKPT_ARGS_FILE, "checkpoint arguments") if (ckpt_dir / CKPT_ARGS_FILE).is_file() else None
+            if old != fingerprint:
+                raise InputError(f"checkpoints in {ckpt_dir} come from a run with other arguments; "
+                                 "--force discards them, --run-name picks another folder")
+            resume_from = Path(last)
+    if args.resume == "last" and resume_from is None:
+        raise InputError(f"--resume: no checkpoint in {ckpt_dir}" + (" (--force discards them)" if args.force else ""))
+
+    # ---------------------------------------------------------------- load
+    # every process loads the model onto its own device; the Trainer wraps it for data parallelism
+    device = args.device
+    if world > 1 and torch.cuda.is_available() and device in ("auto", "cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    model, tok = load_model(args.model, device, args.dtype)
+    on_cpu = model.device.type == "cpu"
+    half = model.dtype  # float32 on CPU by default; bfloat16/float16 switch on autocast below
+    total_params = sum(p.numel() for p in model.parameters())
+
+    # ---------------------------------------------------------------- data
+    # Each document is one sequence: BOS (when the tokenizer adds it) + text + EOS, truncated at the cutoff
+    # (the authors' preprocessing: a document longer than the cutoff loses its tail, EOS included). No packing.
+    eos = tok.eos_token_id
+    train_set = []
+    for text in docs:
+        ids = tok(text)["input_ids"] + ([eos] if eos is not None else [])
+        ids = ids[:args.cutoff_len]
+        if len(ids) >= 2:
+            train_set.append({"input_ids": ids})
+    if not train_set:
+        raise InputError(f"training file of '{args.lang}': no document has two tokens")
+
+    from langneurons.metrics import perplexity
+
+    def val_loss(label: str) -> dict:
+        r = perplexity(model, tok, val, max_length=args.cutoff_len, batch_size=args.micro_batch_size,
+                       desc=f"val {args.lang} ({label})")
+        return {"loss": math.log(r["ppl"]), "ppl": r["ppl"], "tokens": r["tokens"]}
+
+    before = val_loss("before")
+    if rank0:
+        print(f"validation {args.lang} before: loss {before['loss']:.4f}, ppl {before['ppl']:.3f}")
+
+    # ---------------------------------------------------------------- what may change
+    touched = {}
+    if mode == "neurons":
+        from langneurons.sparse import attach_deltas
+        touched = attach_deltas(model, nset)  # everything frozen; zero deltas on the selected rows/columns
+    elif mode == "lora":
+        from peft import LoraConfig, get_peft_model
+        lcfg = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, lora_dropout=0.0,
+                          target_modules=lora_targets(model), task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
+    else:
+        for p_ in model.parameters():
+            p_.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if args.gradient_checkpointing and mode != "full":
+        model.enable_input_require_grads()  # frozen embeddings: the checkpointed blocks still need input grads
+    model.config.use_cache = False
+
+    # ---------------------------------------------------------------- train
+    from transformers import Trainer, TrainingArguments
+    if rank0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if args.force and resume_from is None:
+            for old in ckpt_dir.glob("checkpoint-*"):
+                shutil.rmtree(old)
+        write_json(ckpt_dir / CKPT_ARGS_FILE, fingerprint)
+    checkpointing = {}
+    if args.gradient_checkpointing:  # renamed activation_checkpointing in recent transformers
+        key = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+               else "gradient_checkpointing")
+        checkpointing = {key: True, f"{key}_kwargs": {"use_reentrant": False}}
+    targs = TrainingArguments(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=args.batch_size // (args.micro_batch_size * world),
+        learning_rate=args.lr, weight_decay=0.0, warmup_steps=args.warmup, lr_scheduler_type="linear",
+        optim="adamw_torch", num_train_epochs=args.epochs, max_steps=args.max_steps or -1,
+        # autocast in the model's half precision; the neuron deltas and LoRA adapters stay float32 masters
+        bf16=half == torch.bfloat16, fp16=half == torch.float16, use_cpu=on_cpu,
+        logging_steps=1, save_strategy="steps", save_steps=args.save_steps, save_total_limit=2,
+        seed=args.seed, data_seed=args.seed, report_to="none", remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding", disable_tqdm=not rank0,
+        ddp_find_unused_parameters=False if mode == "neurons" else None, **checkpointing)
+    if mode == "neurons":
+        from langneurons.sparse import sparse_trainer_class
+        trainer_cls = sparse_trainer_class()  # checkpoints hold the deltas only
+    else:
+        trainer_cls = Trainer
+    trainer = trainer_cls(model=model, args=targs, train_dataset=train_set, data_collator=PadCollator(tok.pad_token_id))
+    if resume_from and rank0:
+        print(f"Resuming from {resume_from}")
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    runtime = time.time() - t0
+
+    from langneurons.sparse import optimizer_state_bytes
+    opt_bytes = optimizer_state_bytes(trainer.optimizer)
+    state = trainer.state
+    loss_curve = [{"step": h["step"], "loss": h["loss"]} for h in state.log_history if "loss" in h]
+
+    # ---------------------------------------------------------------- back to an ordinary model
+    model = trainer.model
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # sharded full fine-tuning: gather the full weights (a collective on every process), save on the
+        # first; the validation after training is left to evaluate.py (it would need the sharded forward)
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        after = None
+    else:
+        state_dict = None
+    if mode == "neurons":
+        from langneurons.sparse import merge_deltas
+        merge_deltas(model)  # W[selected] += delta; every other entry is the loaded tensor, untouched
+    elif mode == "lora":
+        model = model.merge_and_unload()
+    if state_dict is None:
+        model.eval()
+        after = val_loss("after")
+    if not rank0:
+        return
+    if after is not None:
+        print(f"validation {args.lang} after:  loss {after['loss']:.4f}, ppl {after['ppl']:.3f}")
+
+    # ---------------------------------------------------------------- write
+    model.config.use_cache = True
+    provenance = {"tag": tag, "base_model": args.model, "trained_lang": args.lang,
+                  "neurons": neuron_info["name"] if neuron_info else set_name, "mode": mode,
+                  "neuron_file": neuron_info and neuron_info["file"], "run_name": run_name, "run": run_meta(args)}
+    log = {"run": run_meta(args), "fingerprint": fingerprint, "tag": tag, "base_model": args.model,
+           "trained_lang": args.lang, "mode": mode, "neurons": neuron_info,
+           "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha or 2 * args.lora_rank,
+                    "targets": lora_targets(model)} if mode == "lora" else None,
+           "touched_projections": len(touched) if mode == "neurons" else None,
+           "trainable_parameters": trainable, "total_parameters": total_params,
+           "optimizer_state_bytes": opt_bytes, "optimizer_state_note": "per process (every data-parallel "
+           "process holds a full copy)",
+           "world_size": world, "micro_batch_size": args.micro_batch_size,
+           "gradient_accumulation_steps": targs.gradient_accumulation_steps,
+           "effective_batch_size": args.micro_batch_size * targs.gradient_accumulation_steps * world,
+           "documents": len(train_set), "steps": state.global_step, "epochs_done": state.epoch,
+           "tokens_seen": int(state.num_input_tokens_seen), "train_loss": result.training_loss,
+           "train_runtime_s": runtime, "resumed_from": str(resume_from) if resume_from else None,
+           "dtype": str(half).replace("torch.", ""), "device": str(model.device),
+           "loss_curve": loss_curve, "val": {"lang": args.lang, "lines": len(val), "before": before, "after": after}}
+    with atomic_dir(run_dir) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tok.save_pretrained(tmp)
+        if Path(path).is_dir():  # licence and notice files travel with the weights
+            for f in Path(path).iterdir():
+                if f.is_file() and re.match(r"(LICEN[CS]E|NOTICE|.*TERMS)", f.name, re.I):
+                    shutil.copy2(f, tmp / f.name)
+        if neuron_info:
+            shutil.copy2(neuron_info["file"], tmp / "neurons.json")
+        write_json(tmp / PROVENANCE_FILE, provenance)
+        write_json(tmp / "train_log.json", log)
+    if not args.keep_checkpoints:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    print(f"trained {mode} ({set_name}): {trainable:,} trainable parameters, optimizer state "
+          f"{opt_bytes / 2**20:.2f} MiB, {log['tokens_seen']:,} tokens in {state.global_step} steps")
+    print(f"Wrote {run_dir}")
+
+
+if __name__ == "__main__":
+    run(main)
