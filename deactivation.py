@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from langneurons.cli import (InputError, atomic_dir, common_parser, parse_langs, read_json, run, run_meta,
                              seed_everything, write_json)
-from langneurons.model import PROVENANCE_FILE, Geometry, load_model, model_tag, resolve_model
+from langneurons.model import PROVENANCE_FILE, Geometry, load_model, model_tag, resolve_model, save_model_dir
 from langneurons.neurons import read_neuron_file, size
 
 
@@ -271,12 +271,7 @@ def main() -> None:
                 zero_neurons_streaming(src_dir, tmp, sets[name], geom)
             else:
                 with zeroed(model, sets[name]):
-                    model.save_pretrained(tmp)
-                tok.save_pretrained(tmp)
-                if Path(path).is_dir():  # licence and notice files travel with the weights
-                    for f in Path(path).iterdir():
-                        if f.is_file() and re.match(r"(LICEN[CS]E|NOTICE|.*TERMS)", f.name, re.I):
-                            shutil.copy2(f, tmp / f.name)
+                    save_model_dir(model, tok, args.model, tmp)
             shutil.copy2(file, tmp / "neurons.json")
             write_json(tmp / PROVENANCE_FILE, {
                 "tag": tag, "base_model": args.model, "neuron_set": name, "neuron_file": str(file),

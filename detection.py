@@ -20,7 +20,7 @@ from langneurons import cli
 from langneurons.data import detection_corpus
 from langneurons.importance import ImportanceProbe
 from langneurons.metrics import batches_by_length, pad_batch
-from langneurons.model import GROUPS, Geometry, load_model, load_tokenizer, model_tag
+from langneurons.model import GROUPS, Geometry, load_model, model_tag
 from langneurons.neurons import (language_sets, lape_related, related_from_counts, stats,
                                  write_neuron_file)
 

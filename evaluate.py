@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import sys
 from pathlib import Path
 
 from langneurons.cli import (InputError, common_parser, parse_langs, read_json, run, run_meta, seed_everything,

@@ -26,7 +26,7 @@ import torch
 
 from langneurons.cli import (InputError, atomic_dir, common_parser, read_json, run, run_meta, seed_everything,
                              write_json)
-from langneurons.model import (PROVENANCE_FILE, Geometry, decoder_layers, load_model, model_tag, projections,
+from langneurons.model import (PROVENANCE_FILE, Geometry, decoder_layers, load_model, model_tag, projections, save_model_dir,
                                resolve_model)
 from langneurons.neurons import read_neuron_file, size
 
@@ -351,12 +351,7 @@ def main() -> None:
            "dtype": str(half).replace("torch.", ""), "device": str(model.device),
            "loss_curve": loss_curve, "val": {"lang": args.lang, "lines": len(val), "before": before, "after": after}}
     with atomic_dir(run_dir) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
-        tok.save_pretrained(tmp)
-        if Path(path).is_dir():  # licence and notice files travel with the weights
-            for f in Path(path).iterdir():
-                if f.is_file() and re.match(r"(LICEN[CS]E|NOTICE|.*TERMS)", f.name, re.I):
-                    shutil.copy2(f, tmp / f.name)
+        save_model_dir(model, tok, args.model, tmp, state_dict=state_dict)
         if neuron_info:
             shutil.copy2(neuron_info["file"], tmp / "neurons.json")
         write_json(tmp / PROVENANCE_FILE, provenance)

@@ -37,12 +37,10 @@ def _check_fits(model, nset: NeuronSet) -> None:
                              f"{geom.shape(g)} (layers x neurons)")
 
 
-def zero_plan(model, nset: NeuronSet) -> Plan:
-    """Which entries of which parameters to zero for `nset`: {param name: (dim, indices)}.
-    Works on a model skeleton on the meta device too (only names and shapes are used)."""
+def selected_entries(model, nset: NeuronSet) -> Iterator[tuple[torch.nn.Linear, int, torch.Tensor]]:
+    """(projection, dim, indices) for every projection that `nset` reaches: dim 0 = rows (output
+    channels), dim 1 = columns (input channels). The one place that maps groups to parameters."""
     _check_fits(model, nset)
-    names = {id(m): n for n, m in model.named_modules()}
-    plan: Plan = {}
     for li, layer in enumerate(decoder_layers(model)):
         proj = projections(layer)
         for group, targets in _TARGETS.items():
@@ -52,15 +50,22 @@ def zero_plan(model, nset: NeuronSet) -> Plan:
             if idx.numel() == 0:
                 continue
             for key, dim in targets:
-                if key not in proj:  # non-gated FFN: no gate_proj
-                    continue
-                mod = proj[key]
-                params = [("weight", dim)] + ([("bias", 0)] if dim == 0 and mod.bias is not None else [])
-                for pname, d in params:
-                    full = f"{names[id(mod)]}.{pname}"
-                    if full in plan:  # the same projection reached through two groups: union
-                        idx = torch.unique(torch.cat([plan[full][1], idx]))
-                    plan[full] = (d, idx)
+                if key in proj:  # a non-gated FFN has no gate_proj
+                    yield proj[key], dim, idx
+
+
+def zero_plan(model, nset: NeuronSet) -> Plan:
+    """Which entries of which parameters to zero for `nset`: {param name: (dim, indices)}.
+    Works on a model skeleton on the meta device too (only names and shapes are used)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    plan: Plan = {}
+    for mod, dim, idx in selected_entries(model, nset):
+        params = [("weight", dim)] + ([("bias", 0)] if dim == 0 and mod.bias is not None else [])
+        for pname, d in params:
+            full = f"{names[id(mod)]}.{pname}"
+            if full in plan:  # the same projection reached through two groups: union
+                idx = torch.unique(torch.cat([plan[full][1], idx]))
+            plan[full] = (d, idx)
     return plan
 
 
@@ -111,7 +116,6 @@ def ablation_hooks(model, nset: NeuronSet) -> Iterator[None]:
     Rows of up/gate/q/k/v become zeroed output channels of those projections (a zero row plus its zero
     bias entry gives exactly a zero output channel; zeroing up's channel k gives H[:,k] = 0). Columns of
     down/o become zeroed input channels (forward pre-hook)."""
-    _check_fits(model, nset)
     handles = []
 
     def out_hook(idx):
@@ -125,21 +129,11 @@ def ablation_hooks(model, nset: NeuronSet) -> Iterator[None]:
         return hook
 
     try:
-        for li, layer in enumerate(decoder_layers(model)):
-            proj = projections(layer)
-            for group, targets in _TARGETS.items():
-                if group not in nset:
-                    continue
-                idx = torch.nonzero(nset[group][li]).flatten()
-                if idx.numel() == 0:
-                    continue
-                for key, dim in targets:
-                    if key not in proj:
-                        continue
-                    if dim == 0:
-                        handles.append(proj[key].register_forward_hook(out_hook(idx)))
-                    else:
-                        handles.append(proj[key].register_forward_pre_hook(in_hook(idx)))
+        for mod, dim, idx in selected_entries(model, nset):
+            if dim == 0:
+                handles.append(mod.register_forward_hook(out_hook(idx)))
+            else:
+                handles.append(mod.register_forward_pre_hook(in_hook(idx)))
         yield
     finally:
         for h in handles:

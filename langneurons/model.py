@@ -190,6 +190,18 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto", device_map
     return m, load_tokenizer(model)
 
 
+def save_model_dir(model, tokenizer, source: str, dst: Path, state_dict: dict | None = None) -> None:
+    """An ordinary transformers model directory: weights, config, tokenizer, and the source model's
+    licence and notice files, which must travel with its weights."""
+    model.save_pretrained(dst, state_dict=state_dict)
+    tokenizer.save_pretrained(dst)
+    path, _ = resolve_model(source)
+    if Path(path).is_dir():
+        for f in Path(path).iterdir():
+            if f.is_file() and re.match(r"(LICEN[CS]E|NOTICE|.*TERMS)", f.name, re.I):
+                shutil.copy2(f, Path(dst) / f.name)
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder blocks of any transformers causal LM (also multimodal wrappers)."""
     dec = model.get_decoder() if hasattr(model, "get_decoder") else model.model
