@@ -133,7 +133,11 @@ def count_firing(args, corpora: dict[str, list[str]], groups: tuple[str, ...]):
     counts [langs], the model's geometry and config; None on processes other than the main one."""
     from accelerate import PartialState
     state = PartialState()
-    model, tok = load_model(args.model, args.device, args.dtype, device_map_auto=True)
+    if state.num_processes > 1:  # data parallel: one model per process, on that process's device
+        device = args.device if args.device == "cpu" else str(state.device)
+        model, tok = load_model(args.model, device, args.dtype)
+    else:  # one process: --device auto spreads a model too large for one GPU over all of them
+        model, tok = load_model(args.model, args.device, args.dtype, device_map_auto=True)
     geom = Geometry.from_config(model.config)
     device = model.get_input_embeddings().weight.device
     langs = list(corpora)
