@@ -91,8 +91,7 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
         # S_h - Q_h[:,d] K_g[:,d]^T * scale for every channel d of the chunk, in one fused pass
         perturbed = torch.addcmul(pre[:, :, None], qt[:, :, d0:d1, :, None], kt[:, :, d0:d1, None, :], value=-scaling,
                                   out=buffer[:B * H * (d1 - d0) * T * S].view(B, H, d1 - d0, T, S))
-        probs = torch.softmax(scores(perturbed, keep[:, :, None]), -1, out=perturbed) if softcap is None else \
-            torch.softmax(scores(perturbed, keep[:, :, None]), -1)  # [B,H,c,T,S]
+        probs = torch.softmax(scores(perturbed, keep[:, :, None]), -1, out=perturbed)  # [B,H,c,T,S]
         changed = (probs.view(B, H, -1, S) @ v).view(B, H, d1 - d0, T, -1)
         rows = torch.linalg.vector_norm(changed.sub_(out[:, :, None]), dim=-1)  # [B,H,c,T]
         n2[:, :, d0:d1] = (rows.square_() * rowmask).sum(-1)
