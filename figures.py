@@ -303,43 +303,17 @@ def mean_acc(acc: dict[str, dict[str, float]], task: str) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def val_entry(v: Any) -> dict[str, float]:
-    """{"loss", "ppl"} from what a training log stores per language: a number (a loss) or a dict."""
-    if num(v) is not None:
-        return {"loss": float(v), "ppl": math.exp(v) if v < 700 else float("inf")}
-    if isinstance(v, dict):
-        loss, ppl = num(v.get("loss", v.get("val_loss"))), num(v.get("ppl", v.get("perplexity")))
-        if ppl is None and loss is not None and loss < 700:
-            ppl = math.exp(loss)
-        out = {k: x for k, x in (("loss", loss), ("ppl", ppl)) if x is not None}
-        return out
-    return {}
-
-
 def read_train_log(log: dict, run_name: str) -> dict | None:
-    """The before/after validation numbers of one training run, read defensively: the training stage writes
-    `val_before` / `val_after` as {lang: loss or {"loss", "ppl"}} (or one number for the target language)."""
-    args = log.get("args") if isinstance(log.get("args"), dict) else {}
-    lang = log.get("lang") or args.get("lang")
-    neurons = log.get("neuron_set") or log.get("neurons") or args.get("neurons")
-    if isinstance(neurons, dict):
-        neurons = neurons.get("name") or neurons.get("file")
-    if isinstance(neurons, str) and neurons.endswith(".json"):
-        neurons = Path(neurons).stem
-    side = {}
-    for key in ("before", "after"):
-        v = log.get(f"val_{key}", (log.get("val") or {}).get(key) if isinstance(log.get("val"), dict) else None)
-        if isinstance(v, dict) and v and all(isinstance(k, str) and (isinstance(x, dict) or num(x) is not None)
-                                             for k, x in v.items()) and not ({"loss", "ppl"} & set(v)):
-            side[key] = {l: val_entry(x) for l, x in v.items()}
-        elif v is not None and lang:
-            side[key] = {lang: val_entry(v)}
-        else:
-            side[key] = {}
-        side[key] = {l: e for l, e in side[key].items() if e}
-    if not side["before"] and not side["after"]:
+    """The before/after validation numbers of one training run (train.py's train_log.json:
+    "val": {"lang", "before": {"loss", "ppl", "tokens"}, "after": {...}}), or None without them."""
+    val, neurons = log.get("val"), log.get("neurons")
+    if not isinstance(val, dict) or not isinstance(val.get("before"), dict) or not isinstance(val.get("after"), dict):
         return None
-    return {"run": run_name, "lang": lang, "neurons": neurons, **side}
+    lang = val.get("lang") or log.get("trained_lang")
+    pick = lambda v: {k: float(v[k]) for k in ("loss", "ppl") if num(v.get(k)) is not None}
+    name = neurons.get("name") if isinstance(neurons, dict) else log.get("mode")
+    return {"run": run_name, "lang": lang, "neurons": name,
+            "before": {lang: pick(val["before"])}, "after": {lang: pick(val["after"])}}
 
 
 def discover(out: Path, only: list[str] | None) -> list[str]:

@@ -63,11 +63,11 @@ def write_model(out: Path, tag: str, shared: int, las: float, mgsm: list[float],
     if with_training:
         run = d / "trained" / "zh_shared"
         run.mkdir(parents=True)
-        (run / "train_log.json").write_text(json.dumps({
-            "args": {"lang": "zh", "neurons": str(d / "neurons" / "shared.json")},
-            "loss": [3.0, 2.5, 2.0],
-            "val_before": {l: {"loss": 2.5 + i, "ppl": 12.2 + i} for i, l in enumerate(LANGS)},
-            "val_after": {l: 2.2 + i for i, l in enumerate(LANGS)}}))  # a bare loss per language also works
+        (run / "train_log.json").write_text(json.dumps({  # the shape train.py writes
+            "trained_lang": "zh", "mode": "neurons", "neurons": {"name": "shared", "size": 12},
+            "loss_curve": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}],
+            "val": {"lang": "zh", "lines": 64, "before": {"loss": 2.5, "ppl": 12.18, "tokens": 100},
+                    "after": {"loss": 2.2, "ppl": 9.03, "tokens": 100}}}))
         trained = {**ev, "results": {"mgsm": {l: {"accuracy": a + 0.04, "n": 250} for l, a in zip(LANGS, mgsm)}}}
         (d / "eval" / "zh_shared.json").write_text(json.dumps(trained))
         broken = d / "trained" / "broken"
@@ -134,13 +134,14 @@ def test_deactivation_figure_uses_log_scale_for_large_dppl(outputs):
         {"random (shared size)", "shared", "random (exclusive size)", "exclusive"}
 
 
-def test_train_log_reader_is_defensive():
-    r = figures.read_train_log({"lang": "zh", "val_before": 2.0, "val_after": {"loss": 1.5}}, "run")
-    assert r["before"]["zh"]["loss"] == 2.0 and abs(r["after"]["zh"]["ppl"] - 4.4817) < 1e-3
-    assert figures.read_train_log({"loss": [1, 2]}, "run") is None
-    r = figures.read_train_log({"args": {"lang": "sw", "neurons": "a/exclusive_sw.json"},
-                                "val_before": {"sw": {"ppl": 30.0}, "en": {"ppl": 10.0}}}, "run")
-    assert r["neurons"] == "exclusive_sw" and r["before"]["en"] == {"ppl": 10.0} and r["after"] == {}
+def test_train_log_reader_reads_what_train_py_writes():
+    log = {"trained_lang": "sw", "mode": "neurons", "neurons": {"name": "exclusive_sw"},
+           "val": {"lang": "sw", "before": {"loss": 5.4, "ppl": 222.9, "tokens": 9}, "after": {"loss": 4.7, "ppl": 109.1}}}
+    r = figures.read_train_log(log, "run")
+    assert r == {"run": "run", "lang": "sw", "neurons": "exclusive_sw",
+                 "before": {"sw": {"loss": 5.4, "ppl": 222.9}}, "after": {"sw": {"loss": 4.7, "ppl": 109.1}}}
+    assert figures.read_train_log({"loss_curve": []}, "run") is None
+    assert figures.read_train_log({**log, "mode": "full", "neurons": None}, "run")["neurons"] == "full"
 
 
 def test_missing_inputs_skip_with_notes(tmp_path):
