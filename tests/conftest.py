@@ -8,7 +8,3 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "e2e: end-to-end test on the embedded model (slow, minutes)")
