@@ -9,7 +9,6 @@ PPL, dPPL per set, the shared-neuron importance Imp_l and the language-agnostic 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import re
 import shutil
@@ -20,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from langneurons.cli import (InputError, atomic_dir, common_parser, parse_langs, read_json, run, run_meta,
-                             seed_everything, write_json)
+                             seed_everything, sha256, write_json)
 from langneurons.model import PROVENANCE_FILE, Geometry, load_model, model_tag, resolve_model, save_model_dir
 from langneurons.neurons import read_neuron_file, size
 
@@ -123,10 +122,6 @@ def language_agnostic(sets: dict[str, dict], langs: list[str]) -> tuple[dict[str
     vals = [v for v in imp.values() if v is not None]
     las = math.log1p(float(np.mean(vals))) if vals and 1 + float(np.mean(vals)) > 0 else None
     return imp, las
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def fresh(meta_file: Path, args: argparse.Namespace, hashes: dict[str, str]) -> bool:

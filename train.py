@@ -13,7 +13,6 @@ curve, tokens seen, trainable parameters, optimizer-state bytes, validation loss
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import random
@@ -25,9 +24,9 @@ from pathlib import Path
 import torch
 
 from langneurons.cli import (InputError, atomic_dir, common_parser, read_json, run, run_meta, seed_everything,
-                             write_json)
-from langneurons.model import (PROVENANCE_FILE, Geometry, decoder_layers, load_model, model_tag, projections, save_model_dir,
-                               resolve_model)
+                             sha256, write_json)
+from langneurons.model import (PROVENANCE_FILE, Geometry, decoder_layers, load_model, model_tag, projections,
+                               resolve_model, save_model_dir)
 from langneurons.neurons import read_neuron_file, size
 
 CKPT_ARGS_FILE = "run_args.json"  # in the checkpoint folder: what the checkpoints were trained with
@@ -69,14 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "checkpoints exist, and --force discards them")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoint folder after success")
     return p.parse_args(argv)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class PadCollator:
