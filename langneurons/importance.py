@@ -52,15 +52,18 @@ def _register() -> None:
 
 def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
                   valid: torch.Tensor, scaling: float, softcap: float | None = None,
-                  chunk_bytes: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Query importance [B, H*D] and key importance [B, KV*D] of one attention layer.
 
     query [B,H,T,D] and key/value [B,KV,S,D] as the attention function sees them (after rotary
     embedding and q/k norms); keep [B,1|H,T,S] bool: key s visible from query t; valid [B,T] bool:
-    real (non-padding) query tokens. Channels are processed in chunks so that the [B,H,c,T,S]
-    temporaries stay near `chunk_bytes`."""
+    real (non-padding) query tokens. Query rows are processed in blocks and channels in chunks so that
+    the [B,H,c,rows,keys] temporaries stay near `chunk_bytes` (default: 1 MiB on the CPU, where the
+    work is memory-bound and cache-sized chunks run ~2x faster, 256 MiB on a GPU)."""
     B, H, T, D = query.shape
     KV, S = key.shape[1], key.shape[2]
+    if chunk_bytes is None:
+        chunk_bytes = 1 << 20 if query.device.type == "cpu" else 1 << 28
     rep = H // KV
     q, k, v = query.float(), key.float().repeat_interleave(rep, 1), value.float()
     if S < D:
@@ -68,8 +71,10 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
         # shrink from D to S columns without changing any norm
         v = torch.linalg.qr(v.transpose(-1, -2), mode="r").R.transpose(-1, -2)
     v = v.repeat_interleave(rep, 1)  # [B,H,S,r]
-    # rows of padding queries see every key: they are discarded, and this keeps softmax finite
-    keep = (keep | ~valid[:, None, :, None]).expand(B, H, T, S)
+    # padding queries are discarded; letting them see only key 0 keeps softmax finite and their keys short
+    first_key = torch.zeros(S, dtype=torch.bool, device=q.device)
+    first_key[0] = True
+    keep = torch.where(valid[:, None, :, None], keep, first_key).expand(B, H, T, S)
 
     def scores(pre: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         if softcap is not None:
@@ -83,18 +88,29 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     out = torch.softmax(scores(pre.clone(), keep), -1) @ v  # [B,H,T,r]
     rowmask = valid[:, None, None, :].float()  # [B,1,1,T]
     qt, kt = q.transpose(-1, -2), k.transpose(-1, -2)  # [B,H,D,T], [B,H,D,S]
-    c = max(1, min(D, chunk_bytes // (4 * B * H * T * S)))
-    n2 = torch.empty(B, H, D, device=q.device)
-    buffer = torch.empty(B * H * c * T * S, device=q.device)  # reused: allocation is a large share on CPU
-    for d0 in range(0, D, c):
-        d1 = min(D, d0 + c)
-        # S_h - Q_h[:,d] K_g[:,d]^T * scale for every channel d of the chunk, in one fused pass
-        perturbed = torch.addcmul(pre[:, :, None], qt[:, :, d0:d1, :, None], kt[:, :, d0:d1, None, :], value=-scaling,
-                                  out=buffer[:B * H * (d1 - d0) * T * S].view(B, H, d1 - d0, T, S))
-        probs = torch.softmax(scores(perturbed, keep[:, :, None]), -1, out=perturbed)  # [B,H,c,T,S]
-        changed = (probs.view(B, H, -1, S) @ v).view(B, H, d1 - d0, T, -1)
-        rows = torch.linalg.vector_norm(changed.sub_(out[:, :, None]), dim=-1)  # [B,H,c,T]
-        n2[:, :, d0:d1] = (rows.square_() * rowmask).sum(-1)
+    n2 = torch.zeros(B, H, D, device=q.device)
+    # Blocks of query rows: under a causal mask a block sees only the keys up to its last row, so each
+    # block works on [rows x visible keys] instead of [rows x all keys] (about 40% less at 8 blocks)
+    rows_per_block = max(16, -(-T // 8))
+    for t0 in range(0, T, rows_per_block):
+        t1 = min(T, t0 + rows_per_block)
+        visible = torch.nonzero(keep[:, :, t0:t1].any(0).any(0).any(0)).flatten()
+        s1 = int(visible.max()) + 1
+        Tb = t1 - t0
+        c = max(1, min(D, chunk_bytes // (4 * B * H * Tb * s1)))
+        buffer = torch.empty(B * H * c * Tb * s1, device=q.device)  # reused: allocation costs on CPU
+        pre_b, keep_b = pre[:, :, t0:t1, :s1].contiguous(), keep[:, :, None, t0:t1, :s1].contiguous()
+        v_b, out_b = v[:, :, :s1].contiguous(), out[:, :, None, t0:t1].contiguous()
+        qt_b, kt_b = qt[..., t0:t1].contiguous(), kt[..., :s1].contiguous()
+        for d0 in range(0, D, c):
+            d1 = min(D, d0 + c)
+            # S_h - Q_h[:,d] K_g[:,d]^T * scale for every channel d of the chunk, in one fused pass
+            perturbed = torch.addcmul(pre_b[:, :, None], qt_b[:, :, d0:d1, :, None], kt_b[:, :, d0:d1, None, :],
+                                      value=-scaling, out=buffer[:B * H * (d1 - d0) * Tb * s1].view(B, H, d1 - d0, Tb, s1))
+            probs = torch.softmax(scores(perturbed, keep_b), -1, out=perturbed)  # [B,H,c,Tb,s1]
+            changed = (probs.view(B, H, -1, s1) @ v_b).view(B, H, d1 - d0, Tb, -1)
+            rows = torch.linalg.vector_norm(changed.sub_(out_b), dim=-1)  # [B,H,c,Tb]
+            n2[:, :, d0:d1] += (rows.square_() * rowmask[..., t0:t1]).sum(-1)
     q_imp = n2.sqrt().reshape(B, H * D)
     k_imp = n2.reshape(B, KV, rep, D).sum(2).sqrt().reshape(B, KV * D)
     return q_imp, k_imp
@@ -109,7 +125,7 @@ class ImportanceProbe:
     "tokens": [batch] token counts} instead."""
 
     def __init__(self, model, groups: tuple[str, ...] = GROUPS, method: str = "importance",
-                 chunk_bytes: int = 1 << 28):
+                 chunk_bytes: int | None = None):
         self.model, self.method, self.chunk_bytes = model, method, chunk_bytes
         self.groups = tuple(groups) if method == "importance" else ()
         self.geom = Geometry.from_config(model.config)
