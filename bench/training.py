@@ -123,7 +123,6 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
                 total_parameters=sum(p.numel() for p in model.parameters()),
                 optimizer_state_bytes=optimizer_state_bytes(opt), seconds=elapsed, tokens=tokens,
                 tokens_per_s=tokens / elapsed, last_loss=losses[-1], device=str(device), dtype=str(dtype))
-    del model, opt
     return info
 
 

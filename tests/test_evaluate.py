@@ -238,17 +238,24 @@ def test_cli_bad_flags(tiny_setup, tmp_path):
 
 # ---------------------------------------------------------------- lm-evaluation-harness
 
-def test_lm_eval_harness_loads_our_model_dirs(tiny_setup):
+def test_lm_eval_harness_scores_a_saved_variant_like_we_do(tmp_path):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
-    model_dir, _, _ = tiny_setup
-    lm = get_model("hf").create_from_arg_string(f"pretrained={model_dir},dtype=float32",
+    from transformers import AutoModelForCausalLM
+    from langneurons.masking import zero_neurons
+    from langneurons.model import Geometry, save_model_dir
+    from langneurons.neurons import random_set
+    src = save_tiny("llama", tmp_path / "base")
+    model, tok = AutoModelForCausalLM.from_pretrained(src), tiny_tokenizer()
+    zero_neurons(model, random_set(40, Geometry.from_config(model.config), seed=0, name="variant"))
+    variant = tmp_path / "variant"
+    save_model_dir(model, tok, str(src), variant)
+    lm = get_model("hf").create_from_arg_string(f"pretrained={variant},dtype=float32",
                                                 {"batch_size": 1, "device": "cpu"})
-    prompt = metrics.mmlu_prompt(ROWS[0])
-    reqs = [Instance(request_type="loglikelihood", doc={}, arguments=(prompt, f" {c}"), idx=i)
-            for i, c in enumerate("ABCD")]
-    out = lm.loglikelihood(reqs)
-    assert len(out) == 4
-    lls = [ll for ll, _ in out]
-    assert all(math.isfinite(x) and x <= 0 for x in lls)
+    prompts = [metrics.mmlu_prompt(r) for r in ROWS[:3]]
+    reqs = [Instance(request_type="loglikelihood", doc={}, arguments=(p, f" {c}"), idx=i)
+            for i, (p, c) in enumerate((p, c) for p in prompts for c in "ABCD")]
+    theirs = torch.tensor([ll for ll, _ in lm.loglikelihood(reqs)], dtype=torch.float64).view(len(prompts), 4)
+    ours = metrics.score_choices(model, tok, prompts)
+    assert torch.allclose(theirs, ours, atol=1e-4), (theirs - ours).abs().max()
