@@ -254,8 +254,8 @@ def test_lm_eval_harness_scores_a_saved_variant_like_we_do(tmp_path):
     lm = get_model("hf").create_from_arg_string(f"pretrained={variant},dtype=float32",
                                                 {"batch_size": 1, "device": "cpu"})
     prompts = [metrics.mmlu_prompt(r) for r in ROWS[:3]]
-    reqs = [Instance(request_type="loglikelihood", doc={}, arguments=(p, f" {c}"), idx=i)
-            for i, (p, c) in enumerate((p, c) for p in prompts for c in "ABCD")]
-    theirs = torch.tensor([ll for ll, _ in lm.loglikelihood(reqs)], dtype=torch.float64).view(len(prompts), 4)
+    pairs = [(p, f" {c}") for p in prompts for c in metrics.CHOICES]  # score_choices' default continuations
+    reqs = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+    theirs = torch.tensor([ll for ll, _ in lm.loglikelihood(reqs)], dtype=torch.float64).view(len(prompts), -1)
     ours = metrics.score_choices(model, tok, prompts)
     assert torch.allclose(theirs, ours, atol=1e-4), (theirs - ours).abs().max()
