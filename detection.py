@@ -40,6 +40,9 @@ def parse_args():
     p.add_argument("--corpus", choices=["detect", "mgsm"], default="detect",
                    help="detect/<lang>.txt, or the MGSM questions of test/mgsm/ (the authors' own runs)")
     p.add_argument("--groups", default=",".join(GROUPS), help="neuron groups to score (importance method)")
+    p.add_argument("--qk-score", choices=["channel", "row"], default="channel",
+                   help="query/key importance of the channel attention sees (after rotary and q/k norms; the "
+                        "paper), or of the q_proj/k_proj row that deactivation zeroes (exact; not with q/k norms)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256, help="tokens per sentence (longer ones are cut)")
     return p.parse_args()
@@ -78,7 +81,7 @@ def main():
     sets = language_sets(related, geom, args.seed)
     summary = stats(sets, langs, geom)
     meta = {"model": args.model, "tag": model_tag(args.model), "method": args.method, "ratio": args.ratio,
-            "threshold": args.threshold, "langs": langs, "groups": list(groups),
+            "threshold": args.threshold, "langs": langs, "groups": list(groups), "qk_score": args.qk_score,
             "corpus": {"name": args.corpus, "sentences": {l: len(corpora[l]) for l in langs}},
             "geometry": geom.__dict__, "config": config,
             "unit": "sentences" if args.method == "importance" else "tokens",
@@ -145,7 +148,7 @@ def count_firing(args, corpora: dict[str, list[str]], groups: tuple[str, ...]):
     firing = {g: torch.zeros(len(langs), geom.num_layers, geom.group_size(g), dtype=torch.int64) for g in count_groups}
     seen = torch.zeros(len(langs), dtype=torch.int64)
     top_k = {g: max(1, int(args.ratio * geom.group_size(g))) for g in count_groups}
-    with ImportanceProbe(model, groups=groups, method=args.method) as probe:
+    with ImportanceProbe(model, groups=groups, method=args.method, qk_score=args.qk_score) as probe:
         for li, lang in enumerate(langs):
             mine = corpora[lang][state.process_index::state.num_processes]
             seqs = [tok(s, truncation=True, max_length=args.max_length)["input_ids"] for s in mine]

@@ -15,11 +15,13 @@ The LAPE detector (Tang et al., 2024) only needs the FFN activation sign, read a
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from typing import Iterator
 
 import torch
 
+from .cli import InputError
 from .model import GROUPS, Geometry, decoder_layers, projections
 
 PROBE_NAME = "langneurons_probe"
@@ -116,17 +118,165 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     return q_imp, k_imp
 
 
+def rotary_partner(module, position_embeddings, head_dim: int) -> torch.Tensor:
+    """partner[d]: the other channel into which the module's rotary embedding moves channel d (d
+    itself where rotary leaves it alone: partial rotary, or no rotary at all). Read by rotating the
+    basis vectors at one token with the module's own `apply_rotary_pos_emb`, so the layout
+    (rotate_half, interleaved, partial) comes from the model, not from us."""
+    eye = torch.eye(head_dim)
+    if position_embeddings is None:
+        return torch.arange(head_dim)
+    cos, sin = position_embeddings
+    # the token whose rotation is furthest from the identity (position 0 rotates nothing)
+    flat_cos, flat_sin = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
+    t = int(flat_sin.float().abs().sum(-1).argmax())
+    basis = eye.to(cos.device, cos.dtype)[None, :, None, :]  # [1, D inputs as heads, 1 token, D]
+    rotated = _rotate(module, basis, (flat_cos[t][None, None], flat_sin[t][None, None]))[0, :, 0]  # [in, out]
+    moved = (rotated != 0).cpu() & ~eye.bool()
+    if (moved.sum(1) > 1).any():
+        raise InputError(f"--qk-score row: the rotary embedding of {type(module).__name__} mixes a channel "
+                         "into more than two channels; use --qk-score channel")
+    partner = torch.where(moved.any(1), moved.float().argmax(1), torch.arange(head_dim))
+    if not torch.equal(partner[partner], torch.arange(head_dim)):
+        raise InputError(f"--qk-score row: the rotary embedding of {type(module).__name__} does not rotate "
+                         "channels in pairs; use --qk-score channel")
+    return partner
+
+
+def _rotate(module, x: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """x [B, heads, T, D] rotated as `module` rotates its queries and keys."""
+    if position_embeddings is None:
+        return x
+    fn = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise InputError(f"--qk-score row: {type(module).__name__} has no apply_rotary_pos_emb; "
+                         "use --qk-score channel")
+    cos, sin = position_embeddings
+    return fn(x, x, cos, sin)[0]
+
+
+def row_contributions(module, pre: torch.Tensor, rotated: torch.Tensor, position_embeddings,
+                      partner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What zeroing row d of q_proj (k_proj) removes from the rotated queries (keys): (its part of
+    channel d, its part of channel partner[d]), both [B, heads, T, D] indexed by the row's channel d.
+
+    pre [B, heads, T, D] is the projection's output (bias included), `rotated` what the attention
+    function received. Rotary is linear per token, so rotating `pre` restricted to one channel of
+    every pair gives each row's two parts without any cross terms. Anything else between the
+    projection and attention (q/k normalisation) makes a row's effect reach every channel: refused."""
+    if not torch.allclose(_rotate(module, pre, position_embeddings).float(), rotated.float(), rtol=1e-3, atol=1e-5):
+        raise InputError(f"--qk-score row: {type(module).__name__} changes q_proj/k_proj outputs by more than "
+                         "a rotary embedding (q/k normalisation), so zeroing a row is not a rank-two change "
+                         "of the scores; use --qk-score channel")
+    D = pre.shape[-1]
+    channels = torch.arange(D, device=pre.device)
+    partner = partner.to(pre.device)
+    first = channels <= partner  # one channel of every pair (and every unpaired channel)
+    from_first = _rotate(module, pre * first, position_embeddings)
+    from_second = _rotate(module, pre * ~first, position_embeddings)
+    own = torch.where(first, from_first, from_second)
+    other = torch.where(first, from_first[..., partner], from_second[..., partner])
+    return own, other * (partner != channels)
+
+
+def _removal_norms(pre: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor, v: torch.Tensor,
+                   out: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor]], scaling: float,
+                   softcap: float | None, chunk_bytes: int) -> torch.Tensor:
+    """Squared change of the attention output [B, H, D] when, for each channel d, the scores lose
+    scale * sum over terms of a[:, :, d, :, None] * b[:, :, d, None, :] (a [B,H,D,T], b [B,H,D,S]).
+
+    pre [B,H,T,S] are the scores (-inf where masked unless soft-capped), keep [B,H,T,S] the mask,
+    v [B,H,S,r] the values, out [B,H,T,r] the attention output. Blocks of query rows and chunks of
+    channels as in `qk_importance`."""
+    B, H, T, S = pre.shape
+    D = terms[0][0].shape[2]
+
+    def scores(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        if softcap is not None:
+            return (torch.tanh(x / softcap) * softcap).masked_fill_(~keep, float("-inf"))
+        return x
+
+    rowmask = valid[:, None, None, :].float()
+    n2 = torch.zeros(B, H, D, device=pre.device)
+    rows_per_block = max(16, -(-T // 8))
+    for t0 in range(0, T, rows_per_block):
+        t1 = min(T, t0 + rows_per_block)
+        s1 = int(torch.nonzero(keep[:, :, t0:t1].any(0).any(0).any(0)).flatten().max()) + 1
+        Tb = t1 - t0
+        c = max(1, min(D, chunk_bytes // (4 * B * H * Tb * s1)))
+        buffer = torch.empty(B * H * c * Tb * s1, device=pre.device)
+        pre_b, keep_b = pre[:, :, t0:t1, :s1].contiguous(), keep[:, :, None, t0:t1, :s1].contiguous()
+        v_b, out_b = v[:, :, :s1].contiguous(), out[:, :, None, t0:t1].contiguous()
+        terms_b = [(a[..., t0:t1].contiguous(), b[..., :s1].contiguous()) for a, b in terms]
+        for d0 in range(0, D, c):
+            d1 = min(D, d0 + c)
+            perturbed = buffer[:B * H * (d1 - d0) * Tb * s1].view(B, H, d1 - d0, Tb, s1)
+            perturbed.copy_(pre_b[:, :, None].expand_as(perturbed))
+            for a, b in terms_b:
+                perturbed.addcmul_(a[:, :, d0:d1, :, None], b[:, :, d0:d1, None, :], value=-scaling)
+            probs = torch.softmax(scores(perturbed, keep_b), -1, out=perturbed)
+            changed = (probs.view(B, H, -1, s1) @ v_b).view(B, H, d1 - d0, Tb, -1)
+            rows = torch.linalg.vector_norm(changed.sub_(out_b), dim=-1)
+            n2[:, :, d0:d1] += (rows.square_() * rowmask[..., t0:t1]).sum(-1)
+    return n2
+
+
+def qk_row_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
+                      valid: torch.Tensor, scaling: float, softcap: float | None,
+                      q_rows: tuple[torch.Tensor, torch.Tensor], k_rows: tuple[torch.Tensor, torch.Tensor],
+                      partner: torch.Tensor, chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance of the q_proj rows [B, H*D] and k_proj rows [B, KV*D] themselves: the neurons that
+    deactivation and training switch off, before rotary embedding.
+
+    Without q/k normalisation, zeroing q_proj row (h, d) removes from the rotated query its two parts
+    q_rows = (own [B,H,T,D], other [B,H,T,D]) in channels d and partner[d] (`row_contributions`), so
+    S_h loses scale * (own[:,d] K_g[:,d]^T + other[:,d] K_g[:,partner[d]]^T): a rank-two change,
+    and the score is || (softmax(S_h) - softmax(S_h - that)) V_g ||, exactly. A k_proj row (g, d)
+    changes every head h reading g by scale * (Q_h[:,d] own_k[:,d]^T + Q_h[:,partner[d]] other_k[:,d]^T).
+    Arguments otherwise as `qk_importance`."""
+    B, H, T, D = query.shape
+    KV, S = key.shape[1], key.shape[2]
+    if chunk_bytes is None:
+        chunk_bytes = 1 << 20 if query.device.type == "cpu" else 1 << 28
+    rep = H // KV
+    q, k, v = query.float(), key.float().repeat_interleave(rep, 1), value.float()
+    if S < D:  # as in qk_importance: fewer value columns, same norms
+        v = torch.linalg.qr(v.transpose(-1, -2), mode="r").R.transpose(-1, -2)
+    v = v.repeat_interleave(rep, 1)
+    first_key = torch.zeros(S, dtype=torch.bool, device=q.device)
+    first_key[0] = True
+    keep = torch.where(valid[:, None, :, None], keep, first_key).expand(B, H, T, S)
+    pre = (q @ k.transpose(-1, -2)) * scaling
+    if softcap is None:
+        pre = pre.masked_fill(~keep, float("-inf"))
+        out = torch.softmax(pre, -1) @ v
+    else:
+        out = torch.softmax((torch.tanh(pre / softcap) * softcap).masked_fill(~keep, float("-inf")), -1) @ v
+    partner = partner.to(q.device)
+    t = lambda x: x.float().transpose(-1, -2)  # [.., T, D] -> [.., D, T]
+    kt = t(k)
+    q_terms = [(t(q_rows[0]), kt), (t(q_rows[1]), kt[:, :, partner])]
+    k_own, k_other = (x.float().repeat_interleave(rep, 1) for x in k_rows)
+    k_terms = [(t(q), t(k_own)), (t(q)[:, :, partner], t(k_other))]
+    n2q = _removal_norms(pre, keep, valid, v, out, q_terms, scaling, softcap, chunk_bytes)
+    n2k = _removal_norms(pre, keep, valid, v, out, k_terms, scaling, softcap, chunk_bytes)
+    return n2q.sqrt().reshape(B, H * D), n2k.reshape(B, KV, rep, D).sum(2).sqrt().reshape(B, KV * D)
+
+
 class ImportanceProbe:
     """Importance of every neuron for every sentence of a batch, from one forward pass.
 
     Use as a context manager, then call with (input_ids, attention_mask); returns
     {group: float32 tensor [batch, num_layers, group_size]} on the CPU. With method="activation",
     returns {"active": [batch, layers, intermediate] counts of tokens with FFN activation > 0,
-    "tokens": [batch] token counts} instead."""
+    "tokens": [batch] token counts} instead. qk_score="row" scores query/key neurons as the q_proj/k_proj
+    rows themselves (`qk_row_importance`) instead of the channels attention sees."""
 
     def __init__(self, model, groups: tuple[str, ...] = GROUPS, method: str = "importance",
-                 chunk_bytes: int | None = None):
-        self.model, self.method, self.chunk_bytes = model, method, chunk_bytes
+                 chunk_bytes: int | None = None, qk_score: str = "channel"):
+        if qk_score not in ("channel", "row"):
+            raise ValueError(f"qk_score must be 'channel' or 'row', not {qk_score!r}")
+        self.model, self.method, self.chunk_bytes, self.qk_score = model, method, chunk_bytes, qk_score
         self.groups = tuple(groups) if method == "importance" else ()
         self.geom = Geometry.from_config(model.config)
         self.layers = [projections(layer) for layer in decoder_layers(model)]
@@ -136,6 +286,7 @@ class ImportanceProbe:
         self._scores: dict[str, list] = {}
         self._valid: torch.Tensor | None = None
         self._col_norms: dict[int, torch.Tensor] = {}
+        self._rows: dict = {}  # row score: the current layer's q_proj/k_proj outputs and rotary tables
 
     # ------------------------------------------------------------ hooks
     # (they measure only inside __call__: other forwards of the model under the probe are untouched)
@@ -188,12 +339,30 @@ class ImportanceProbe:
             keep = attention_mask[..., :S]
         else:
             keep = attention_mask[..., :S] > torch.finfo(attention_mask.dtype).min / 2
-        q_imp, k_imp = qk_importance(query, key, value, keep, valid, scaling, softcap, self.chunk_bytes)
+        if self.qk_score == "row":
+            rotary = self._rows.get("rotary")
+            partner = rotary_partner(module, rotary, query.shape[-1])
+            heads = lambda x: x.view(*x.shape[:2], -1, query.shape[-1]).transpose(1, 2)  # as attention reshapes
+            q_rows = row_contributions(module, heads(self._rows["q"]), query, rotary, partner)
+            k_rows = row_contributions(module, heads(self._rows["k"]), key, rotary, partner)
+            q_imp, k_imp = qk_row_importance(query, key, value, keep, valid, scaling, softcap, q_rows, k_rows,
+                                             partner, self.chunk_bytes)
+        else:
+            q_imp, k_imp = qk_importance(query, key, value, keep, valid, scaling, softcap, self.chunk_bytes)
         layer = self.layer_of[id(module)]
         if "attn_q" in self.groups:
             self._scores["attn_q"][layer] = q_imp
         if "attn_k" in self.groups:
             self._scores["attn_k"][layer] = k_imp
+
+    def _projection_hook(self, key: str, output: torch.Tensor) -> None:
+        if self.measuring:
+            self._rows[key] = output
+
+    def _rotary_hook(self, module, args, kwargs) -> None:
+        if self.measuring:
+            bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+            self._rows["rotary"] = bound.get("position_embeddings")
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> "ImportanceProbe":
@@ -206,6 +375,11 @@ class ImportanceProbe:
                 self._handles.append(p["down"].register_forward_pre_hook(lambda m, a, i=i: self._down_hook(i, m, a)))
             if {"attn_o", "attn_v"} & set(self.groups):
                 self._handles.append(p["o"].register_forward_pre_hook(lambda m, a, i=i: self._o_hook(i, m, a)))
+            if self.wants_qk and self.qk_score == "row":
+                for key in ("q", "k"):
+                    self._handles.append(p[key].register_forward_hook(
+                        lambda m, a, o, key=key: self._projection_hook(key, o)))
+                self._handles.append(p["attn"].register_forward_pre_hook(self._rotary_hook, with_kwargs=True))
         self._old_impl = self.model.config._attn_implementation
         if self.wants_qk:
             _register()
@@ -216,6 +390,7 @@ class ImportanceProbe:
     def __exit__(self, *exc) -> None:
         _ACTIVE.remove(self)
         self._col_norms.clear()
+        self._rows.clear()
         for h in self._handles:
             h.remove()
         self._handles.clear()
