@@ -11,6 +11,10 @@ own eager attention output unchanged and, beside it, measures for every head h a
 of head h and key channel d of kv head g perturb S_h by the same rank-one term, so one computation
 serves both: key importance sums it over the query heads that read g.
 
+Those are channels after rotary embedding (and q/k norms); the neuron deactivation zeroes is the
+q_proj/k_proj row before them. Without q/k norms rotary spreads a row over two channels, so its
+removal is a rank-two change of S_h, scored exactly by `qk_row_importance` (qk_score="row").
+
 The LAPE detector (Tang et al., 2024) only needs the FFN activation sign, read at `act_fn`."""
 from __future__ import annotations
 
