@@ -22,7 +22,7 @@ from conftest import REPO, free_port
 from tiny import ARCHS, SENTENCES, save_tiny, tiny_config, tiny_dataset, tiny_model, tiny_tokenizer
 
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.append(str(REPO / "bench"))  # after the repo root: bench/detection.py is not detection.py
 from langneurons.importance import ImportanceProbe, qk_importance  # noqa: E402
 from langneurons.masking import meta_skeleton, zero_plan  # noqa: E402
 from langneurons.metrics import pad_batch, perplexity  # noqa: E402
