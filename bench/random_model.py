@@ -40,9 +40,17 @@ def byte_tokenizer():
     return tiny_tokenizer()
 
 
-def save_random_model(out: str | Path, config_file: str | Path = CONFIG, dtype: str = "bfloat16") -> Path:
+def save_random_model(out: str | Path, config_file: str | Path = CONFIG, dtype: str = "bfloat16",
+                      num_layers: int = 0) -> Path:
+    """num_layers > 0 keeps only the first layers (a quick dry run on the CPU)."""
     out = Path(out)
-    model = random_model(random_config(config_file), getattr(torch, dtype))
+    overrides = {}
+    if num_layers:
+        cfg = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        overrides["num_hidden_layers"] = num_layers
+        if "layer_types" in cfg:
+            overrides["layer_types"] = cfg["layer_types"][:num_layers]
+    model = random_model(random_config(config_file, **overrides), getattr(torch, dtype))
     model.save_pretrained(out)
     byte_tokenizer().save_pretrained(out)
     (out / "langneurons.json").write_text(json.dumps(
@@ -56,8 +64,9 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--config", default=str(CONFIG))
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--num-layers", type=int, default=0, help="keep only the first N layers (0 = all)")
     args = p.parse_args()
-    print(f"Wrote {save_random_model(args.out, args.config, args.dtype)}")
+    print(f"Wrote {save_random_model(args.out, args.config, args.dtype, args.num_layers)}")
 
 
 if __name__ == "__main__":
