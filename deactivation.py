@@ -204,7 +204,8 @@ def main() -> None:
     # ---------------------------------------------------------------- load
     model = tok = None
     if do_ppl or (to_save and not args.streaming):
-        model, tok = load_model(args.model, args.device, args.dtype)
+        # --device auto spreads a model too large for one GPU over all of them
+        model, tok = load_model(args.model, args.device, args.dtype, device_map_auto=True)
     from langneurons.masking import zero_neurons_streaming, zeroed
 
     # ---------------------------------------------------------------- perplexity, in memory

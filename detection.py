@@ -135,8 +135,11 @@ def count_firing(args, corpora: dict[str, list[str]], groups: tuple[str, ...]):
     """Firing counts per language {group: int64 [langs, layers, n]}, sentence (activation: token)
     counts [langs], the model's geometry and config; None on processes other than the main one."""
     from accelerate import PartialState
-    state = PartialState()
+    # without cpu=True, processes launched on CPU (gloo) each believe they are alone and all do all the work
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     if state.num_processes > 1:  # data parallel: one model per process, on that process's device
+        if state.is_main_process:
+            print(f"Detection split over {state.num_processes} processes")
         device = args.device if args.device == "cpu" else str(state.device)
         model, tok = load_model(args.model, device, args.dtype)
     else:  # one process: --device auto spreads a model too large for one GPU over all of them

@@ -168,17 +168,40 @@ def load_tokenizer(model: str):
     return tok
 
 
+def auto_device_map(config, dtype: torch.dtype, max_memory: dict | None = None) -> dict[str, int | str]:
+    """Where each module goes when one model is spread over several GPUs: accelerate's balanced map
+    (every GPU gets about the same share; decoder blocks are never split) computed on a meta-device
+    skeleton, so it costs no memory. `max_memory` {device: bytes or "20GiB"} defaults to what the
+    GPUs have free; when balancing would leave modules off the GPUs, they are filled in order instead, and a
+    model larger than all of them continues onto the CPU."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory, get_max_memory
+    from transformers import AutoModelForCausalLM
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    skeleton.tie_weights()  # not tied under init_empty_weights: a tied head would land apart from its embedding
+    no_split = list(getattr(skeleton, "_no_split_modules", None) or [])
+    balanced = get_balanced_memory(skeleton, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    dmap = infer_auto_device_map(skeleton, max_memory=balanced, no_split_module_classes=no_split, dtype=dtype)
+    if any(d in ("cpu", "disk") for d in dmap.values()):
+        # an even share can be smaller than one module (Gemma's 262k-token embedding), which then strands
+        # the rest off the GPUs: fill the GPUs in order instead
+        dmap = infer_auto_device_map(skeleton, max_memory=get_max_memory(max_memory),
+                                     no_split_module_classes=no_split, dtype=dtype)
+    return dmap
+
+
 def load_model(model: str, device: str = "auto", dtype: str = "auto", device_map_auto: bool = False):
     """(model, tokenizer). With device 'auto' and several GPUs, `device_map_auto` shards the model
-    over all of them through accelerate's device map."""
-    from transformers import AutoModelForCausalLM
+    over all of them (`auto_device_map`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     path, gguf = resolve_model(model)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     try:
         kwargs = dict(gguf_file=gguf, dtype=torch_dtype)
         if device_map_auto and device == "auto" and torch.cuda.device_count() > 1:
-            kwargs["device_map"] = "auto"
+            kwargs["device_map"] = auto_device_map(AutoConfig.from_pretrained(path, gguf_file=gguf), torch_dtype)
         m = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise InputError(f"--model {model}: cannot load ({str(e).splitlines()[0]})") from None

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, free_port
 from langneurons.model import GROUPS, Geometry
 from langneurons.neurons import (empty_set, language_sets, read_neuron_file, related_from_counts, size, stats,
                                  write_neuron_file)
@@ -153,10 +153,11 @@ def test_two_processes_give_the_same_files_as_one(tiny, tmp_path):
     model, data = tiny
     common = ["--model", model, "--dataset", data, "--langs", "en,fr", "--ratio", "0.1", "--device", "cpu"]
     one = detect(*common, "--out", tmp_path / "one")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                           str(REPO / "detection.py"), *map(str, common), "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, env=ENV, cwd=REPO)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr[-2000:]
+    assert "split over 2 processes" in two.stdout  # not two processes that each did everything
     d1, d2 = tmp_path / "one" / "model" / "neurons", tmp_path / "two" / "model" / "neurons"
     for f in d1.iterdir():
         if f.name != "meta.json":

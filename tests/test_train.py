@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port
 from tiny import save_tiny, tiny_config, tiny_dataset, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,8 +160,8 @@ def test_only_selected_neurons_change(work, arch, tmp_path):
 def test_two_processes_keep_unselected_entries(work, tmp_path):
     out = tmp_path / "out"
     torchrun = str(Path(PY).parent / "torchrun")
-    launcher = (torchrun, "--nproc_per_node", "2", "--master_port", "29533") if Path(torchrun).exists() else \
-        (PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
+    launcher = (torchrun, "--nproc_per_node", "2", "--master_port", str(free_port())) if Path(torchrun).exists() else \
+        (PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
     # batch 4 = micro 1 x 2 accumulation steps x 2 processes
     train(work, out, "--neurons", str(work["sets"]["qwen2"]), "--max-steps", "2", "--micro-batch-size", "1",
           "--device", "cpu", arch="qwen2", launcher=launcher)

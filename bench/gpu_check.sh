@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# One prepared check of the GPU path: the `cuda` tests (tests/test_cuda.py), then the detection and training
+# benchmarks in bf16 on the embedded model, or on random weights of its config when its weights are not here
+# (a lent GPU box: they do not travel). Each step is bounded (280 + 120 + 90 s), so the whole check stays under 9 minutes. Prints one summary table; writes it, the logs and the JSON results to
+# the folder given as argument, else $OUT, else ./gpu_check.
+#
+#   bash bench/gpu_check.sh [FOLDER]                  # on a GPU box (about 4 minutes on one H100)
+#   bash bench/gpu_check.sh --cpu-dry-run [FOLDER]    # the same steps on the CPU with tiny sizes (catches typos)
+#
+# Needs a python with torch, transformers, accelerate, safetensors, pytest ($PYTHON, default python3; no venv).
+# `datasets` may be missing; WHEELS=DIR installs wheels carried in DIR (no network) into a temporary folder.
+set -u
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+DRY=0
+if [[ "${1:-}" == "--cpu-dry-run" ]]; then DRY=1; shift; fi
+[[ "${GPU_CHECK_CPU_DRY_RUN:-0}" == 1 ]] && DRY=1
+DEST=${1:-${OUT:-./gpu_check}}
+mkdir -p "$DEST" && DEST=$(cd "$DEST" && pwd)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
+STEPS="$DEST/steps.tsv"
+: > "$STEPS"
+
+# step NAME TIMEOUT_S CMD...: run, log to $DEST/NAME.log, record status and seconds; a failure never stops the rest
+step() {
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS rc
+  echo "== $name: $*" | tee "$DEST/$name.log"
+  timeout "$limit" "$@" >> "$DEST/$name.log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$STEPS"
+  echo "   exit $rc after $((SECONDS - t0)) s (log: $DEST/$name.log)"
+}
+
+if [[ -n "${WHEELS:-}" ]]; then
+  $PYTHON -m pip install -q --no-index --find-links "$WHEELS" --target "$WORK/site" "$WHEELS"/*.whl \
+    && export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# ---------------------------------------------------------------- machine and model
+$PYTHON - > "$DEST/environment.txt" 2>&1 <<'EOF'
+import importlib, platform, torch
+print("python", platform.python_version())
+for m in ("torch", "transformers", "accelerate", "safetensors", "peft", "datasets"):
+    try:
+        print(m, importlib.import_module(m).__version__)
+    except Exception:
+        print(m, "not installed")
+print("cuda", torch.version.cuda, "gpus", torch.cuda.device_count(),
+      *[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
+EOF
+cat "$DEST/environment.txt"
+
+EMBEDDED="${LANGNEURONS_CACHE:-$HOME/.cache/langneurons}/gemma-3-270m"
+if [[ $DRY == 1 ]]; then
+  DEVICE=cpu
+  MODEL="$WORK/random-gemma-3-270m"
+  $PYTHON bench/random_model.py "$MODEL" --num-layers 2 --dtype float32 > /dev/null
+  echo "random weights, gemma-3-270m config, 2 of its 18 layers (CPU dry run)" > "$DEST/model.txt"
+  export LANGNEURONS_CUDA_TESTS_ON_CPU=1
+  DET_SIZES=(--lengths 16,32 --per-lang 2 --batch-size 2)
+  TRAIN_SIZES=(--steps 1 --micro-batch-size 1 --seq-len 32)
+else
+  DEVICE=cuda
+  if [[ -f "$EMBEDDED/config.json" ]]; then
+    MODEL="$EMBEDDED"
+    echo "embedded gemma-3-270m ($EMBEDDED)" > "$DEST/model.txt"
+  else
+    MODEL="$WORK/random-gemma-3-270m"
+    $PYTHON bench/random_model.py "$MODEL" --dtype bfloat16 > /dev/null
+    echo "random weights of the embedded model's config (bench/gemma-3-270m.config.json; its weights are not here)" > "$DEST/model.txt"
+  fi
+  DET_SIZES=(--lengths 64,256,1024 --per-lang 16 --batch-size 8)
+  TRAIN_SIZES=(--steps 10 --micro-batch-size 4 --seq-len 512)
+fi
+echo "model: $(cat "$DEST/model.txt")"
+
+# ---------------------------------------------------------------- the cuda tests
+step cuda_tests 280 $PYTHON -m pytest -q -rs -s -m cuda tests/test_cuda.py -p no:cacheprovider \
+  --junitxml "$DEST/cuda_tests.xml"
+
+# ---------------------------------------------------------------- benchmarks (flags the script does not know are left out)
+flags() {  # flags SCRIPT --flag value ... --switch: keep what SCRIPT's --help lists
+  local help out=(); help=$($PYTHON "$1" --help 2>/dev/null); shift
+  while [[ $# -gt 0 ]]; do
+    local n=1; [[ $# -gt 1 && $2 != --* ]] && n=2
+    grep -qE -- "(^|[[ ])$1([] ]|$)" <<< "$help" && out+=("${@:1:$n}")
+    shift $n
+  done
+  [[ ${#out[@]} -gt 0 ]] && printf '%s\n' "${out[@]}"
+}
+mapfile -t DET_ARGS < <(flags bench/detection.py --model "$MODEL" --device "$DEVICE" --dtype bfloat16 \
+  --json "$DEST/detection.json" "${DET_SIZES[@]}")
+if printf '%s\n' "${DET_ARGS[@]}" | grep -q -- '--device'; then
+  step detection_bench 120 $PYTHON bench/detection.py "${DET_ARGS[@]}"
+else  # before the perf branch's flags: it would run on the CPU with the real MGSM questions
+  echo "bench/detection.py has no --device flag (the perf branch adds it): skipped" > "$DEST/detection_bench.log"
+  printf 'detection_bench\tskipped\t0\n' >> "$STEPS"
+fi
+
+mapfile -t TRAIN_ARGS < <(flags bench/training.py --model "$MODEL" --device "$DEVICE" --dtype bfloat16 \
+  --json "$DEST/training.json" --modes neurons,full "${TRAIN_SIZES[@]}")
+step training_bench 90 $PYTHON bench/training.py "${TRAIN_ARGS[@]}"
+
+# ---------------------------------------------------------------- one table
+$PYTHON bench/gpu_summary.py "$DEST" | tee "$DEST/summary.md"
