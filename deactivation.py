@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="texts per forward pass for perplexity")
     p.add_argument("--max-length", type=int_at_least(2), default=512,
                    help="tokens per text for perplexity (truncated; one token is predicted from another)")
-    p.add_argument("--limit", type=int_at_least(0), default=0, help="first N lines of val/<lang>.txt per language (0 = all)")
+    p.add_argument("--limit", type=int_at_least(0), default=0,
+                   help="first N lines of val/<lang>.txt per language (0 = all)")
     return p.parse_args(argv)
 
 

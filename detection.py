@@ -39,9 +39,11 @@ def parse_args():
     p.add_argument("--sample-size", type=cli.int_at_least(0), default=0, help="sentences per language (0 = all)")
     p.add_argument("--corpus", choices=["detect", "mgsm"], default="detect",
                    help="detect/<lang>.txt, or the MGSM questions of test/mgsm/ (the authors' own runs)")
-    p.add_argument("--groups", type=cli.choice_list(GROUPS), default=",".join(GROUPS), help="neuron groups to score (importance method)")
+    p.add_argument("--groups", type=cli.choice_list(GROUPS), default=",".join(GROUPS),
+                   help="neuron groups to score (importance method)")
     p.add_argument("--batch-size", type=cli.int_at_least(1), default=8)
-    p.add_argument("--max-length", type=cli.int_at_least(2), default=256, help="tokens per sentence (longer ones are cut)")
+    p.add_argument("--max-length", type=cli.int_at_least(2), default=256,
+                   help="tokens per sentence (longer ones are cut)")
     return p.parse_args()
 
 

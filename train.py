@@ -50,18 +50,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "'full' trains every parameter")
     what.add_argument("--lora-rank", type=int_at_least(1), metavar="R",
                       help="train a LoRA adapter of rank R on q/k/v/o/up/gate/down instead, merged into the saved model")
-    p.add_argument("--lora-alpha", type=float_in(0, lo_open=True), default=None, help="LoRA scaling alpha (default: 2 x rank)")
+    p.add_argument("--lora-alpha", type=float_in(0, lo_open=True), default=None,
+                   help="LoRA scaling alpha (default: 2 x rank)")
     p.add_argument("--legacy-kv-mapping", action="store_true",
                    help="map the authors' query-head attn_k/attn_v indices with their code's i // n_rep")
-    p.add_argument("--lr", type=float_in(0, lo_open=True), default=5e-5, help="peak learning rate (AdamW, linear decay)")
-    p.add_argument("--warmup", type=float_in(0, 1, hi_open=True), default=0.03, help="linear warmup, fraction of the steps")
+    p.add_argument("--lr", type=float_in(0, lo_open=True), default=5e-5,
+                   help="peak learning rate (AdamW, linear decay)")
+    p.add_argument("--warmup", type=float_in(0, 1, hi_open=True), default=0.03,
+                   help="linear warmup, fraction of the steps")
     p.add_argument("--epochs", type=float_in(0, lo_open=True), default=1.0, help="passes over the training documents")
-    p.add_argument("--max-steps", type=int_at_least(0), default=0, help="stop after N optimizer steps (0: --epochs decides)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=128, help="documents per optimizer step, over all processes")
+    p.add_argument("--max-steps", type=int_at_least(0), default=0,
+                   help="stop after N optimizer steps (0: --epochs decides)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=128,
+                   help="documents per optimizer step, over all processes")
     p.add_argument("--micro-batch-size", type=int_at_least(1), default=4, help="documents per forward pass per process "
                    "(gradient accumulation makes up --batch-size)")
-    p.add_argument("--cutoff-len", type=int_at_least(2), default=1024, help="tokens per document; longer ones are truncated")
-    p.add_argument("--limit", type=int_at_least(0), default=0, help="train on N documents drawn with the seed (0 = all; the "
+    p.add_argument("--cutoff-len", type=int_at_least(2), default=1024,
+                   help="tokens per document; longer ones are truncated")
+    p.add_argument("--limit", type=int_at_least(0), default=0,
+                   help="train on N documents drawn with the seed (0 = all; the "
                    "paper: 100000)")
     p.add_argument("--val-limit", type=int_at_least(0), default=0, help="first N lines of val/<lang>.txt (0 = all)")
     p.add_argument("--save-steps", type=save_steps, default=0.1, help="checkpoint every N steps (a value below 1 "

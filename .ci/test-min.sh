@@ -8,7 +8,10 @@ PY=${PYTHON:-python3}
 VENV=${MIN_VENV:-.venv-min}
 # "transformers>=5.17" -> "transformers==5.17"
 pins=$(sed -nE 's/^(transformers|accelerate)>=([0-9][0-9.]*).*/\1==\2/p' requirements.txt)
-[ "$(echo "$pins" | wc -l)" = 2 ] || { echo "test-min.sh: no lower bound for transformers/accelerate in requirements.txt" >&2; exit 1; }
+if [ "$(echo "$pins" | wc -l)" != 2 ]; then
+  echo "test-min.sh: requirements.txt has no lower bound for transformers or accelerate" >&2
+  exit 1
+fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 stamp=$VENV/.langneurons-installed
 want=$( (cat requirements.txt; echo "$pins"; cat "$0") | sha256sum | cut -d' ' -f1)

@@ -57,8 +57,9 @@ def float_in(lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-        inside = ((value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi))
-        if not math.isfinite(value) or not inside:
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if not ((value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)):
             raise argparse.ArgumentTypeError(f"{text} is outside {'(' if lo_open else '['}{lo:g}, {hi:g}"
                                              f"{')' if hi_open or hi == math.inf else ']'}")
         return value

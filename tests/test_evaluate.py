@@ -258,7 +258,8 @@ def test_generate_with_a_word_level_tokenizer():
     words = full.split()
     assert len(set(words)) > 2 and "Question:" in words, full  # this seed's model writes the MGSM stop text
     # the MGSM stops (the default) work with this vocabulary, and cut where their text first appears
-    assert metrics.generate_greedy(model, tok, [prompt], max_new_tokens=30)[0] == metrics.cut_at_stop(full, metrics.MGSM_STOPS)
+    default = metrics.generate_greedy(model, tok, [prompt], max_new_tokens=30)[0]
+    assert default == metrics.cut_at_stop(full, metrics.MGSM_STOPS)
     stop = next(w for w in words[3:] if w not in words[:3])  # a word the model produces after a few others
     stopped = metrics.generate_greedy(model, tok, [prompt], max_new_tokens=30, stop=(stop,))[0]
     assert stopped == full[:full.index(stop) + len(stop)] and len(stopped) < len(full)

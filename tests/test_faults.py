@@ -43,7 +43,9 @@ for line in sys.stdin:
         try:
             runpy.run_path(case["argv"][0], run_name="__main__")
         except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else (print(e.code, file=sys.stderr), 1)[1])
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except BaseException:
             traceback.print_exc()
             code = 1
@@ -355,7 +357,8 @@ def test_train_empty_neuron_set_and_broken_model(run, w, tmp_path):
     base = ["--dataset", w["data"], "--out", tmp_path / "out", "--lang", "en"]
     assert_fault(run, tmp_path, "train.py", base + ["--model", w["model"], "--neurons", w["root"] / "empty_set.json"],
                  "empty")
-    assert_fault(run, tmp_path, "train.py", base + ["--model", w["truncated"], "--neurons", "full"], "model.safetensors")
+    assert_fault(run, tmp_path, "train.py", base + ["--model", w["truncated"], "--neurons", "full"],
+                 "model.safetensors")
 
 
 # ---------------------------------------------------------------- evaluate.py
