@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from langneurons.cli import (InputError, atomic_dir, common_parser, parse_langs, read_json, run, run_meta,
-                             seed_everything, sha256, write_json)
-from langneurons.model import PROVENANCE_FILE, Geometry, load_model, model_tag, resolve_model, save_model_dir
+from langneurons.cli import (InputError, atomic_dir, common_parser, int_at_least, parse_langs, read_json, run,
+                             run_meta, seed_everything, sha256, write_json)
+from langneurons.model import (PROVENANCE_FILE, Geometry, check_model, load_model, model_tag, resolve_model,
+                               save_model_dir)
 from langneurons.neurons import read_neuron_file, size
 
 
@@ -44,9 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write variants without building the model: copy each safetensors shard and zero only "
                         "the affected tensors in it (needs a local safetensors model directory; memory stays at "
                         "one projection matrix; tensors keep their stored dtype)")
-    p.add_argument("--batch-size", type=int, default=8, help="texts per forward pass for perplexity")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per text for perplexity (truncated)")
-    p.add_argument("--limit", type=int, default=0, help="first N lines of val/<lang>.txt per language (0 = all)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="texts per forward pass for perplexity")
+    p.add_argument("--max-length", type=int_at_least(2), default=512,
+                   help="tokens per text for perplexity (truncated; one token is predicted from another)")
+    p.add_argument("--limit", type=int_at_least(0), default=0,
+                   help="first N lines of val/<lang>.txt per language (0 = all)")
     return p.parse_args(argv)
 
 
@@ -150,20 +153,12 @@ def main() -> None:
     # ---------------------------------------------------------------- arguments (all checked before any output)
     args = parse_args()
     langs = parse_langs(args.langs)
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size: {args.batch_size} must be at least 1")
-    if args.max_length < 2:
-        raise InputError(f"--max-length: {args.max_length} must be at least 2 (one token is predicted from another)")
-    if args.limit < 0:
-        raise InputError(f"--limit: {args.limit} must be 0 (all) or more")
     seed_everything(args.seed)
     path, gguf = resolve_model(args.model)
     tag = model_tag(args.model)
-    from transformers import AutoConfig
-    try:  # the config alone is enough to check every neuron file against the model before loading it
-        config = AutoConfig.from_pretrained(path, gguf_file=gguf)
-    except (OSError, ValueError) as e:
-        raise InputError(f"--model {args.model}: cannot read its config ({str(e).splitlines()[0]})") from None
+    # the config is enough to check every neuron file against the model before loading it; the tokenizer and
+    # the weight headers are checked too, so that a broken model folder fails here and not after the first set
+    config = check_model(args.model)
     geom = Geometry.from_config(config)
     src_dir = local_safetensors_dir(path, gguf, args.model) if args.streaming else None
 

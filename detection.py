@@ -20,7 +20,7 @@ from langneurons import cli
 from langneurons.data import detection_corpus
 from langneurons.importance import ImportanceProbe
 from langneurons.metrics import batches_by_length, pad_batch
-from langneurons.model import GROUPS, Geometry, load_model, model_tag
+from langneurons.model import GROUPS, Geometry, check_model, load_model, model_tag
 from langneurons.neurons import (language_sets, lape_related, related_from_counts, stats,
                                  write_neuron_file)
 
@@ -31,33 +31,28 @@ def parse_args():
     p = cli.common_parser(__doc__.split("\n\n")[0])
     p.add_argument("--method", choices=["importance", "activation"], default="importance",
                    help="importance: the paper's parallel neuron detection; activation: LAPE (FFN only)")
-    p.add_argument("--ratio", type=float, default=0.01,
+    p.add_argument("--ratio", type=cli.float_in(0, 1, lo_open=True), default=0.01,
                    help="importance: fraction of each layer's group activated per sentence; "
                         "activation: fraction of FFN neurons kept by lowest entropy")
-    p.add_argument("--threshold", type=float, default=1.0,
+    p.add_argument("--threshold", type=cli.float_in(0, 1, lo_open=True), default=1.0,
                    help="a neuron is related to a language when firing count / sentences >= threshold")
-    p.add_argument("--sample-size", type=int, default=0, help="sentences per language (0 = all)")
+    p.add_argument("--sample-size", type=cli.int_at_least(0), default=0, help="sentences per language (0 = all)")
     p.add_argument("--corpus", choices=["detect", "mgsm"], default="detect",
                    help="detect/<lang>.txt, or the MGSM questions of test/mgsm/ (the authors' own runs)")
-    p.add_argument("--groups", default=",".join(GROUPS), help="neuron groups to score (importance method)")
+    p.add_argument("--groups", type=cli.choice_list(GROUPS), default=",".join(GROUPS),
+                   help="neuron groups to score (importance method)")
     p.add_argument("--qk-score", choices=["channel", "row"], default="channel",
                    help="query/key importance of the channel attention sees (after rotary and q/k norms; the "
                         "paper), or of the q_proj/k_proj row that deactivation zeroes (exact; not with q/k norms)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256, help="tokens per sentence (longer ones are cut)")
+    p.add_argument("--batch-size", type=cli.int_at_least(1), default=8)
+    p.add_argument("--max-length", type=cli.int_at_least(2), default=256,
+                   help="tokens per sentence (longer ones are cut)")
     return p.parse_args()
 
 
 def main():
     args = parse_args()
-    cli.check_range("--ratio", args.ratio, 0, 1, lo_open=True)
-    cli.check_range("--threshold", args.threshold, 0, 1, lo_open=True)
-    cli.check_range("--sample-size", args.sample_size, 0, float("inf"))
-    cli.check_range("--batch-size", args.batch_size, 1, float("inf"))
-    cli.check_range("--max-length", args.max_length, 2, float("inf"))
-    groups = tuple(g for g in args.groups.split(",") if g)
-    if unknown := [g for g in groups if g not in GROUPS] or not groups:
-        raise cli.InputError(f"--groups: unknown group {unknown} (known: {', '.join(GROUPS)})")
+    groups = tuple(cli.split_list(args.groups))
     langs = cli.parse_langs(args.langs)
     corpora = {l: detection_corpus(args.dataset, l, args.sample_size, args.seed, args.corpus) for l in langs}
     out_dir = Path(args.out) / model_tag(args.model) / "neurons"
@@ -68,6 +63,7 @@ def main():
     # ---- firing counts: from an earlier run that differs only in --threshold, else from the model
     counts = stored_counts(out_dir, args)
     if counts is None:
+        check_model(args.model)  # config, tokenizer, weight headers: seconds, before the model run
         counts = count_firing(args, corpora, groups)
     if counts is None:  # not the main process of a multi-process run
         return
@@ -75,7 +71,7 @@ def main():
 
     # ---- sets and statistics
     if args.method == "importance":
-        related = related_from_counts(firing, sentences, langs, args.threshold)
+        related = related_from_counts(firing, sentences, langs, args.threshold, geom)
     else:
         related = lape_related(firing["fwd_up"], sentences, langs, geom, args.ratio)
     sets = language_sets(related, geom, args.seed)

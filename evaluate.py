@@ -21,11 +21,11 @@ import math
 import re
 from pathlib import Path
 
-from langneurons.cli import (InputError, common_parser, parse_langs, read_json, run, run_meta, seed_everything,
-                             write_json)
+from langneurons.cli import (InputError, choice_list, common_parser, int_at_least, parse_langs, read_json, run,
+                             run_meta, seed_everything, split_list, write_json)
 from langneurons import metrics
 from langneurons.data import read_mgsm, read_mmlu, val_texts
-from langneurons.model import EMBEDDED_MODEL, load_model, model_tag, provenance, resolve_model
+from langneurons.model import EMBEDDED_MODEL, check_model, load_model, model_tag, provenance, resolve_model
 
 TASKS = ("ppl", "mgsm", "mmmlu")
 # arguments that do not change a task's numbers (so they do not stop reuse)
@@ -34,11 +34,12 @@ NOT_RESULT_ARGS = {"tasks", "force", "name", "out", "batch_size"}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = common_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma list of ppl, mgsm, mmmlu")
-    p.add_argument("--limit", type=int, default=0, help="first N items per language and task (0 = all)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass / generate call")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="MGSM: generated tokens per answer at most")
-    p.add_argument("--max-length", type=int, default=512,
+    p.add_argument("--tasks", type=choice_list(TASKS), default=",".join(TASKS), help="comma list of ppl, mgsm, mmmlu")
+    p.add_argument("--limit", type=int_at_least(0), default=0, help="first N items per language and task (0 = all)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="sequences per forward pass / generate call")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=256,
+                   help="MGSM: generated tokens per answer at most")
+    p.add_argument("--max-length", type=int_at_least(8), default=512,
                    help="tokens per text (perplexity: truncated at the end; MMMLU/MGSM prompts: cut at the start)")
     p.add_argument("--name", default=None, help="model name for the results file <out>/<tag>/eval/<name>.json "
                    "(default: the basename of --model, or the embedded model's name)")
@@ -78,14 +79,7 @@ def main() -> None:
     # ---------------------------------------------------------------- arguments and data (checked before loading)
     args = parse_args()
     langs = parse_langs(args.langs)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        raise InputError(f"--tasks: unknown task '{bad[0] if bad else args.tasks}' (choose from {', '.join(TASKS)})")
-    for flag, value, lo in (("--limit", args.limit, 0), ("--batch-size", args.batch_size, 1),
-                            ("--max-new-tokens", args.max_new_tokens, 1), ("--max-length", args.max_length, 8)):
-        if value < lo:
-            raise InputError(f"{flag}: {value} must be at least {lo}")
+    tasks = split_list(args.tasks)
     seed_everything(args.seed)
     tag = model_tag(args.model)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", args.name).strip("._") if args.name else model_name(args.model)
@@ -122,6 +116,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- evaluate
     if todo:
+        check_model(args.model)  # config, tokenizer, weight headers: seconds, before loading
         model, tok = load_model(args.model, args.device, args.dtype, device_map_auto=True)
         for task in todo:
             res = {}
@@ -134,7 +129,7 @@ def main() -> None:
                     outputs = metrics.generate_greedy(
                         model, tok, [metrics.MGSM_PROMPT.format(question=q) for q, _ in items],
                         args.max_new_tokens, args.batch_size, args.max_length, desc=f"mgsm/{l}")
-                    preds = [metrics.extract_answer(o) for o in outputs]
+                    preds = [metrics.extract_answer(o, l) for o in outputs]  # numbers as language l writes them
                     correct = [metrics.answer_correct(p, gold) for p, (_, gold) in zip(preds, items)]
                     res[l] = {"accuracy": sum(correct) / len(items), "n": len(items),
                               "examples": [{"question": q, "gold": gold, "output": o, "pred": p}

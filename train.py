@@ -23,13 +23,21 @@ from pathlib import Path
 
 import torch
 
-from langneurons.cli import (InputError, atomic_dir, common_parser, read_json, run, run_meta, seed_everything,
-                             sha256, write_json)
-from langneurons.model import (PROVENANCE_FILE, Geometry, decoder_layers, load_model, model_tag, projections,
-                               resolve_model, save_model_dir)
+from langneurons.cli import (InputError, atomic_dir, common_parser, float_in, int_at_least, read_json, run, run_meta,
+                             seed_everything, sha256, write_json)
+from langneurons.model import (PROVENANCE_FILE, Geometry, check_model, decoder_layers, load_model, model_tag,
+                               projections, save_model_dir)
 from langneurons.neurons import read_neuron_file, size
 
 CKPT_ARGS_FILE = "run_args.json"  # in the checkpoint folder: what the checkpoints were trained with
+
+
+def save_steps(text: str) -> float:
+    """--save-steps: a fraction of the run below 1, else a whole number of steps (what TrainingArguments accepts)."""
+    value = float_in(0, lo_open=True)(text)
+    if value > 1 and not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text} is neither a fraction below 1 nor a whole number of steps")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,24 +48,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what.add_argument("--neurons", metavar="FILE|full",
                       help="neuron file (ours or the authors' format): only these neurons are trained; "
                            "'full' trains every parameter")
-    what.add_argument("--lora-rank", type=int, metavar="R",
+    what.add_argument("--lora-rank", type=int_at_least(1), metavar="R",
                       help="train a LoRA adapter of rank R on q/k/v/o/up/gate/down instead, merged into the saved model")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling alpha (default: 2 x rank)")
+    p.add_argument("--lora-alpha", type=float_in(0, lo_open=True), default=None,
+                   help="LoRA scaling alpha (default: 2 x rank)")
     p.add_argument("--legacy-kv-mapping", action="store_true",
                    help="map the authors' query-head attn_k/attn_v indices with their code's i // n_rep")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW, linear decay)")
-    p.add_argument("--warmup", type=float, default=0.03, help="linear warmup, fraction of the steps")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training documents")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: --epochs decides)")
-    p.add_argument("--batch-size", type=int, default=128, help="documents per optimizer step, over all processes")
-    p.add_argument("--micro-batch-size", type=int, default=4, help="documents per forward pass per process "
+    p.add_argument("--lr", type=float_in(0, lo_open=True), default=5e-5,
+                   help="peak learning rate (AdamW, linear decay)")
+    p.add_argument("--warmup", type=float_in(0, 1, hi_open=True), default=0.03,
+                   help="linear warmup, fraction of the steps")
+    p.add_argument("--epochs", type=float_in(0, lo_open=True), default=1.0, help="passes over the training documents")
+    p.add_argument("--max-steps", type=int_at_least(0), default=0,
+                   help="stop after N optimizer steps (0: --epochs decides)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=128,
+                   help="documents per optimizer step, over all processes")
+    p.add_argument("--micro-batch-size", type=int_at_least(1), default=4, help="documents per forward pass per process "
                    "(gradient accumulation makes up --batch-size)")
-    p.add_argument("--cutoff-len", type=int, default=1024, help="tokens per document; longer ones are truncated")
-    p.add_argument("--limit", type=int, default=0, help="train on N documents drawn with the seed (0 = all; the "
+    p.add_argument("--cutoff-len", type=int_at_least(2), default=1024,
+                   help="tokens per document; longer ones are truncated")
+    p.add_argument("--limit", type=int_at_least(0), default=0,
+                   help="train on N documents drawn with the seed (0 = all; the "
                    "paper: 100000)")
-    p.add_argument("--val-limit", type=int, default=0, help="first N lines of val/<lang>.txt (0 = all)")
-    p.add_argument("--save-steps", type=float, default=0.1, help="checkpoint every N steps (a value below 1 is a "
-                   "fraction of the run)")
+    p.add_argument("--val-limit", type=int_at_least(0), default=0, help="first N lines of val/<lang>.txt (0 = all)")
+    p.add_argument("--save-steps", type=save_steps, default=0.1, help="checkpoint every N steps (a value below 1 "
+                   "is a fraction of the run)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward "
                    "pass (less memory, ~30%% slower)")
     p.add_argument("--run-name", default=None, help="output folder name (default: <lang>-<neuron file stem>, "
@@ -95,32 +110,13 @@ def main() -> None:
     args = parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    if not args.lr > 0 or not math.isfinite(args.lr):
-        raise InputError(f"--lr: {args.lr} must be a positive number")
-    if not 0 <= args.warmup < 1:
-        raise InputError(f"--warmup: {args.warmup} must be a fraction in [0, 1)")
-    if not args.epochs > 0:
-        raise InputError(f"--epochs: {args.epochs} must be positive")
-    for flag, v in (("--max-steps", args.max_steps), ("--limit", args.limit), ("--val-limit", args.val_limit)):
-        if v < 0:
-            raise InputError(f"{flag}: {v} must be 0 or more")
-    if args.micro_batch_size < 1:
-        raise InputError(f"--micro-batch-size: {args.micro_batch_size} must be at least 1")
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size: {args.batch_size} must be at least 1")
     if args.micro_batch_size > args.batch_size:
         raise InputError(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size {args.batch_size}")
     if args.batch_size % (args.micro_batch_size * world):
         raise InputError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
                          f"{args.micro_batch_size} x {world} processes")
-    if args.cutoff_len < 2:
-        raise InputError(f"--cutoff-len: {args.cutoff_len} must be at least 2 (one token is predicted from another)")
-    if not args.save_steps > 0:
-        raise InputError(f"--save-steps: {args.save_steps} must be positive")
-    if args.lora_rank is not None and args.lora_rank < 1:
-        raise InputError(f"--lora-rank: {args.lora_rank} must be at least 1")
-    if args.lora_alpha is not None and (args.lora_rank is None or not args.lora_alpha > 0):
-        raise InputError("--lora-alpha: needs --lora-rank and a positive value")
+    if args.lora_alpha is not None and args.lora_rank is None:
+        raise InputError("--lora-alpha: needs --lora-rank")
     mode = "lora" if args.lora_rank is not None else ("full" if args.neurons == "full" else "neurons")
     if mode == "full" and args.dtype == "float16":
         raise InputError("--dtype float16 with --neurons full: float16 weights cannot be trained with loss "
@@ -133,13 +129,10 @@ def main() -> None:
                          "launch without FSDP/DeepSpeed) suffices")
 
     seed_everything(args.seed)
-    path, gguf = resolve_model(args.model)
     tag = model_tag(args.model)
-    from transformers import AutoConfig
-    try:  # the config alone checks the neuron file against the model before anything is loaded
-        config = AutoConfig.from_pretrained(path, gguf_file=gguf)
-    except (OSError, ValueError) as e:
-        raise InputError(f"--model {args.model}: cannot read its config ({str(e).splitlines()[0]})") from None
+    # the config checks the neuron file against the model before anything is loaded; the tokenizer and the weight
+    # headers are checked too, so that a broken model folder fails now and not after the data is prepared
+    config = check_model(args.model)
     geom = Geometry.from_config(config)
 
     neuron_info, nset = None, None

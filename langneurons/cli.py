@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -24,9 +25,67 @@ class InputError(Exception):
     """Bad input from the user: reported as one line, exit status 2, nothing written."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported like every other bad input: one line, exit status 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------- argparse types: flags are checked as they are parsed
+
+def int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is outside [{lo}, {hi}]" if hi is not None
+                                             else f"{value} must be at least {lo}")
+        return value
+    return parse
+
+
+def float_in(lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
+             hi_open: bool = False) -> Callable[[str], float]:
+    """A finite number in the interval (lo/hi open or closed); nan and inf are never accepted."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if not ((value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if lo_open else '['}{lo:g}, {hi:g}"
+                                             f"{')' if hi_open or hi == math.inf else ']'}")
+        return value
+    return parse
+
+
+def choice_list(choices: tuple[str, ...]) -> Callable[[str], str]:
+    """A comma list of distinct items of `choices`, at least one; kept as the string given (run metadata)."""
+    def parse(text: str) -> str:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"'{text}' names none of {', '.join(choices)}")
+        if bad := [s for s in items if s not in choices]:
+            raise argparse.ArgumentTypeError(f"unknown '{bad[0]}' (choose from {', '.join(choices)})")
+        if len(set(items)) != len(items):
+            raise argparse.ArgumentTypeError(f"'{text}' names an item twice")
+        return text
+    return parse
+
+
+def split_list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 def common_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=EMBEDDED_MODEL,
                    help=f"HF hub id, local model directory, or a .gguf file; '{EMBEDDED_MODEL}' is the "
                         "embedded default (google/gemma-3-270m shipped through PyPI as GGUF)")
@@ -36,7 +95,7 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto = bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--seed", type=int, default=0, help="every random choice derives from it")
+    p.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=0, help="every random choice derives from it")
     p.add_argument("--force", action="store_true", help="recompute even when outputs of a run with the same "
                    "arguments exist")
     return p

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import random
 from pathlib import Path
 
@@ -97,6 +98,8 @@ def read_mgsm(dataset: str | Path, lang: str) -> list[tuple[str, float]]:
             gold = float(parts[1].strip().replace(",", ""))
         except ValueError:
             raise InputError(f"MGSM file {path}: line {i}: answer '{parts[1].strip()}' is not a number") from None
+        if not math.isfinite(gold):  # float() reads "nan" and "inf", which no answer equals (and JSON cannot hold)
+            raise InputError(f"MGSM file {path}: line {i}: answer '{parts[1].strip()}' is not a finite number")
         items.append((parts[0].strip(), gold))
     if not items:
         raise InputError(f"MGSM file {path}: empty")

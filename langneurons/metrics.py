@@ -4,9 +4,11 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import unicodedata
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 
 def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -55,28 +57,59 @@ MGSM_PROMPT = "Question: {question}\nAnswer:"
 # an answer ends where the model starts the next item or a new paragraph (as lm-evaluation-harness's MGSM)
 MGSM_STOPS = ("Question:", "\n\n")
 
-# full-width digits and signs (Chinese/Japanese outputs), Unicode minus signs
-_WIDE = str.maketrans("０１２３４５６７８９，．－＋−–", "0123456789,.-+--")
-# an optional minus, an integer with thousands commas (1,234,567) or plain digits, an optional decimal part;
-# "12,5" is read as 12 and 5 (decimal commas are not thousands groups), "1,234." ends at the full stop
-_NUMBER = re.compile(r"(-?)(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?!\d)")
+# full-width signs (Chinese/Japanese outputs) and Unicode minus signs; digits of every script are mapped separately
+_WIDE = str.maketrans("，．－＋−–", ",.-+--")
+# No-break, narrow no-break and thin spaces between digits group thousands in every language that uses them
+# (French typesetting writes 1 200 with a narrow no-break space); they are never a decimal mark.
+_SPACE_GROUPS = "\u00a0\u202f\u2009"
+# How each language writes numbers: (thousands separators, decimal mark). Languages not listed write 1,234.5
+# (English, Chinese, Thai, Swahili, Japanese, Korean, Hindi, Bengali, Telugu, Yoruba, ...).
+NUMBER_STYLES = {
+    "en": (",", "."),
+    "de": (".", ","),   # 1.234,5
+    "it": (".", ","), "es": (".", ","), "pt": (".", ","), "id": (".", ","),
+    "fr": (" .", ","),  # 1 234,5 (also with a plain space) and 1.234,5
+    "ru": (" ", ","),
+}
 
 
-def extract_answer(text: str) -> float | None:
-    """The last number of a generated MGSM answer (None when there is none).
+def _number_pattern(groups: str, decimal: str) -> re.Pattern:
+    """An optional minus, an integer with thousands groups (1,234,567 / 1.234.567 / 1 234 567) or plain digits,
+    and an optional decimal part. Where the decimal mark is a comma, a point that cannot be a thousands group
+    ("2.5", "2.50") is read as a decimal point too: models often write English-style numbers in any language."""
+    marks = decimal + ("." if decimal == "," else "")
+    return re.compile(rf"(-?)(\d{{1,3}}(?:[{re.escape(groups + _SPACE_GROUPS)}]\d{{3}})+(?!\d)|\d+)"
+                      rf"(?:[{re.escape(marks)}](\d+))?(?!\d)")
 
-    Text after a following "Question:" or a blank line is ignored (MGSM_STOPS). Thousands commas,
-    currency signs, "18.0", full-width digits and negative numbers are handled; a '-' directly after a
-    letter or digit ("3-5", "COVID-19") is a hyphen, not a sign."""
+
+_PATTERNS = {style: _number_pattern(*style) for style in {(",", "."), *NUMBER_STYLES.values()}}
+
+
+def _ascii_digits(text: str) -> str:
+    """Digits of any script (full-width, Thai ๐-๙, Devanagari, Arabic-Indic, ...) as ASCII digits."""
+    return text if text.isascii() else re.sub(r"\d", lambda m: str(unicodedata.decimal(m.group())), text)
+
+
+def extract_answer(text: str, lang: str | None = None) -> float | None:
+    """The last number of a generated MGSM answer (None when there is none), read as language `lang` writes
+    numbers (NUMBER_STYLES; English when None or not listed).
+
+    Text after a following "Question:" or a blank line is ignored (MGSM_STOPS). Currency signs, "18.0",
+    digits of any script and negative numbers are handled; a '-' directly after a letter or digit ("3-5",
+    "COVID-19") is a hyphen, not a sign. Ambiguous forms are decided by the language: "1,200" is 1200 in
+    English and 1.2 in German or French, "1.200" is 1.2 in English and 1200 in German or French; where the
+    decimal mark is a point, "12,5" is the two numbers 12 and 5 (a comma group needs three digits)."""
     for stop in MGSM_STOPS:
         text = text.split(stop, 1)[0]
-    text = text.translate(_WIDE)
+    groups, decimal = NUMBER_STYLES.get(lang or "en", (",", "."))
+    text = _ascii_digits(text.translate(_WIDE))
     last = None
-    for m in _NUMBER.finditer(text):
+    for m in _PATTERNS[(groups, decimal)].finditer(text):
         sign = m.group(1)
         if sign and m.start() > 0 and text[m.start() - 1].isalnum():
             sign = ""
-        last = float(sign + m.group(2).replace(",", "") + (m.group(3) or ""))
+        integer = re.sub(r"\D", "", m.group(2))
+        last = float(sign + integer + ("." + m.group(3) if m.group(3) else ""))
     return last
 
 
@@ -84,23 +117,49 @@ def answer_correct(pred: float | None, gold: float) -> bool:
     return pred is not None and math.isclose(pred, gold, rel_tol=1e-9, abs_tol=1e-6)
 
 
+class StopOnText(StoppingCriteria):
+    """A stopping criterion for `generate`: a row is done once the text it has generated contains one of
+    `stops`. It decodes the new tokens, so it works with every tokenizer; transformers' own stop_strings
+    instead maps each vocabulary entry back to text by its spelling, which fails for e.g. word-level
+    vocabularies ("substring not found")."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_width: int):
+        self.tokenizer, self.stops, self.prompt_width = tokenizer, stops, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool,
+                            device=input_ids.device)
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """`text` up to the end of the first stop string in it (the text of a token that completes a stop string
+    can run past it; cutting there makes the answer independent of how the tokenizer splits text)."""
+    ends = [text.find(s) + len(s) for s in stops if s in text]
+    return text[:min(ends)] if ends else text
+
+
 @torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8,
                     max_length: int = 512, stop: tuple[str, ...] | None = MGSM_STOPS,
                     desc: str = "generate") -> list[str]:
     """Greedy continuations of `prompts` (the generated text only), in batches of similar length with left
-    padding; a sequence stops at EOS or once it has produced one of the `stop` strings."""
-    seqs = tokenize(tokenizer, prompts, max_length)
+    padding; a sequence stops at EOS or once its text contains one of the `stop` strings, and is cut after
+    the first of them. A prompt longer than `max_length` tokens loses its start (BOS is kept), never the
+    trailing "Answer:" that the answer follows."""
+    bos = tokenizer.bos_token_id
+    seqs = [_truncate_left(tokenizer(p)["input_ids"], max_length, bos) for p in prompts]
     device = next(model.parameters()).device
     out: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for idx in tqdm(batches_by_length([len(s) for s in seqs], batch_size), desc=desc, leave=False):
         ids, mask = pad_batch([seqs[i] for i in idx], pad, device, left=True)
-        kw = dict(stop_strings=list(stop), tokenizer=tokenizer) if stop else {}
+        kw = {"stopping_criteria": StoppingCriteriaList([StopOnText(tokenizer, stop, ids.shape[1])])} if stop else {}
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              temperature=None, top_p=None, top_k=None, pad_token_id=pad, **kw)
         for row, i in enumerate(idx):
-            out[i] = tokenizer.decode(gen[row, ids.shape[1]:], skip_special_tokens=True)
+            text = tokenizer.decode(gen[row, ids.shape[1]:], skip_special_tokens=True)
+            out[i] = cut_at_stop(text, stop) if stop else text
     return out
 
 

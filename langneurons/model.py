@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import EMBEDDED_MODEL, InputError
+from .cli import EMBEDDED_MODEL, InputError, read_json
 
 GROUPS = ("fwd_up", "fwd_down", "attn_q", "attn_k", "attn_v", "attn_o")
 PROVENANCE_FILE = "langneurons.json"  # written into every model directory the pipeline saves
@@ -129,7 +129,91 @@ def resolve_model(model: str) -> tuple[str, str | None]:
 def provenance(model: str) -> dict:
     """The provenance a pipeline-written model directory carries (empty for other models)."""
     f = Path(model) / PROVENANCE_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
+    if not f.is_file():
+        return {}
+    obj = read_json(f, f"--model {model}: provenance file")
+    if not isinstance(obj, dict) or not isinstance(obj.get("tag", ""), str):
+        raise InputError(f"--model {model}: provenance file {f}: expected an object with a string 'tag'")
+    return obj
+
+
+def check_model(model: str):
+    """The config of `--model`, after checking that everything loading it needs is readable: the config
+    (with its model_type), the tokenizer and every weight file's header. It takes seconds, and is called
+    before the expensive part, so that a broken model folder is one line, not a traceback an hour in."""
+    from transformers import AutoConfig
+    path, gguf = resolve_model(model)
+    provenance(model)
+    d = Path(path)
+    if not d.is_dir():  # a hub id: only its snapshot in the local cache can be loaded (we never download)
+        try:
+            from huggingface_hub import snapshot_download
+            d = Path(snapshot_download(path, local_files_only=True))
+        except Exception:
+            raise InputError(f"--model {model}: not a local file or directory, and not in the local Hugging Face "
+                             "cache (nothing is downloaded)") from None
+    if gguf is None:
+        cfg = read_json(d / "config.json", f"--model {model}: config")
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str) or not cfg["model_type"]:
+            raise InputError(f"--model {model}: {d / 'config.json'} has no model_type (cannot tell the architecture)")
+    try:
+        config = AutoConfig.from_pretrained(str(d), gguf_file=gguf)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError, ... for unreadable configs
+        raise InputError(f"--model {model}: cannot read its config ({_first_line(e)})") from None
+    try:
+        load_tokenizer(str(d / gguf) if gguf else str(d))
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"--model {model}: cannot load its tokenizer ({_first_line(e)})") from None
+    for f in weight_files(d, gguf, model):
+        check_weight_file(f, model)
+    return config
+
+
+def _first_line(e: Exception) -> str:
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def weight_files(d: Path, gguf: str | None, model: str) -> list[Path]:
+    """The weight files transformers would read from model directory `d` (the index's shards, all present)."""
+    if gguf:
+        return [d / gguf]
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = d / index_name
+        if index.is_file():
+            obj = read_json(index, f"--model {model}: weight index")
+            shards = obj.get("weight_map") if isinstance(obj, dict) else None
+            if not isinstance(shards, dict) or not shards:
+                raise InputError(f"--model {model}: weight index {index} has no weight_map")
+            files = [d / f for f in sorted(set(map(str, shards.values())))]
+            if missing := [f for f in files if not f.is_file()]:
+                raise InputError(f"--model {model}: weight file {missing[0]} (listed in {index_name}) is missing")
+            return files
+    files = sorted(d.glob("*.safetensors")) or sorted(d.glob("pytorch_model*.bin"))
+    if not files:
+        raise InputError(f"--model {model}: no weights (*.safetensors or pytorch_model.bin) in {d}")
+    return files
+
+
+def check_weight_file(f: Path, model: str) -> None:
+    """Read a weight file's header and check that the file holds every byte it announces (a truncated copy
+    fails here, not in the middle of loading)."""
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(f), "pt"):
+                pass  # the header is parsed and checked against the file size
+        elif f.suffix == ".gguf":
+            from gguf import GGUFReader
+            GGUFReader(str(f))
+        else:  # torch's zip format: the central directory at the end is gone when the file is cut short
+            import zipfile
+            with zipfile.ZipFile(f) as z:
+                z.infolist()
+    except Exception as e:
+        raise InputError(f"--model {model}: weight file {f} is unreadable or truncated ({_first_line(e)})") from None
 
 
 def model_tag(model: str) -> str:

@@ -4,6 +4,7 @@ In memory a neuron set is a dict group -> bool tensor [num_layers, group_size]; 
 then elementwise logic. On disk it is the authors' JSON layout {group: {"layer": [indices]}}."""
 from __future__ import annotations
 
+import re
 import zlib
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,9 @@ def language_sets(related: dict[str, NeuronSet], geom: Geometry, seed: int) -> d
 
 
 def related_from_counts(counts: dict[str, torch.Tensor], sentences: torch.Tensor, langs: list[str],
-                        threshold: float) -> dict[str, NeuronSet]:
-    """N_l = neurons whose firing rate (count / sentences of l) is at least `threshold`."""
+                        threshold: float, geom: Geometry | None = None) -> dict[str, NeuronSet]:
+    """N_l = neurons whose firing rate (count / sentences of l) is at least `threshold`. A group without
+    counts (not scored, `--groups`) has no related neurons; its shape comes from `geom`."""
     out = {}
     for i, l in enumerate(langs):
         n = int(sentences[i])
@@ -79,7 +81,8 @@ def related_from_counts(counts: dict[str, torch.Tensor], sentences: torch.Tensor
             raise InputError(f"no sentences counted for language '{l}'")
         # integer comparison avoids float rounding at threshold 1.0
         need = int(np.ceil(threshold * n - 1e-9))
-        out[l] = {g: counts[g][i] >= need for g in GROUPS}
+        out[l] = {g: counts[g][i] >= need if g in counts else torch.zeros(geom.shape(g), dtype=torch.bool)
+                  for g in GROUPS}
     return out
 
 
@@ -151,16 +154,17 @@ def read_neuron_file(path: str | Path, geom: Geometry, legacy_kv: bool = False) 
         kv_from_q = group in ("attn_k", "attn_v") and space == "query_heads"
         limit = geom.num_heads * geom.head_dim if kv_from_q else geom.group_size(group)
         for key, idx in layers.items():
-            if not (isinstance(key, str) and key.isdigit() and int(key) < geom.num_layers):
+            # ASCII digits only: str.isdigit() accepts "²", which int() then rejects
+            if not (re.fullmatch(r"[0-9]+", key) and int(key) < geom.num_layers):
                 raise InputError(f"neuron file {path}: group {group} layer {key} does not exist "
                                  f"(model has {geom.num_layers} layers)")
             if not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
                 raise InputError(f"neuron file {path}: group {group} layer {key}: indices must be a list of integers")
-            t = torch.tensor(idx, dtype=torch.long)
-            if len(idx) and (int(t.min()) < 0 or int(t.max()) >= limit):
-                bad = int(t.max()) if int(t.max()) >= limit else int(t.min())
+            # checked on the Python integers: an index beyond 64 bits would overflow torch.tensor
+            if (bad := next((i for i in idx if not 0 <= i < limit), None)) is not None:
                 raise InputError(f"neuron file {path}: group {group} layer {key}: index {bad} out of range "
                                  f"[0, {limit})")
+            t = torch.tensor(idx, dtype=torch.long)
             if kv_from_q:
                 d = geom.head_dim
                 t = t // geom.n_rep if legacy_kv else (t // d // geom.n_rep) * d + t % d

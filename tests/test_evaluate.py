@@ -48,6 +48,75 @@ def test_extract_answer(text, expected):
     assert got == expected
 
 
+NNBSP, NBSP = "\u202f", "\u00a0"
+EXTRACTION_BY_LANGUAGE = [
+    ("Die Antwort ist 1.200 Euro.", "de", 1200.0),
+    ("Die Antwort ist 1.234.567,25 Euro.", "de", 1234567.25),
+    ("Sie braucht 2,5 Stunden.", "de", 2.5),
+    ("Die Antwort ist 2.5", "de", 2.5),  # a point that cannot group thousands: an English-style decimal point
+    ("Die Antwort ist 1,200", "de", 1.2),  # German reading of an ambiguous form
+    ("La réponse est 1 200 €.", "fr", 1200.0),
+    (f"La réponse est 1{NBSP}200.", "fr", 1200.0),
+    (f"La réponse est 12{NNBSP}345{NNBSP}678,5 €.", "fr", 12345678.5),
+    ("Il a 3 ans et 200 €.", "fr", 200.0),  # digits separated by words are separate numbers
+    ("La réponse est 1.200", "fr", 1200.0),
+    ("The answer is 1,200.", "en", 1200.0),
+    ("The answer is 1.200", "en", 1.2),
+    (f"The answer is 1{NNBSP}200.", "en", 1200.0),  # a narrow no-break space only ever groups thousands
+    ("x = 12,5", "en", 5.0),
+    ("คำตอบคือ ๑,๒๐๐ บาท", "th", 1200.0),  # Thai digits
+    ("Jibu ni 1,200.", "sw", 1200.0),
+    ("所以答案是１，２００元。", "zh", 1200.0),
+    ("Die Antwort ist -1.200,5", "de", -1200.5),
+    ("La réponse est 18.\n\nQuestion: 5", "fr", 18.0),
+]
+
+
+@pytest.mark.parametrize("text,lang,expected", EXTRACTION_BY_LANGUAGE)
+def test_extract_answer_by_language(text, lang, expected):
+    assert metrics.extract_answer(text, lang) == expected
+
+
+def usual_format(n: float, thousands: str, decimal: str) -> str:
+    """`n` as a speaker writes it: thousands groups and the decimal mark of the language."""
+    whole, _, frac = f"{n:,.6f}".rstrip("0").rstrip(".").partition(".")
+    return whole.replace(",", thousands) + (decimal + frac if frac else "")
+
+
+# the answer sentence each language ends with, after a working line with a decimal; its usual number formats
+ANSWER_SENTENCES = {
+    "en": ("Step: 2.5 + 1 = 3.5. The answer is {} dollars.", [(",", ".")]),
+    "de": ("Schritt: 2,5 + 1 = 3,5. Die Antwort lautet {} Euro.", [(".", ",")]),
+    "fr": ("Étape : 2,5 + 1 = 3,5. La réponse est {} €.", [(" ", ","), (NBSP, ","), (NNBSP, ",")]),
+    "zh": ("步骤：2.5 + 1 = 3.5。所以答案是{}。", [(",", ".")]),
+    "th": ("ขั้นตอน: 2.5 + 1 = 3.5 ดังนั้นคำตอบคือ {} บาท", [(",", ".")]),
+    "sw": ("Hatua: 2.5 + 1 = 3.5. Kwa hiyo jibu ni {}.", [(",", ".")]),
+}
+
+
+def test_every_real_mgsm_answer_parses_back():
+    from conftest import SHARED_DATA
+    files = sorted((SHARED_DATA / "mgsm").glob("mgsm_*.tsv"))
+    if not files:
+        pytest.skip("no MGSM data in ../shared/data/mgsm")
+    large = 0
+    for f in files:
+        lang = f.stem.split("_", 1)[1]
+        sentence, formats = ANSWER_SENTENCES[lang]
+        golds = [float(line.split("\t")[1].replace(",", "")) for line in f.read_text(encoding="utf-8").splitlines()
+                 if line.strip()]
+        assert len(golds) == 250
+        large += sum(g >= 1000 for g in golds)
+        for thousands, decimal in formats:
+            for gold in golds:
+                text = sentence.format(usual_format(gold, thousands, decimal))
+                assert metrics.extract_answer(text, lang) == gold, text
+                if lang == "th":  # Thai digits as well
+                    thai = text.translate(str.maketrans("0123456789", "๐๑๒๓๔๕๖๗๘๙"))
+                    assert metrics.extract_answer(thai, lang) == gold, thai
+    assert large >= 20 * len(files)  # the thousands forms are really exercised
+
+
 def test_answer_correct():
     assert metrics.answer_correct(18.0, 18)
     assert metrics.answer_correct(1234.0, 1234.0)
@@ -144,12 +213,67 @@ def test_generate_greedy_batched_equals_single():
 
 def test_generate_stops_at_question():
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    full = metrics.generate_greedy(model, tok, ["Question: 1\nAnswer:"], max_new_tokens=40, stop=None)[0]
-    stopped = metrics.generate_greedy(model, tok, ["Question: 1\nAnswer:"], max_new_tokens=40, stop=("e",))[0]
-    # greedy decoding is deterministic, so the stopped output is the prefix of the full one up to the stop
-    assert full.startswith(stopped)
-    if "e" in full:
-        assert stopped.endswith("e") and stopped.count("e") == 1
+    prompts = ["Question: 1\nAnswer:", "Question: 2 + 3 = ?\nAnswer:"]
+    full = metrics.generate_greedy(model, tok, prompts, max_new_tokens=40, stop=None, batch_size=1)
+    # a stop text the model really produces: two printable ASCII characters from the middle of its output
+    # (greedy decoding is deterministic, so a run with that stop must end exactly there)
+    stops = []
+    for text in full:
+        i = next(i for i in range(4, len(text) - 1) if text[i:i + 2].isascii() and text[i:i + 2].isprintable())
+        stops.append(text[i:i + 2])
+    for p, text, stop in zip(prompts, full, stops):
+        stopped = metrics.generate_greedy(model, tok, [p], max_new_tokens=40, stop=(stop, "never seen"))[0]
+        assert stopped == text[:text.index(stop) + 2] and len(stopped) < len(text)
+    # in one batch, each row stops at its own stop text; the rows that stop early do not change the others
+    both = metrics.generate_greedy(model, tok, prompts, max_new_tokens=40, stop=tuple(stops), batch_size=2)
+    assert both == [metrics.cut_at_stop(t, tuple(stops)) for t in full]
+
+
+def word_level_tokenizer():
+    """A real word-level tokenizer (tokenizers' WordLevel model): tokens are whole words, decoded with spaces;
+    transformers' stop_strings cannot map such a vocabulary back to text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<pad>", "<bos>", "<eos>", "<unk>", "Question:", "Answer:", "Question", ":", "\n", "the", "cat", "has",
+             "apples", "1", "2", "3", "5", "+", "=", "?", "so", "is", "answer"]
+    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+def test_generate_with_a_word_level_tokenizer():
+    from transformers import AutoModelForCausalLM
+    from tiny import tiny_config
+    tok = word_level_tokenizer()
+    cfg = tiny_config("llama")
+    cfg.vocab_size = len(tok)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)  # large weights: varied words rather than one repeated
+    prompt = "Question: 2 + 3 = ?\nAnswer:"
+    full = metrics.generate_greedy(model, tok, [prompt], max_new_tokens=30, stop=None)[0]
+    words = full.split()
+    assert len(set(words)) > 2 and "Question:" in words, full  # this seed's model writes the MGSM stop text
+    # the MGSM stops (the default) work with this vocabulary, and cut where their text first appears
+    default = metrics.generate_greedy(model, tok, [prompt], max_new_tokens=30)[0]
+    assert default == metrics.cut_at_stop(full, metrics.MGSM_STOPS)
+    stop = next(w for w in words[3:] if w not in words[:3])  # a word the model produces after a few others
+    stopped = metrics.generate_greedy(model, tok, [prompt], max_new_tokens=30, stop=(stop,))[0]
+    assert stopped == full[:full.index(stop) + len(stop)] and len(stopped) < len(full)
+
+
+def test_generate_long_prompt_keeps_its_end():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    prompt = "word " * 100 + metrics.MGSM_PROMPT.format(question="2 + 3 = ?")
+    # the byte tokenizer gives one token per ASCII character after BOS: 47 characters fit beside BOS in 48 tokens
+    cut = metrics.generate_greedy(model, tok, [prompt], max_new_tokens=8, max_length=48, stop=None)[0]
+    tail = metrics.generate_greedy(model, tok, [prompt[-47:]], max_new_tokens=8, stop=None)[0]
+    head = metrics.generate_greedy(model, tok, [prompt[:47]], max_new_tokens=8, stop=None)[0]
+    assert prompt[-47:].endswith("\nAnswer:")
+    assert cut == tail and cut != head
 
 
 # ---------------------------------------------------------------- the CLI

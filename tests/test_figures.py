@@ -156,7 +156,8 @@ def test_missing_inputs_skip_with_notes(tmp_path):
     report = (out / "figures" / "report.md").read_text()
     assert "Skipped" in report and "corrupt: no readable neurons/stats.json" in report
     assert not list((out / "figures").glob("*.png"))
-    # an empty output root also works
+    # an empty output root also works (a missing one is an error: tests/test_faults.py)
+    (tmp_path / "nothing").mkdir()
     r = run_figures("--out", tmp_path / "nothing")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "nothing" / "figures" / "report.md").is_file()

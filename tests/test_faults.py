@@ -1,0 +1,439 @@
+"""A catalogue of hostile inputs: each must give exit status 2 and one line on stderr that names the culprit
+(the flag or the file), before the expensive part, leaving nothing partial behind.
+
+Every case is a real process (its own exit status and stderr), forked from one runner that has imported
+torch and transformers once, so the catalogue stays fast."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from tiny import save_tiny, tiny_dataset
+
+from langneurons.model import Geometry
+from langneurons.neurons import empty_set, write_neuron_file
+
+# Reads one case per line ({"argv", "cwd", "stdout", "stderr"}) and answers with the forked child's exit status.
+RUNNER = r"""
+import json, os, runpy, sys, traceback
+import torch, transformers, accelerate, safetensors.torch, matplotlib, tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+import langneurons.cli, langneurons.data, langneurons.importance, langneurons.masking, langneurons.metrics
+import langneurons.model, langneurons.neurons, langneurons.sparse
+for line in sys.stdin:
+    case = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        out = os.open(case["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        err = os.open(case["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        os.chdir(case["cwd"])
+        sys.argv = case["argv"]
+        sys.path[0] = os.path.dirname(case["argv"][0])
+        code = 0
+        try:
+            runpy.run_path(case["argv"][0], run_name="__main__")
+        except SystemExit as e:
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+class Runner:
+    def __init__(self, root: Path):
+        self.root = root
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO),
+               "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-c", RUNNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env, cwd=REPO)
+        self.n = 0
+
+    def __call__(self, script: str, *argv, cwd: Path) -> tuple[int, str, str]:
+        self.n += 1
+        out, err = self.root / f"{self.n}.out", self.root / f"{self.n}.err"
+        case = {"argv": [str(REPO / script), *map(str, argv)], "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+        self.proc.stdin.write(json.dumps(case) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "the case runner died"
+        return int(line), out.read_text(errors="replace"), err.read_text(errors="replace")
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    r = Runner(tmp_path_factory.mktemp("runner"))
+    yield r
+    r.close()
+
+
+# ---------------------------------------------------------------- the material: a tiny model, a dataset, broken copies
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    model = save_tiny("llama", root / "model")
+    geom = Geometry.from_config(__import__("transformers").AutoConfig.from_pretrained(model))
+    m = {"model": model, "data": tiny_dataset(root / "data"), "root": root}
+
+    weights = (model / "model.safetensors").read_bytes()
+    m["truncated"] = copy_model(model, root / "truncated")
+    (m["truncated"] / "model.safetensors").write_bytes(weights[:len(weights) * 2 // 3])
+    m["no_tokenizer"] = copy_model(model, root / "no_tokenizer")
+    for f in m["no_tokenizer"].iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    cfg = json.loads((model / "config.json").read_text())
+    m["no_model_type"] = copy_model(model, root / "no_model_type")
+    (m["no_model_type"] / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "model_type"}))
+    m["corrupt_config"] = copy_model(model, root / "corrupt_config")
+    (m["corrupt_config"] / "config.json").write_text(json.dumps(cfg)[:-20])
+    m["corrupt_provenance"] = copy_model(model, root / "corrupt_provenance")
+    (m["corrupt_provenance"] / "langneurons.json").write_text('{"tag": "base", ')
+    m["no_config"] = copy_model(model, root / "no_config")
+    (m["no_config"] / "config.json").unlink()
+    m["missing_shard"] = copy_model(model, root / "missing_shard")
+    (m["missing_shard"] / "model.safetensors").rename(m["missing_shard"] / "model-00001-of-00002.safetensors")
+    (m["missing_shard"] / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors",
+                                        "model.norm.weight": "model-00001-of-00002.safetensors"}}))
+
+    s = empty_set(geom)
+    s["fwd_up"][0, :3] = True
+    write_neuron_file(root / "good.json", s, {"set": "good"})
+    good = json.loads((root / "good.json").read_text())
+    hostile = {
+        "superscript_layer": {"fwd_up": {"²": [1]}},
+        "huge_index": {"fwd_up": {"0": [2 ** 70]}},
+        "negative_index": {"attn_q": {"1": [-1]}},
+        "layer_out_of_range": {"fwd_up": {"3": [0]}},
+        "unknown_group": {"mlp": {"0": [1]}},
+        "float_index": {"fwd_down": {"0": [1.5]}},
+        "not_an_object": [1, 2, 3],
+    }
+    for name, obj in hostile.items():
+        (root / f"{name}.json").write_text(json.dumps(obj), encoding="utf-8")
+    (root / "corrupt.json").write_text(json.dumps(good)[:-5])
+    (root / "latin1.json").write_bytes('{"fwd_up": {"0": [1]}, "meta": {"set": "caf\xe9"}}'.encode("latin-1"))
+    write_neuron_file(root / "empty_set.json", empty_set(geom))
+    return m
+
+
+def dataset_with(w, tmp_path: Path, file: str, content: str | bytes) -> Path:
+    """A copy of the tiny dataset with one file replaced."""
+    d = tiny_dataset(tmp_path / "data")
+    target = d / file
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (target.write_bytes if isinstance(content, bytes) else target.write_text)(content)
+    return d
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+def assert_fault(run, tmp_path: Path, script: str, argv: list, needle: str, out: Path | None = None):
+    """Exit status 2, one line naming `needle`, and nothing written under the output root (or under cwd)."""
+    out = out or tmp_path / "out"
+    before = files_under(out)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir(exist_ok=True)
+    rc, stdout, stderr = run(script, *argv, cwd=cwd)
+    lines = stderr.strip().splitlines()
+    assert rc == 2, f"exit {rc}\n{stderr[-3000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+    assert needle in lines[0], lines[0]
+    assert files_under(out) == before, f"{script} left {files_under(out)}"
+    assert files_under(cwd) == [], f"{script} left {files_under(cwd)} in the working directory"
+    return lines[0]
+
+
+# ---------------------------------------------------------------- detection.py
+
+DETECTION_FLAGS = [
+    (["--ratio", "0"], "--ratio"),
+    (["--ratio", "1.5"], "--ratio"),
+    (["--ratio", "nan"], "--ratio"),
+    (["--threshold", "inf"], "--threshold"),
+    (["--threshold", "0"], "--threshold"),
+    (["--sample-size", "-1"], "--sample-size"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--max-length", "1"], "--max-length"),
+    (["--max-length", "2.5"], "--max-length"),
+    (["--groups", ","], "--groups"),
+    (["--groups", "fwd_up,mlp"], "mlp"),
+    (["--groups", "fwd_up,fwd_up"], "--groups"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", "99999999999999999999"], "--seed"),
+    (["--method", "magic"], "--method"),
+    (["--dtype", "float64"], "--dtype"),
+    (["--langs", "en,en"], "--langs"),
+    (["--langs", ","], "--langs"),
+    (["--langs", "en,xx"], "'xx'"),
+    (["--device", "tpu"], "--device"),
+    (["--bogus-flag"], "--bogus-flag"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", DETECTION_FLAGS, ids=[" ".join(a) for a, _ in DETECTION_FLAGS])
+def test_detection_bad_flags(run, w, tmp_path, argv, needle):
+    assert_fault(run, tmp_path, "detection.py", ["--model", w["model"], "--dataset", w["data"], "--langs", "en,fr",
+                                                 "--out", tmp_path / "out", *argv], needle)
+
+
+BROKEN_MODELS = [
+    ("truncated", "model.safetensors"),
+    ("no_tokenizer", "tokenizer"),
+    ("no_model_type", "model_type"),
+    ("corrupt_config", "config"),
+    ("corrupt_provenance", "langneurons.json"),
+    ("no_config", "config.json"),
+    ("missing_shard", "model-00002-of-00002.safetensors"),
+]
+
+
+@pytest.mark.parametrize("which,needle", BROKEN_MODELS, ids=[b for b, _ in BROKEN_MODELS])
+def test_detection_broken_model(run, w, tmp_path, which, needle):
+    msg = assert_fault(run, tmp_path, "detection.py", ["--model", w[which], "--dataset", w["data"], "--langs", "en",
+                                                       "--out", tmp_path / "out"], needle)
+    assert str(w[which]) in msg
+
+
+def test_missing_model_and_gguf(run, w, tmp_path):
+    for model in (tmp_path / "nowhere", tmp_path / "model.gguf"):
+        assert_fault(run, tmp_path, "detection.py", ["--model", model, "--dataset", w["data"], "--langs", "en",
+                                                     "--out", tmp_path / "out"], str(model))
+
+
+@pytest.mark.parametrize("file,content,needle", [
+    ("detect/en.txt", "", "empty"),
+    ("detect/en.txt", "\n  \n\n", "empty"),
+    ("detect/en.txt", b"good line\n\xff\xfe bad bytes\n", "line 2 is not UTF-8"),
+], ids=["empty", "blank", "not-utf8"])
+def test_detection_bad_corpus(run, w, tmp_path, file, content, needle):
+    data = dataset_with(w, tmp_path, file, content)
+    msg = assert_fault(run, tmp_path, "detection.py", ["--model", w["model"], "--dataset", data, "--langs", "en",
+                                                       "--out", tmp_path / "out"], needle)
+    assert str(data / file) in msg
+
+
+def test_detection_missing_dataset(run, w, tmp_path):
+    assert_fault(run, tmp_path, "detection.py", ["--model", w["model"], "--dataset", tmp_path / "nodata",
+                                                 "--langs", "en", "--out", tmp_path / "out"], "nodata")
+
+
+def test_detection_mgsm_corpus_with_nan_gold(run, w, tmp_path):
+    data = dataset_with(w, tmp_path, "test/mgsm/mgsm_en.tsv", "2 + 3 = ?\t5\n1 / 0 = ?\tnan\n")
+    assert_fault(run, tmp_path, "detection.py", ["--model", w["model"], "--dataset", data, "--langs", "en",
+                                                 "--corpus", "mgsm", "--out", tmp_path / "out"], "line 2")
+
+
+# ---------------------------------------------------------------- deactivation.py
+
+NEURON_FILES = [
+    ("superscript_layer", "²"),
+    ("huge_index", str(2 ** 70)),
+    ("negative_index", "-1"),
+    ("layer_out_of_range", "layer 3"),
+    ("unknown_group", "'mlp'"),
+    ("float_index", "integers"),
+    ("not_an_object", "object"),
+    ("corrupt", "corrupt JSON"),
+    ("latin1", "not UTF-8"),
+]
+
+
+@pytest.mark.parametrize("name,needle", NEURON_FILES, ids=[n for n, _ in NEURON_FILES])
+def test_deactivation_bad_neuron_file(run, w, tmp_path, name, needle):
+    f = w["root"] / f"{name}.json"
+    msg = assert_fault(run, tmp_path, "deactivation.py", ["--model", w["model"], "--dataset", w["data"],
+                                                          "--langs", "en", "--out", tmp_path / "out",
+                                                          "--neurons", f, "--measure-ppl"], needle)
+    assert str(f) in msg
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--neurons", "missing.json"], "missing.json"),
+    (["--save-variants", "nosuchset"], "--save-variants"),
+    (["--save-variants", "none"], "--save-variants"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--limit", "-3"], "--limit"),
+    (["--neurons", "bad name!=GOOD"], "set name"),
+], ids=["missing", "unknown-variant", "nothing-to-do", "batch", "limit", "unsafe-name"])
+def test_deactivation_bad_flags(run, w, tmp_path, argv, needle):
+    argv = [a.replace("GOOD", str(w["root"] / "good.json")) for a in argv]
+    if "--neurons" not in argv:
+        argv += ["--neurons", str(w["root"] / "good.json")]
+    assert_fault(run, tmp_path, "deactivation.py", ["--model", w["model"], "--dataset", w["data"], "--langs", "en",
+                                                    "--out", tmp_path / "out", *argv], needle)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
+def test_deactivation_truncated_weights(run, w, tmp_path, streaming):
+    assert_fault(run, tmp_path, "deactivation.py", ["--model", w["truncated"], "--dataset", w["data"], "--langs", "en",
+                                                    "--out", tmp_path / "out", "--neurons", w["root"] / "good.json",
+                                                    *(["--streaming"] if streaming else [])], "model.safetensors")
+
+
+def test_deactivation_no_neurons_yet(run, w, tmp_path):
+    assert_fault(run, tmp_path, "deactivation.py", ["--model", w["model"], "--dataset", w["data"], "--langs", "en",
+                                                    "--out", tmp_path / "out", "--measure-ppl"], "detection.py")
+
+
+# ---------------------------------------------------------------- train.py
+
+TRAIN_FLAGS = [
+    (["--save-steps", "inf"], "--save-steps"),
+    (["--save-steps", "2.5"], "--save-steps"),
+    (["--save-steps", "0"], "--save-steps"),
+    (["--epochs", "inf"], "--epochs"),
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "-1e-5"], "--lr"),
+    (["--warmup", "1"], "--warmup"),
+    (["--max-steps", "-2"], "--max-steps"),
+    (["--batch-size", "4", "--micro-batch-size", "3"], "--batch-size"),
+    (["--micro-batch-size", "0"], "--micro-batch-size"),
+    (["--cutoff-len", "1"], "--cutoff-len"),
+    (["--lora-alpha", "8"], "--lora-alpha"),
+    (["--lang", "xx"], "'xx'"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", TRAIN_FLAGS, ids=[" ".join(a) for a, _ in TRAIN_FLAGS])
+def test_train_bad_flags(run, w, tmp_path, argv, needle):
+    base = ["--model", w["model"], "--dataset", w["data"], "--out", tmp_path / "out", "--neurons",
+            w["root"] / "good.json", "--batch-size", "2", "--micro-batch-size", "1"]
+    if "--lang" not in argv:
+        base += ["--lang", "en"]
+    assert_fault(run, tmp_path, "train.py", base + argv, needle)
+
+
+def test_train_lora_rank_zero_and_no_mode(run, w, tmp_path):
+    base = ["--model", w["model"], "--dataset", w["data"], "--out", tmp_path / "out", "--lang", "en"]
+    assert_fault(run, tmp_path, "train.py", base + ["--lora-rank", "0"], "--lora-rank")
+    assert_fault(run, tmp_path, "train.py", base, "--neurons")  # one of --neurons / --lora-rank is required
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("", "empty"),
+    ('{"text": "fine"}\n{"text": "cut in the mid\n', "line 2"),
+    ('{"text": "fine"}\n["not", "an", "object"]\n', "line 2"),
+], ids=["empty", "corrupt-line", "not-an-object"])
+def test_train_bad_training_file(run, w, tmp_path, content, needle):
+    data = dataset_with(w, tmp_path, "train/en.jsonl", content)
+    msg = assert_fault(run, tmp_path, "train.py", ["--model", w["model"], "--dataset", data, "--out", tmp_path / "out",
+                                                   "--lang", "en", "--neurons", w["root"] / "good.json"], needle)
+    assert str(data / "train/en.jsonl") in msg
+
+
+def test_train_empty_neuron_set_and_broken_model(run, w, tmp_path):
+    base = ["--dataset", w["data"], "--out", tmp_path / "out", "--lang", "en"]
+    assert_fault(run, tmp_path, "train.py", base + ["--model", w["model"], "--neurons", w["root"] / "empty_set.json"],
+                 "empty")
+    assert_fault(run, tmp_path, "train.py", base + ["--model", w["truncated"], "--neurons", "full"],
+                 "model.safetensors")
+
+
+# ---------------------------------------------------------------- evaluate.py
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--tasks", ","], "--tasks"),
+    (["--tasks", "ppl,bleu"], "bleu"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--limit", "1.5"], "--limit"),
+    (["--max-length", "4"], "--max-length"),
+    (["--name", "..."], "--name"),
+], ids=["no-task", "unknown-task", "max-new-tokens", "limit", "max-length", "name"])
+def test_evaluate_bad_flags(run, w, tmp_path, argv, needle):
+    assert_fault(run, tmp_path, "evaluate.py", ["--model", w["model"], "--dataset", w["data"], "--langs", "en",
+                                                "--out", tmp_path / "out", *argv], needle)
+
+
+@pytest.mark.parametrize("gold", ["nan", "inf", "-Infinity"])
+def test_evaluate_non_finite_mgsm_gold(run, w, tmp_path, gold):
+    data = dataset_with(w, tmp_path, "test/mgsm/mgsm_en.tsv", f"2 + 3 = ?\t5\nforever?\t{gold}\n")
+    msg = assert_fault(run, tmp_path, "evaluate.py", ["--model", w["model"], "--dataset", data, "--langs", "en",
+                                                      "--out", tmp_path / "out", "--tasks", "mgsm"], "line 2")
+    assert str(data / "test/mgsm/mgsm_en.tsv") in msg
+
+
+def test_evaluate_bad_task_files(run, w, tmp_path):
+    data = dataset_with(w, tmp_path, "test/mmlu/mmlu_EN-EN.csv", ",Question,A,B,C,Answer\n0,q,a,b,c,A\n")
+    assert_fault(run, tmp_path, "evaluate.py", ["--model", w["model"], "--dataset", data, "--langs", "en",
+                                                "--out", tmp_path / "out", "--tasks", "mmmlu"], "missing column D")
+    data = dataset_with(w, tmp_path / "2", "val/en.txt", "")
+    assert_fault(run, tmp_path, "evaluate.py", ["--model", w["model"], "--dataset", data, "--langs", "en",
+                                                "--out", tmp_path / "out", "--tasks", "ppl"], "empty")
+
+
+@pytest.mark.parametrize("which,needle", [("truncated", "model.safetensors"), ("no_tokenizer", "tokenizer")])
+def test_evaluate_broken_model(run, w, tmp_path, which, needle):
+    assert_fault(run, tmp_path, "evaluate.py", ["--model", w[which], "--dataset", w["data"], "--langs", "en",
+                                                "--out", tmp_path / "out", "--tasks", "ppl"], needle)
+
+
+# ---------------------------------------------------------------- figures.py
+
+def test_figures_out_missing(run, tmp_path):
+    assert_fault(run, tmp_path, "figures.py", ["--out", tmp_path / "no_outputs"], "--out")
+
+
+def test_figures_unknown_model(run, tmp_path):
+    out = tmp_path / "out"
+    (out / "model_a" / "eval").mkdir(parents=True)
+    assert_fault(run, tmp_path, "figures.py", ["--out", out, "--models", "model_a,ghost"], "ghost", out=out)
+    assert_fault(run, tmp_path, "figures.py", ["--out", out, "--models", ","], "--models", out=out)
+
+
+# ---------------------------------------------------------------- not a fault: any subset of groups works end to end
+
+def test_detection_with_a_subset_of_groups(run, w, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--model", w["model"], "--dataset", w["data"], "--langs", "en,fr", "--out", out, "--device", "cpu",
+            "--groups", "fwd_up,fwd_down", "--ratio", "0.1", "--threshold", "0.5"]
+    rc, stdout, stderr = run("detection.py", *argv, cwd=tmp_path)
+    assert rc == 0, stderr[-3000:]
+    neurons = out / "model" / "neurons"
+    shared = json.loads((neurons / "shared.json").read_text())
+    related = json.loads((neurons / "related_en.json").read_text())
+    assert sum(map(len, related["fwd_up"].values())) > 0
+    for g in ("attn_q", "attn_k", "attn_v", "attn_o"):  # not scored: no neuron of theirs is related
+        assert all(v == [] for v in related[g].values()) and all(v == [] for v in shared[g].values())
+    meta = json.loads((neurons / "meta.json").read_text())
+    assert meta["groups"] == ["fwd_up", "fwd_down"]
+    from safetensors import safe_open
+    with safe_open(str(neurons / "firing.safetensors"), "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"fwd_up", "fwd_down", "sentences"}
+    # a --threshold-only rerun re-derives the sets from the stored counts of these groups
+    rc, stdout, stderr = run("detection.py", *argv[:-1], "1.0", cwd=tmp_path)
+    assert rc == 0 and "Re-deriving" in stdout, stderr[-3000:]
+    strict = json.loads((neurons / "related_en.json").read_text())
+    count = lambda s: sum(len(v) for g in ("fwd_up", "fwd_down") for v in s[g].values())
+    assert count(strict) <= count(related)
