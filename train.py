@@ -217,7 +217,8 @@ def main() -> None:
     if args.resume not in (None, "last"):
         resume_from = Path(args.resume)
         if not (resume_from.is_dir() and finished_checkpoint(resume_from)):
-            raise InputError(f"--resume {resume_from}: not a finished checkpoint folder (no readable trainer_state.json)")
+            raise InputError(f"--resume {resume_from}: not a finished checkpoint folder "
+                             "(no readable trainer_state.json)")
     elif not args.force and ckpt_dir.is_dir():
         last, unfinished = last_checkpoint(ckpt_dir, remove_unfinished=rank0)
         for u in unfinished:
