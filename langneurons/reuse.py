@@ -6,9 +6,10 @@ and tokenizer) and the code (the package and the stage script). That record, the
 into the output's metadata; a rerun compares it with its own and says in one line what changed.
 
 Each output unit (a folder: neurons/, a variant, a trained run, figures/; or a file: deactivation.json,
-eval/<name>.json) has a lock beside it, `.<name>.lock` (filelock): a second run on the same unit waits for
-the first. Temporaries are `.<name>.<random>.tmp` (langneurons.cli.temp_name); whoever takes a lock removes
-the temporaries of every unit in that folder whose lock no live run holds, i.e. those of killed runs."""
+eval/<name>.json) has a lock (filelock) in <cache_root>/locks, named after its resolved path: a second run on
+the same unit waits for the first, and a run that stops early leaves nothing in the output folder. Temporaries
+are `.<name>.<random>.tmp` (langneurons.cli.temp_name); whoever takes a lock removes the temporaries of
+every unit in that folder whose lock no live run holds, i.e. those of killed runs."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -210,8 +212,23 @@ def check_writable(target: str | Path, flag: str, folder: bool) -> None:
         raise InputError(f"{flag}: cannot write into {p} (permission denied)")
 
 
+def lock_file(target: str | Path) -> Path:
+    """Where the lock of the output unit `target` lives: outside the output folder, so that a run stopped by
+    bad input before writing anything leaves nothing there (<cache_root>/locks, else the temporary folder)."""
+    target = Path(target).resolve()
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", target.name)[:60]
+    name = f"{readable}-{hashlib.sha256(str(target).encode()).hexdigest()[:24]}.lock"
+    for folder in (cache_root() / "locks", Path(tempfile.gettempdir()) / f"langneurons-locks-{os.getuid()}"):
+        with contextlib.suppress(OSError):
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK | os.X_OK):
+                return folder / name
+    raise InputError(f"cannot create a lock for {target}: neither {cache_root() / 'locks'} nor the temporary "
+                     "folder can be written")
+
+
 def _lock(target: Path) -> FileLock:
-    return FileLock(str(target.parent / f".{target.name}.lock"))
+    return FileLock(str(lock_file(target)))
 
 
 def _remove(p: Path) -> None:
@@ -230,8 +247,7 @@ def clean_leftovers(folder: Path, held: Path) -> None:
         if not m:
             continue
         unit = folder / m["unit"]
-        lock_file = unit.parent / f".{unit.name}.lock"
-        if unit == held or not lock_file.exists():  # ours, or of a unit no run ever locked
+        if unit == held:
             _remove(p)
             continue
         other = _lock(unit)
@@ -259,7 +275,6 @@ def locked(target: str | Path, enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
     lock = _lock(target)
     try:
         lock.acquire(timeout=0)
@@ -267,7 +282,8 @@ def locked(target: str | Path, enabled: bool = True) -> Iterator[None]:
         print(f"Waiting for another run writing {target} to finish", flush=True)
         lock.acquire()
     try:
-        clean_leftovers(target.parent, target)
+        if target.parent.is_dir():
+            clean_leftovers(target.parent, target)
         yield
     finally:
         lock.release()

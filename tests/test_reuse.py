@@ -26,9 +26,24 @@ from langneurons.model import Geometry
 from langneurons.neurons import random_set, write_neuron_file
 from tiny import save_tiny, tiny_config, tiny_dataset
 
-# the thread settings are this process's own, so that in-process and subprocess runs give the same bits
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
 PY = sys.executable
+
+
+def env() -> dict[str, str]:
+    # the thread settings are this process's own, so that in-process and subprocess runs give the same bits
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_cache(tmp_path_factory):
+    """Locks and digests of these runs in a cache of their own, not the user's."""
+    old = os.environ.get("LANGNEURONS_CACHE")
+    os.environ["LANGNEURONS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["LANGNEURONS_CACHE"]
+    else:
+        os.environ["LANGNEURONS_CACHE"] = old
 
 
 # ---------------------------------------------------------------- running the stages
@@ -66,7 +81,7 @@ def error_line(script: str, *args, cwd: Path) -> str:
 
 def process(script: str, *args, cwd: Path, kill_at: int = 0) -> subprocess.Popen:
     pre = [str(REPO / "tests" / "kill_at.py"), str(kill_at)] if kill_at else []
-    return subprocess.Popen([PY, *pre, str(REPO / script), *map(str, args)], cwd=cwd, env=ENV,
+    return subprocess.Popen([PY, *pre, str(REPO / script), *map(str, args)], cwd=cwd, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -131,9 +146,8 @@ def detected(base):
 
 
 def tree(root: Path) -> dict[str, bytes]:
-    """Every file below `root` (hidden ones too, locks aside) and its bytes."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.name.endswith(".lock")}
+    """Every file below `root` (hidden ones too: a leftover temporary counts) and its bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def assert_same_outputs(a: Path, b: Path) -> None:
@@ -415,7 +429,7 @@ def test_an_output_folder_that_cannot_be_written(base, tmp_path):
     try:
         r = subprocess.run([PY, str(REPO / "detection.py"), "--model", base[1], "--dataset", base[2], "--langs", "en",
                             "--out", readonly / "out"],
-                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300,
                            preexec_fn=without_root_privilege)
     except (subprocess.SubprocessError, OSError) as e:
         pytest.skip(f"cannot take away the right to write here ({e})")
