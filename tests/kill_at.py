@@ -1,7 +1,10 @@
 """Run a stage script and SIGKILL it just before its K-th change to the filesystem (a file opened for
 writing, a folder made, a rename, a deletion): a kill at a chosen point of the run.
 
-    python tests/kill_at.py K detection.py --model ... (K = 0 counts the changes instead: fs_changes)"""
+    python tests/kill_at.py K detection.py --model ...
+    python tests/kill_at.py K@TEXT detection.py ...   # the K-th change counting from the first that names TEXT
+
+(fs_changes() with no kill counts and names the changes, as in "rename out/tiny/neurons".)"""
 from __future__ import annotations
 
 import builtins
@@ -18,14 +21,17 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT
 
 
 @contextlib.contextmanager
-def fs_changes(kill_at: int = 0) -> Iterator[list[str]]:
+def fs_changes(kill_at: int = 0, start: str = "") -> Iterator[list[str]]:
     """Count (and name) the filesystem changes made inside the block; SIGKILL the process before the
-    `kill_at`-th one when it is positive."""
+    `kill_at`-th one when it is positive, counted from the first whose name is `start` (when given)."""
     seen: list[str] = []
+    first = [] if start else [0]
 
     def change(what: str) -> None:
         seen.append(what)
-        if len(seen) == kill_at:
+        if not first and what == start:
+            first.append(len(seen) - 1)
+        if first and len(seen) - first[0] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
     originals = {}
@@ -61,8 +67,9 @@ def fs_changes(kill_at: int = 0) -> Iterator[list[str]]:
 
 
 if __name__ == "__main__":
-    k, script = int(sys.argv[1]), sys.argv[2]
+    k, _, start = sys.argv[1].partition("@")
+    script = sys.argv[2]
     sys.argv = sys.argv[2:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script` would
-    with fs_changes(k):
+    with fs_changes(int(k), start):
         runpy.run_path(script, run_name="__main__")

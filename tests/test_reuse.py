@@ -79,7 +79,7 @@ def error_line(script: str, *args, cwd: Path) -> str:
     return lines[0]
 
 
-def process(script: str, *args, cwd: Path, kill_at: int = 0) -> subprocess.Popen:
+def process(script: str, *args, cwd: Path, kill_at: int | str = 0) -> subprocess.Popen:
     pre = [str(REPO / "tests" / "kill_at.py"), str(kill_at)] if kill_at else []
     return subprocess.Popen([PY, *pre, str(REPO / script), *map(str, args)], cwd=cwd, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -301,6 +301,35 @@ def test_a_run_killed_at_a_random_point_then_rerun_leaves_the_files_of_an_uninte
     assert killed.returncode == -signal.SIGKILL, (k, changes[k - 1], err[-2000:])
     ok(*argv, cwd=b)
     assert_same_outputs(a / "out", b / "out")
+
+
+def test_killed_while_swapping_the_neurons_folder(base, detected, tmp_path):
+    """The one moment with no neurons/ at all: the old folder renamed aside, the new one not yet in place."""
+    b = tmp_path / "b"
+    shutil.copytree(detected / "out", b / "out")
+    # the change after the old folder went aside is the new one's coming in
+    killed = process(*det(base), "--force", cwd=b, kill_at=f"2@rename {Path('out/tiny/neurons')}")
+    killed.communicate(timeout=600)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (b / "out/tiny/neurons").exists() and len(list((b / "out/tiny").glob(".neurons.*.tmp"))) == 2
+    ok(*det(base), cwd=b)
+    assert_same_outputs(detected / "out", b / "out")
+
+
+def test_folders_swapped_in_by_racing_writers_never_fail(tmp_path):
+    """Without any lock, writers of one folder only race to be last: none fails, one complete folder wins."""
+    from concurrent.futures import ThreadPoolExecutor
+    from langneurons.cli import atomic_dir
+
+    def write(i: int) -> None:
+        with atomic_dir(tmp_path / "unit") as tmp:
+            for name in ("a", "b", "c"):
+                (tmp / name).write_text(str(i))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(write, range(64)))
+    contents = {(tmp_path / "unit" / n).read_text() for n in ("a", "b", "c")}
+    assert len(contents) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["unit"]
 
 
 def test_an_unfinished_checkpoint_never_blocks_training(base, tmp_path):
