@@ -18,11 +18,18 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from langneurons import reuse
 from langneurons.cli import (InputError, atomic_dir, common_parser, int_at_least, parse_langs, read_json, run,
                              run_meta, seed_everything, sha256, write_json)
+from langneurons.data import lang_file
 from langneurons.model import (PROVENANCE_FILE, Geometry, check_model, load_model, model_tag, resolve_model,
                                save_model_dir)
 from langneurons.neurons import read_neuron_file, size
+
+# arguments that cannot change the PPL table (they pick which variants are written, and how)
+PPL_IGNORED = ("save_variants", "streaming")
+# arguments that cannot change a variant: the measurement's, and which sets (its own file is fingerprinted)
+VARIANT_IGNORED = ("measure_ppl", "save_variants", "batch_size", "max_length", "limit", "dataset", "langs", "neurons")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,28 +134,6 @@ def language_agnostic(sets: dict[str, dict], langs: list[str]) -> tuple[dict[str
     return imp, las
 
 
-def fresh(meta_file: Path, args: argparse.Namespace, hashes: dict[str, str]) -> bool:
-    """True when `meta_file` records a finished run with the same arguments (cli.reusable's rule) and
-    the same neuron file contents (detection may have rewritten them since)."""
-    if args.force or not meta_file.is_file():
-        return False
-    try:
-        old = read_json(meta_file)
-    except InputError:
-        return False
-    if not isinstance(old, dict):
-        return False
-    src = old.get("meta", old)  # deactivation.json keeps its provenance under "meta", variants at the top
-    old_hashes = src.get("neuron_sha256")
-    if not isinstance(old_hashes, dict) or any(old_hashes.get(k) != v for k, v in hashes.items()):
-        return False
-    old_args = {k: v for k, v in (src.get("run") or {}).get("args", {}).items() if k != "force"}
-    if old_args != {k: v for k, v in vars(args).items() if k != "force"}:
-        return False
-    print(f"Reusing {meta_file} (same arguments and neuron files; --force recomputes)")
-    return True
-
-
 def main() -> None:
     # ---------------------------------------------------------------- arguments (all checked before any output)
     args = parse_args()
@@ -190,8 +175,20 @@ def main() -> None:
     out_dir = Path(args.out) / tag
     result_file = out_dir / "deactivation.json"
     variant_dir = out_dir / "variants"
-    do_ppl = args.measure_ppl and not fresh(result_file, args, hashes)
-    to_save = [n for n in to_save if not fresh(variant_dir / n / PROVENANCE_FILE, args, {n: hashes[n]})]
+    for unit, folder in [(result_file, False)] * args.measure_ppl + [(variant_dir / n, True) for n in to_save]:
+        reuse.check_writable(unit, f"--out {args.out}", folder=folder)
+    # what each output is computed from: the PPL table from every set, each variant from its own set only
+    if args.measure_ppl:
+        ppl_fp = reuse.fingerprint(args, __file__, ignore=PPL_IGNORED, models=[args.model], files=[
+            *(file for _, file in specs), *(lang_file(args.dataset, "val", l, ".txt") for l in langs)])
+    variant_fp = {n: reuse.fingerprint(args, __file__, ignore=VARIANT_IGNORED, models=[args.model],
+                                       files=[dict(specs)[n]]) for n in to_save}
+    # a second run on the same outputs waits for this one, then reuses them (sorted: no deadlock)
+    for unit in sorted([result_file] * args.measure_ppl + [variant_dir / n for n in to_save]):
+        reuse.hold_lock(unit)
+    do_ppl = args.measure_ppl and not reuse.up_to_date(result_file, ppl_fp, args.force, result_file)
+    to_save = [n for n in to_save if not reuse.up_to_date(variant_dir / n / PROVENANCE_FILE, variant_fp[n],
+                                                          args.force, variant_dir / n)]
     if not do_ppl and not to_save:
         print("Nothing to recompute")
         return
@@ -229,7 +226,8 @@ def main() -> None:
             "meta": {"tag": tag, "base_model": path, "gguf_file": gguf, "geometry": vars(geom),
                      "langs": langs, "dataset": str(args.dataset), "batch_size": args.batch_size,
                      "max_length": args.max_length, "legacy_kv_mapping": args.legacy_kv_mapping,
-                     "neuron_files": meta_sets, "neuron_sha256": hashes, "run": run_meta(args)},
+                     "neuron_files": meta_sets, "neuron_sha256": hashes, "run": run_meta(args),
+                     "fingerprint": ppl_fp},
             "results": {"ppl": base},
             "sets": results,
             "importance": importance,
@@ -267,7 +265,7 @@ def main() -> None:
             write_json(tmp / PROVENANCE_FILE, {
                 "tag": tag, "base_model": args.model, "neuron_set": name, "neuron_file": str(file),
                 "size": size(sets[name]), "neuron_sha256": {name: hashes[name]},
-                "streaming": args.streaming, "run": run_meta(args)})
+                "streaming": args.streaming, "run": run_meta(args), "fingerprint": variant_fp[name]})
         print(f"Wrote {variant_dir / name}")
 
 

@@ -13,11 +13,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from langneurons import cli
-from langneurons.data import detection_corpus
+from langneurons import cli, reuse
+from langneurons.data import corpus_file, detection_corpus
 from langneurons.importance import ImportanceProbe
 from langneurons.metrics import batches_by_length, pad_batch
 from langneurons.model import GROUPS, Geometry, check_model, load_model, model_tag
@@ -56,12 +57,27 @@ def main():
     langs = cli.parse_langs(args.langs)
     corpora = {l: detection_corpus(args.dataset, l, args.sample_size, args.seed, args.corpus) for l in langs}
     out_dir = Path(args.out) / model_tag(args.model) / "neurons"
-    if cli.reusable(out_dir / "meta.json", args):
-        return
+    reuse.check_writable(out_dir, f"--out {args.out}", folder=True)
+    fp = reuse.fingerprint(args, __file__, files=[corpus_file(args.dataset, l, args.corpus) for l in langs],
+                           models=[args.model])
+    reuse.hold_lock(out_dir, enabled=reuse.main_process())  # a second run on the same --out waits, then reuses
     cli.seed_everything(args.seed)
 
     # ---- firing counts: from an earlier run that differs only in --threshold, else from the model
-    counts = stored_counts(out_dir, args)
+    counts = None
+    stored = None if args.force else reuse.read_stored(out_dir / "meta.json")
+    if stored is not None:
+        diffs = reuse.changes(stored.get("fingerprint"), fp)
+        if not diffs:
+            stored_counts(out_dir, stored)  # a damaged firing file is an error, not a silent reuse
+            print(f"Reusing {out_dir} (nothing it was computed from changed; --force recomputes)")
+            return
+        if not reuse.changes(stored.get("fingerprint"), fp, ignore_args=("threshold",)):
+            print(f"Re-deriving the sets at --threshold {args.threshold} from the stored firing counts in "
+                  f"{out_dir / 'firing.safetensors'} (only --threshold changed; no model run)")
+            counts = stored_counts(out_dir, stored)
+        else:
+            print(reuse.recompute_line(diffs, out_dir))
     if counts is None:
         check_model(args.model)  # config, tokenizer, weight headers: seconds, before the model run
         counts = count_firing(args, corpora, groups)
@@ -81,7 +97,7 @@ def main():
             "corpus": {"name": args.corpus, "sentences": {l: len(corpora[l]) for l in langs}},
             "geometry": geom.__dict__, "config": config,
             "unit": "sentences" if args.method == "importance" else "tokens",
-            "run": cli.run_meta(args)}
+            "run": cli.run_meta(args), "fingerprint": fp}
 
     # ---- write everything into a fresh directory, then swap it in whole
     with cli.atomic_dir(out_dir) as tmp:
@@ -109,22 +125,19 @@ def main():
     print(f"\nNeuron files and stats: {out_dir}/ (stats.json, firing.safetensors, shared.json, exclusive_<lang>.json, ...)")
 
 
-def stored_counts(out_dir: Path, args):
-    """Counts of an earlier run whose every argument but --threshold is the same, or None."""
-    meta_file, firing_file = out_dir / "meta.json", out_dir / "firing.safetensors"
-    if args.force or not (meta_file.is_file() and firing_file.is_file()):
-        return None
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    ignore = ("threshold", "force")
-    old = {k: v for k, v in meta["run"]["args"].items() if k not in ignore}
-    if old != {k: v for k, v in vars(args).items() if k not in ignore}:
-        return None
-    print(f"Re-deriving the sets from the stored firing counts in {firing_file} (no model run)")
-    t = load_file(firing_file)
-    geom = Geometry(**meta["geometry"])
-    firing = {g: torch.stack([t[f"{g}.{layer}"] for layer in range(geom.num_layers)], 1).long()
-              for g in GROUPS if f"{g}.0" in t}
-    return firing, t["sentences"].long(), geom, meta["config"]
+def stored_counts(out_dir: Path, meta: dict):
+    """Counts, sentences, geometry and config stored by an earlier run (its meta.json is `meta`)."""
+    firing_file = out_dir / "firing.safetensors"
+    try:
+        t = load_file(firing_file)
+        geom = Geometry(**meta["geometry"])
+        firing = {g: torch.stack([t[f"{g}.{layer}"] for layer in range(geom.num_layers)], 1).long()
+                  for g in GROUPS if f"{g}.0" in t}
+        return firing, t["sentences"].long(), geom, meta["config"]
+    except (OSError, SafetensorError, KeyError, TypeError, RuntimeError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise cli.InputError(f"stored output {firing_file} (or its meta.json) is unreadable ({why}); "
+                             "--force recomputes it") from None
 
 
 def count_firing(args, corpora: dict[str, list[str]], groups: tuple[str, ...]):

@@ -21,11 +21,12 @@ import math
 import re
 from pathlib import Path
 
-from langneurons.cli import (InputError, choice_list, common_parser, int_at_least, parse_langs, read_json, run,
+from langneurons.cli import (InputError, choice_list, common_parser, int_at_least, parse_langs, run,
                              run_meta, seed_everything, split_list, write_json)
-from langneurons import metrics
-from langneurons.data import read_mgsm, read_mmlu, val_texts
-from langneurons.model import EMBEDDED_MODEL, check_model, load_model, model_tag, provenance, resolve_model
+from langneurons import metrics, reuse
+from langneurons.data import lang_file, mgsm_file, mmlu_file, read_mgsm, read_mmlu, val_texts
+from langneurons.model import EMBEDDED_MODEL, check_model, load_model, model_tag, provenance
+from langneurons.reuse import check_writable
 
 TASKS = ("ppl", "mgsm", "mmmlu")
 # arguments that do not change a task's numbers (so they do not stop reuse)
@@ -52,22 +53,12 @@ def model_name(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
 
 
-def fingerprint(model: str) -> dict[str, list[int]] | str:
-    """Sizes and modification times of a local model's weight files, so results of a model directory that
-    has been rewritten since (e.g. retrained) are not reused; a hub id stands for itself."""
-    path, gguf = resolve_model(model)
-    p = Path(path)
-    if not p.is_dir():
-        return model
-    files = [p / gguf] if gguf else sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
-    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+def ignored_args(task: str) -> set[str]:
+    return NOT_RESULT_ARGS | ({"max_new_tokens"} if task != "mgsm" else set())
 
 
 def result_args(args: argparse.Namespace, task: str) -> dict:
-    keep = {k: v for k, v in vars(args).items() if k not in NOT_RESULT_ARGS}
-    if task != "mgsm":
-        keep.pop("max_new_tokens")
-    return keep
+    return {k: v for k, v in vars(args).items() if k not in ignored_args(task)}
 
 
 def mean(values: list[float]) -> float | None:
@@ -96,23 +87,38 @@ def main() -> None:
 
     # ---------------------------------------------------------------- what is already there
     out_file = Path(args.out) / tag / "eval" / f"{name}.json"
-    fp = fingerprint(args.model)
-    old = {}
-    if out_file.is_file():
+    check_writable(out_file, f"--out {args.out}", folder=False)
+    task_file = {"ppl": lambda d, l: lang_file(d, "val", l, ".txt"), "mgsm": mgsm_file, "mmmlu": mmlu_file}
+    fps = {t: reuse.fingerprint(args, __file__, ignore=ignored_args(t), models=[args.model],
+                                files=[task_file[t](args.dataset, l) for l in langs]) for t in tasks}
+    model_fp = fps[tasks[0]]["model"]
+
+    def stored() -> tuple[dict, dict]:
+        """Results and per-task metadata in the results file, the tasks not asked for only when measured on
+        the same model files (with --force a damaged file counts as empty)."""
         try:
-            old = read_json(out_file)
+            old = reuse.read_stored(out_file) or {}
         except InputError:
-            old = {}
-    old_tasks = (old.get("meta") or {}).get("tasks", {}) if isinstance(old, dict) else {}
-    # results of other tasks survive when they were measured on the same model files
-    results = {t: r for t, r in (old.get("results") or {}).items()
-               if old_tasks.get(t, {}).get("fingerprint") == fp} if isinstance(old, dict) else {}
-    task_meta = {t: m for t, m in old_tasks.items() if t in results}
-    todo = [t for t in tasks if args.force or t not in results
-            or task_meta.get(t, {}).get("args") != result_args(args, t)]
+            if args.force:
+                return {}, {}
+            raise
+        res, meta = old.get("results"), (old.get("meta") or {}).get("tasks")
+        if not isinstance(res, dict) or not isinstance(meta, dict):
+            return {}, {}
+        keep = [t for t in TASKS if t in res and isinstance(meta.get(t), dict)
+                and (t in tasks or (meta[t].get("fingerprint") or {}).get("model") == model_fp)]
+        return {t: res[t] for t in keep}, {t: meta[t] for t in keep}
+
+    results, task_meta = stored()
+    todo = []
     for t in tasks:
-        if t not in todo:
-            print(f"Reusing {t} from {out_file} (same model files and arguments; --force recomputes)")
+        if args.force or t not in results or not isinstance(task_meta.get(t), dict):
+            todo.append(t)
+        elif diffs := reuse.changes(task_meta[t].get("fingerprint"), fps[t]):
+            print(reuse.recompute_line(diffs, f"{t} in {out_file}"))
+            todo.append(t)
+        else:
+            print(f"Reusing {t} from {out_file} (nothing it was computed from changed; --force recomputes)")
 
     # ---------------------------------------------------------------- evaluate
     if todo:
@@ -142,17 +148,26 @@ def main() -> None:
                     res[l] = {"accuracy": sum(p == r["Answer"] for p, r in zip(preds, items)) / len(items),
                               "n": len(items)}
             results[task] = res
-            task_meta[task] = {"args": result_args(args, task), "fingerprint": fp}
+            task_meta[task] = {"args": result_args(args, task), "fingerprint": fps[task]}
 
     # ---------------------------------------------------------------- write and print
-    meta = {**run_meta(args), "tag": tag, "name": name, "provenance": provenance(args.model),
-            "prompts": {"mgsm": metrics.MGSM_PROMPT, "mgsm_scoring": "zero-shot, greedy, last number",
-                        "mmmlu": metrics.mmlu_prompt({"Question": "{question}", **{c: "{" + c + "}" for c in "ABCD"}}),
-                        "mmmlu_scoring": "highest next-token log-likelihood of ' A'..' D'"},
-            "tasks": task_meta}
-    ordered = {t: results[t] for t in TASKS if t in results}
     if todo:
-        write_json(out_file, {"model": args.model, "meta": meta, "results": ordered})
+        # read-modify-write under the file's lock: a run evaluating other tasks of this model at the same
+        # time keeps its results. Its other tasks stay when measured on the same model files.
+        with reuse.locked(out_file):
+            now, now_meta = stored()
+            for t in tasks:
+                now[t], now_meta[t] = results[t], task_meta[t]
+            results, task_meta = now, now_meta
+            ordered = {t: results[t] for t in TASKS if t in results}
+            meta = {**run_meta(args), "tag": tag, "name": name, "provenance": provenance(args.model),
+                    "prompts": {"mgsm": metrics.MGSM_PROMPT, "mgsm_scoring": "zero-shot, greedy, last number",
+                                "mmmlu": metrics.mmlu_prompt({"Question": "{question}",
+                                                              **{c: "{" + c + "}" for c in "ABCD"}}),
+                                "mmmlu_scoring": "highest next-token log-likelihood of ' A'..' D'"},
+                    "tasks": {t: task_meta[t] for t in ordered}}
+            write_json(out_file, {"model": args.model, "meta": meta, "results": ordered})
+    ordered = {t: results[t] for t in TASKS if t in results}
 
     print(f"\n{name} ({args.model})")
     print(f"{'task':<8}" + "".join(f"{l:>10}" for l in langs) + f"{'mean':>10}")

@@ -13,6 +13,7 @@ curve, tokens seen, trainable parameters, optimizer-state bytes, validation loss
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from langneurons import reuse
 from langneurons.cli import (InputError, atomic_dir, common_parser, float_in, int_at_least, read_json, run, run_meta,
                              seed_everything, sha256, write_json)
 from langneurons.model import (PROVENANCE_FILE, Geometry, check_model, decoder_layers, load_model, model_tag,
@@ -30,6 +32,9 @@ from langneurons.model import (PROVENANCE_FILE, Geometry, check_model, decoder_l
 from langneurons.neurons import read_neuron_file, size
 
 CKPT_ARGS_FILE = "run_args.json"  # in the checkpoint folder: what the checkpoints were trained with
+# arguments that cannot change the trained model: where it goes, how checkpoints are kept and resumed, and
+# --langs, which this stage does not use
+NOT_RESULT_ARGS = ("run_name", "resume", "keep_checkpoints", "save_steps", "langs")
 
 
 def save_steps(text: str) -> float:
@@ -98,6 +103,30 @@ class PadCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
+def finished_checkpoint(folder: Path) -> bool:
+    """The Trainer writes trainer_state.json last: without it (readable) a checkpoint's saving was interrupted."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def last_checkpoint(ckpt_dir: Path, remove_unfinished: bool) -> tuple[Path | None, list[Path]]:
+    """The finished checkpoint-N with the largest N, and the unfinished ones (removed when asked: a run
+    killed while saving must not block the next one)."""
+    steps = {}
+    for d in ckpt_dir.glob("checkpoint-*"):
+        if d.is_dir() and re.fullmatch(r"checkpoint-\d+", d.name):
+            steps[d] = int(d.name.split("-")[1])
+    unfinished = sorted((d for d in steps if not finished_checkpoint(d)), key=steps.get)
+    if remove_unfinished:
+        for d in unfinished:
+            shutil.rmtree(d, ignore_errors=True)
+    finished = [d for d in steps if d not in unfinished]
+    return (max(finished, key=steps.get) if finished else None), unfinished
+
+
 def lora_targets(model) -> list[str]:
     """Module names (last component) of q/k/v/o/up/gate/down, read from the model itself."""
     names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
@@ -156,7 +185,6 @@ def main() -> None:
 
     from langneurons.data import lang_file, train_texts, val_texts
     docs = train_texts(args.dataset, args.lang)
-    train_sha = sha256(lang_file(args.dataset, "train", args.lang, ".jsonl"))
     val = val_texts(args.dataset, args.lang)[:args.val_limit or None]
     if args.limit and args.limit < len(docs):
         # a seeded sample, like the paper's shuffle-then-take-100k; order is reshuffled by the sampler anyway
@@ -164,37 +192,39 @@ def main() -> None:
 
     run_dir = Path(args.out) / tag / "trained" / run_name
     ckpt_dir = run_dir.parent / f".{run_name}.ckpt"
+    reuse.check_writable(run_dir, f"--out {args.out}", folder=True)
     # what decides the result: a finished run or checkpoints with another fingerprint are not reused
-    fingerprint = {k: getattr(args, k) for k in (
-        "model", "lang", "neurons", "lora_rank", "lora_alpha", "legacy_kv_mapping", "lr", "warmup", "epochs",
-        "max_steps", "batch_size", "micro_batch_size", "cutoff_len", "limit", "dtype", "seed", "dataset",
-        "gradient_checkpointing")}
-    fingerprint.update(world_size=world, train_sha256=train_sha, neuron_sha256=neuron_info and neuron_info["sha256"])
-    log_file = run_dir / "train_log.json"
-    if not args.force and log_file.is_file():
-        try:
-            done = read_json(log_file).get("fingerprint") == fingerprint
-        except (InputError, AttributeError):
-            done = False
-        if done:
-            print(f"Reusing {run_dir} (same training arguments; --force retrains)")
-            return
+    fingerprint = reuse.fingerprint(
+        args, __file__, ignore=NOT_RESULT_ARGS, models=[args.model], context={"world_size": world},
+        files=[lang_file(args.dataset, "train", args.lang, ".jsonl"), lang_file(args.dataset, "val", args.lang, ".txt"),
+               *([args.neurons] if mode == "neurons" else [])])
+    reuse.hold_lock(run_dir, enabled=rank0)  # a second run of the same name waits, then reuses this one's
+    if rank0:
+        reuse.remove_temporaries(ckpt_dir)
+    if reuse.up_to_date(run_dir / "train_log.json", fingerprint, args.force, run_dir):
+        if rank0 and not args.keep_checkpoints:  # left by a run killed after its model was in place
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return
 
-    from transformers.trainer_utils import get_last_checkpoint
-    resume_from = None
+    resume_from, unfinished = None, []
     if args.resume not in (None, "last"):
         resume_from = Path(args.resume)
-        if not (resume_from.is_dir() and (resume_from / "trainer_state.json").is_file()):
-            raise InputError(f"--resume {resume_from}: not a checkpoint folder (no trainer_state.json)")
+        if not (resume_from.is_dir() and finished_checkpoint(resume_from)):
+            raise InputError(f"--resume {resume_from}: not a finished checkpoint folder "
+                             "(no readable trainer_state.json)")
     elif not args.force and ckpt_dir.is_dir():
-        last = get_last_checkpoint(str(ckpt_dir))
+        last, unfinished = last_checkpoint(ckpt_dir, remove_unfinished=rank0)
+        for u in unfinished:
+            print(f"Ignoring {u}: its saving was interrupted (no readable trainer_state.json)")
         if last is not None:
             old = read_json(ckpt_dir / CKPT_ARGS_FILE, "checkpoint arguments") if (ckpt_dir / CKPT_ARGS_FILE).is_file() else None
-            if old != fingerprint:
-                raise InputError(f"checkpoints in {ckpt_dir} come from a run with other arguments; "
-                                 "--force discards them, --run-name picks another folder")
-            resume_from = Path(last)
-    if args.resume == "last" and resume_from is None:
+            if diffs := reuse.changes(old, fingerprint):
+                raise InputError(f"checkpoints in {ckpt_dir} come from a run with other arguments or inputs "
+                                 f"({'; '.join(diffs[:2])}); --force discards them, --run-name picks another folder")
+            resume_from = last
+        elif args.resume == "last" and unfinished:  # nothing to resume, but not the user's fault
+            print("--resume: no finished checkpoint; training from the start")
+    if args.resume == "last" and resume_from is None and not unfinished:
         raise InputError(f"--resume: no checkpoint in {ckpt_dir}" + (" (--force discards them)" if args.force else ""))
 
     # ---------------------------------------------------------------- load

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import platform
 import random
+import secrets
 import shutil
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -96,25 +97,9 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto = bfloat16 on GPU, float32 on CPU")
     p.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=0, help="every random choice derives from it")
-    p.add_argument("--force", action="store_true", help="recompute even when outputs of a run with the same "
-                   "arguments exist")
+    p.add_argument("--force", action="store_true", help="recompute even when an earlier output was computed from "
+                   "the same arguments, input files and code (and would otherwise be reused)")
     return p
-
-
-def reusable(meta_file: str | Path, args: argparse.Namespace) -> bool:
-    """True when `meta_file` records a finished run with the same arguments (then the stage skips)."""
-    meta_file = Path(meta_file)
-    if args.force or not meta_file.is_file():
-        return False
-    try:
-        old = json.loads(meta_file.read_text(encoding="utf-8")).get("run", {}).get("args", {})
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
-    new = {k: v for k, v in vars(args).items() if k != "force"}
-    if {k: v for k, v in old.items() if k != "force"} == new:
-        print(f"Reusing {meta_file.parent} (same arguments; --force recomputes)")
-        return True
-    return False
 
 
 def parse_langs(spec: str) -> list[str]:
@@ -126,19 +111,27 @@ def parse_langs(spec: str) -> list[str]:
     return langs
 
 
-def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
-    ok = (value > lo if lo_open else value >= lo) and value <= hi
-    if not ok:
-        raise InputError(f"{name}: {value} is outside {'(' if lo_open else '['}{lo}, {hi}]")
+
+# what a stage holds until its main() returns (output locks); see hold()
+_held = contextlib.ExitStack()
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's main(); bad input becomes one line on stderr and exit status 2."""
-    try:
-        main()
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    """Run a stage's main(); bad input becomes one line on stderr and exit status 2. Whatever main() took
+    with hold() (its output locks) is released when it ends, however it ends."""
+    global _held
+    with contextlib.ExitStack() as held:
+        _held = held
+        try:
+            main()
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+
+def hold(context: contextlib.AbstractContextManager) -> Any:
+    """Enter `context` until the running stage ends (no re-indented block around the rest of main())."""
+    return _held.enter_context(context)
 
 
 def seed_everything(seed: int) -> None:
@@ -174,15 +167,33 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON under a temporary name, then rename, so readers never see half a file."""
+def temp_name(path: str | Path) -> Path:
+    """A fresh sibling name `.<name>.<random>.tmp` for writing `path`: hidden, and recognisable as a leftover
+    when the run writing it was killed (langneurons.reuse removes those once no live run holds the lock)."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write under a temporary name, then rename, so readers never see half a file. The file gets the mode
+    open() would give it (0666 narrowed by the umask), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    tmp = temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON under a temporary name, then rename, so readers never see half a file."""
+    write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def read_json(path: str | Path, what: str = "file") -> Any:
@@ -202,12 +213,46 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path` whole, on error it vanishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = temp_name(path)
+    os.mkdir(tmp)  # 0777 narrowed by the umask, like any folder (mkdtemp would make it 0700)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    follow_umask(tmp)
+    replace_dir(tmp, path)
+
+
+def follow_umask(folder: Path) -> None:
+    """Give everything in `folder` the modes of ordinary open()/mkdir() under the user's umask: some writers
+    (safetensors, and through it save_pretrained) create their files 0600 via a private temporary."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder `src` to `dst`, first renaming an existing `dst` aside and deleting it afterwards: a reader
+    or a kill finds the old folder, the new one or none, never a mix of both; writers racing for the same
+    `dst` never fail, the last one wins."""
+    trash = []
+    while True:
+        try:
+            os.rename(src, dst)  # succeeds onto a missing or empty folder
+            break
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        aside = temp_name(dst)
+        try:
+            os.rename(dst, aside)
+            trash.append(aside)
+        except FileNotFoundError:  # another writer moved it first
+            pass
+    for t in trash:
+        shutil.rmtree(t, ignore_errors=True)

@@ -48,6 +48,19 @@ def lang_file(dataset: str | Path, sub: str, lang: str, suffix: str) -> Path:
     return path
 
 
+def mgsm_file(dataset: str | Path, lang: str) -> Path:
+    return Path(dataset) / "test" / "mgsm" / f"mgsm_{lang}.tsv"
+
+
+def mmlu_file(dataset: str | Path, lang: str) -> Path:
+    return Path(dataset) / "test" / "mmlu" / f"mmlu_{MMLU_LOCALES.get(lang, lang.upper())}.csv"
+
+
+def corpus_file(dataset: str | Path, lang: str, corpus: str = "detect") -> Path:
+    """The file detection_corpus reads."""
+    return mgsm_file(dataset, lang) if corpus == "mgsm" else lang_file(dataset, "detect", lang, ".txt")
+
+
 def detection_corpus(dataset: str | Path, lang: str, sample_size: int, seed: int, corpus: str = "detect") -> list[str]:
     """`sample_size` sentences of detect/<lang>.txt (or, with corpus 'mgsm', the MGSM questions, as the
     authors ran it) drawn with the seed (all, in order, when 0)."""
@@ -86,7 +99,7 @@ def train_texts(dataset: str | Path, lang: str) -> list[str]:
 
 def read_mgsm(dataset: str | Path, lang: str) -> list[tuple[str, float]]:
     """(question, gold number) pairs of test/mgsm/mgsm_<lang>.tsv."""
-    path = Path(dataset) / "test" / "mgsm" / f"mgsm_{lang}.tsv"
+    path = mgsm_file(dataset, lang)
     items = []
     for i, line in enumerate(read_text(path, "MGSM file").splitlines(), 1):
         if not line.strip():
@@ -108,8 +121,7 @@ def read_mgsm(dataset: str | Path, lang: str) -> list[tuple[str, float]]:
 
 def read_mmlu(dataset: str | Path, lang: str) -> list[dict[str, str]]:
     """Rows of test/mmlu/mmlu_<LOCALE>.csv with Question, A-D, Answer, Subject."""
-    locale = MMLU_LOCALES.get(lang, lang.upper())
-    path = Path(dataset) / "test" / "mmlu" / f"mmlu_{locale}.csv"
+    path = mmlu_file(dataset, lang)
     reader = csv.DictReader(io.StringIO(read_text(path, "MMMLU file")))
     need = ["Question", "A", "B", "C", "D", "Answer"]
     missing = [c for c in need if c not in (reader.fieldnames or [])]

@@ -301,6 +301,12 @@ def save_model_dir(model, tokenizer, source: str, dst: Path, state_dict: dict | 
     """An ordinary transformers model directory: weights, config, tokenizer, and the source model's
     licence and notice files, which must travel with its weights."""
     model.save_pretrained(dst, state_dict=state_dict)
+    # a used fast tokenizer keeps its last call's truncation and padding, which would land in tokenizer.json:
+    # the saved files must not depend on what the run did before (each call sets them again anyway)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_truncation()
+        backend.no_padding()
     tokenizer.save_pretrained(dst)
     path, _ = resolve_model(source)
     if Path(path).is_dir():
