@@ -46,10 +46,12 @@ def work(tmp_path_factory):
     return {"root": root, "dataset": ds, "models": models, "sets": sets}
 
 
-def train(work, out, *extra, arch="llama", launcher=(PY,), check=True):
+def train(work, out, *extra, arch="llama", launcher=(PY,), check=True, cache=None):
+    """Run train.py; datasets' cache goes to `cache` (default: one folder of this module's work tree)."""
     cmd = [*launcher, str(REPO / "train.py"), "--model", str(work["models"][arch]), "--dataset",
            str(work["dataset"]), "--out", str(out), "--lang", "en", *FAST, *extra]
-    r = subprocess.run(cmd, cwd=work["root"], env=ENV, capture_output=True, text=True, timeout=300)
+    env = {**ENV, "HF_DATASETS_CACHE": str(cache or work["root"] / "hf_datasets")}
+    r = subprocess.run(cmd, cwd=work["root"], env=env, capture_output=True, text=True, timeout=300)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)}\nexit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
