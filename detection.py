@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from langneurons import cli
-from langneurons.data import detection_corpus
+from langneurons.data import detection_corpus, external_corpus
 from langneurons.importance import ImportanceProbe
 from langneurons.metrics import batches_by_length, pad_batch
 from langneurons.model import GROUPS, Geometry, load_model, model_tag
@@ -37,8 +37,10 @@ def parse_args():
     p.add_argument("--threshold", type=float, default=1.0,
                    help="a neuron is related to a language when firing count / sentences >= threshold")
     p.add_argument("--sample-size", type=int, default=0, help="sentences per language (0 = all)")
-    p.add_argument("--corpus", choices=["detect", "mgsm"], default="detect",
-                   help="detect/<lang>.txt, or the MGSM questions of test/mgsm/ (the authors' own runs)")
+    p.add_argument("--corpus", default="detect", metavar="detect|mgsm|PATH|ID",
+                   help="detect/<lang>.txt, the MGSM questions of test/mgsm/ (the authors' own runs), or a text/json/"
+                        "jsonl/parquet/arrow file, folder or hub dataset id with {lang} for the language (column "
+                        "'text', split 'train')")
     p.add_argument("--groups", default=",".join(GROUPS), help="neuron groups to score (importance method)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256, help="tokens per sentence (longer ones are cut)")
@@ -56,7 +58,12 @@ def main():
     if unknown := [g for g in groups if g not in GROUPS] or not groups:
         raise cli.InputError(f"--groups: unknown group {unknown} (known: {', '.join(GROUPS)})")
     langs = cli.parse_langs(args.langs)
-    corpora = {l: detection_corpus(args.dataset, l, args.sample_size, args.seed, args.corpus) for l in langs}
+    if args.corpus not in ("detect", "mgsm") and len(langs) > 1 and "{lang}" not in args.corpus:
+        raise cli.InputError(f"--corpus {args.corpus}: every language would read the same text; put {{lang}} where "
+                             "the language goes (e.g. corpus/{lang}.jsonl)")
+    corpora = {l: detection_corpus(args.dataset, l, args.sample_size, args.seed, args.corpus)
+               if args.corpus in ("detect", "mgsm") else external_corpus(args.corpus, l, args.sample_size, args.seed)
+               for l in langs}
     out_dir = Path(args.out) / model_tag(args.model) / "neurons"
     if cli.reusable(out_dir / "meta.json", args):
         return
