@@ -217,6 +217,22 @@ def _tokenize_batch(batch: dict, tokenizer, text_column: str, cutoff_len: int, p
     return {"input_ids": [x for x in ids if len(x) >= 2]}
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides a tokenizer's output: its full definition (vocabulary, merges, normalizer, pre- and
+    post-processor: the backend's JSON) and its Python-side settings. datasets' generic Hasher pickles the whole
+    object instead, ~10 s for a 262k vocabulary, which would cost a cached rerun more than everything else."""
+    import hashlib
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: let datasets hash it
+        from datasets.fingerprint import Hasher
+        return Hasher.hash(tokenizer)
+    h = hashlib.sha256(backend.to_str().encode("utf-8"))
+    settings = {k: v for k, v in tokenizer.init_kwargs.items() if k != "name_or_path"}
+    h.update(repr((type(tokenizer).__name__, sorted(settings.items(), key=lambda kv: kv[0]),
+                   tokenizer.eos_token_id)).encode("utf-8"))
+    return h.hexdigest()
+
+
 def tokenize_documents(docs, tokenizer, cutoff_len: int, text_column: str = "text", packing: bool = False,
                        num_proc: int | None = None):
     """Each document as BOS (when the tokenizer adds it) + text + EOS, truncated at `cutoff_len` (documents
@@ -226,7 +242,8 @@ def tokenize_documents(docs, tokenizer, cutoff_len: int, text_column: str = "tex
     tokenizer and these settings: a rerun loads it (memory-mapped) instead of tokenizing again."""
     from datasets import Features, List, Value
     from datasets.fingerprint import Hasher
-    key = Hasher.hash([docs._fingerprint, Hasher.hash(tokenizer), text_column, cutoff_len, packing, TOKENIZE_VERSION])
+    key = Hasher.hash([docs._fingerprint, tokenizer_fingerprint(tokenizer), text_column, cutoff_len, packing,
+                       TOKENIZE_VERSION])
     return docs.map(_tokenize_batch, batched=True, batch_size=1000, remove_columns=docs.column_names,
                     fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "cutoff_len": cutoff_len,
                                "packing": packing},
