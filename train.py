@@ -10,9 +10,10 @@ language's text in which only the selected neurons change; every other parameter
 Defaults are the paper's: lr 5e-5, 3% linear warmup, 1 epoch, batch 128 (gradient accumulation over
 --micro-batch-size), cutoff 1024 tokens per document, no packing, bf16 on GPU (full fine-tuning and LoRA
 keep float32 master weights under bf16 autocast unless --pure-bf16). The training text goes through
-`datasets`: tokenized once, cached in HF_DATASETS_CACHE and memory-mapped on later runs. Writes outputs/<tag>/trained/<run-name>/:
-an ordinary transformers model directory, langneurons.json and train_log.json (arguments, neuron set, loss
-curve, tokens seen, trainable parameters, optimizer-state bytes, validation loss/PPL before and after)."""
+`datasets`: tokenized once, cached in HF_DATASETS_CACHE and memory-mapped by later runs.
+Writes outputs/<tag>/trained/<run-name>/: an ordinary transformers model directory, langneurons.json and
+train_log.json (arguments, neuron set, loss curve, tokens seen, trainable parameters, optimizer-state bytes,
+precision, validation loss/PPL before and after)."""
 from __future__ import annotations
 
 import argparse
@@ -214,13 +215,15 @@ def main() -> None:
         raise InputError("--pure-bf16: applies to --neurons full and --lora-rank with --dtype bfloat16 (or auto on a "
                          f"GPU), not to {'a neuron file' if mode == 'neurons' else str(half).replace('torch.', '')}")
     mixed = mode != "neurons" and half == torch.bfloat16 and not args.pure_bf16
-    name = str(half).replace("torch.", "")
-    precision = {"requested_dtype": name, "master_weights": name if args.pure_bf16 else "float32",
-                 "autocast": None if half == torch.float32 else name, "pure_bf16": args.pure_bf16, "saved_dtype": name}
+    dtype_name = str(half).replace("torch.", "")
+    precision = {"requested_dtype": dtype_name, "master_weights": dtype_name if args.pure_bf16 else "float32",
+                 "autocast": None if half == torch.float32 else dtype_name, "pure_bf16": args.pure_bf16,
+                 "saved_dtype": dtype_name}
 
     from langneurons.data import lang_file, read_corpus, training_documents
-    train_spec = (args.train_data or str(lang_file(args.dataset, "train", args.lang, ".jsonl"))).replace("{lang}", args.lang)
-    val_spec = (args.val_data or str(lang_file(args.dataset, "val", args.lang, ".txt"))).replace("{lang}", args.lang)
+    train_spec = args.train_data or str(lang_file(args.dataset, "train", args.lang, ".jsonl"))
+    val_spec = args.val_data or str(lang_file(args.dataset, "val", args.lang, ".txt"))
+    train_spec, val_spec = train_spec.replace("{lang}", args.lang), val_spec.replace("{lang}", args.lang)
 
     run_dir = Path(args.out) / tag / "trained" / run_name
     ckpt_dir = run_dir.parent / f".{run_name}.ckpt"
@@ -235,7 +238,8 @@ def main() -> None:
     # the main process (of each node) loads and tokenizes into datasets' cache first; the others then read it
     with targs.main_process_first(desc="load the training text"):
         # --limit: a seeded draw, like the paper's shuffle-then-take-100k; the sampler reshuffles the order anyway
-        docs = training_documents(train_spec, "training file", args.text_column, args.train_split, args.limit, args.seed)
+        docs = training_documents(train_spec, "training file", args.text_column, args.train_split, args.limit,
+                                  args.seed)
     val = read_corpus(val_spec, "validation text", args.text_column)[:args.val_limit or None]
     # a local file is identified by its content; a folder or hub dataset by datasets' fingerprint of it
     train_id = sha256(train_spec) if Path(train_spec).is_file() else docs._fingerprint

@@ -109,7 +109,8 @@ def child(args: argparse.Namespace) -> None:
     else:
         from langneurons.data import tokenize_documents, training_documents
         docs = training_documents(args.corpus, "training file")
-        train_set = tokenize_documents(docs, tok, args.cutoff_len, num_proc=args.num_proc if args.num_proc > 1 else None)
+        train_set = tokenize_documents(docs, tok, args.cutoff_len,
+                                       num_proc=args.num_proc if args.num_proc > 1 else None)
     t_data = time.perf_counter() - t0
     peak = _status("VmHWM") - rss0
     held = _status("VmRSS") - rss0
@@ -160,8 +161,8 @@ def main() -> None:
     print("| path | data ready (s) | first step done (s) | vs today | data-path peak RSS (MiB) | vs today |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['data_s']:.2f} | {r['first_step_s']:.2f} | {ref['first_step_s'] / r['first_step_s']:.1f}x "
-              f"sooner | {r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / ref['peak_bytes']:.2f}x |")
+        print(f"| {name} | {r['data_s']:.2f} | {r['first_step_s']:.2f} | "
+              f"{ref['first_step_s'] / r['first_step_s']:.1f}x sooner | {r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / ref['peak_bytes']:.2f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 

@@ -110,8 +110,10 @@ def _json_files(path: Path) -> list[Path]:
 
 
 def _explain_json(path: Path, what: str, text_column: str) -> None:
-    """Raise the one-line error for the first bad line of the JSON (Lines) files at `path`, if there is one.
-    Only called once `datasets` has refused a source, so a good corpus is never read twice."""
+    """Raise the one-line error for the first bad line of the JSON (Lines) files at `path`, if there is one,
+    or for a source without a single row. Only called once `datasets` has refused a source, so a good corpus
+    is never read twice."""
+    rows = 0
     for f in _json_files(path):
         text = read_text(f, what)
         try:  # a .json file may hold one document (a list of objects) rather than one object per line
@@ -122,8 +124,11 @@ def _explain_json(path: Path, what: str, text_column: str) -> None:
             for i, obj in enumerate(whole):
                 if not isinstance(obj, dict) or not isinstance(obj.get(text_column), str):
                     raise InputError(f"{what} {f}: item {i}: expected an object with a '{text_column}' string")
+            rows += len(whole)
         else:
-            json_lines_texts(f, what, text_column)
+            rows += len(json_lines_texts(f, what, text_column))
+    if rows == 0 and (path.is_file() or any(p.is_file() for p in path.rglob("*"))):
+        raise InputError(f"{what} {path}: empty")
 
 
 def load_text_dataset(spec: str, what: str, text_column: str = "text", split: str = "train"):
@@ -165,6 +170,8 @@ def load_text_dataset(spec: str, what: str, text_column: str = "text", split: st
             ds_lib.enable_progress_bars()
     if isinstance(ds, ds_lib.DatasetDict):  # a folder or hub id without the split
         raise InputError(f"{what} {spec}: no split '{split}' (has: {', '.join(ds)})")
+    if len(ds) == 0:
+        raise InputError(f"{what} {spec}: empty")
     if text_column not in ds.column_names:
         raise InputError(f"{what} {spec}: no column '{text_column}' (has: {', '.join(ds.column_names) or 'none'})")
     feature = ds.features[text_column]
@@ -240,14 +247,14 @@ def tokenize_documents(docs, tokenizer, cutoff_len: int, text_column: str = "tex
     blocks of `cutoff_len` (the remainder dropped), as transformers' run_clm.py does. A batched
     `Dataset.map` whose result datasets caches next to the data under a key of the data's fingerprint, the
     tokenizer and these settings: a rerun loads it (memory-mapped) instead of tokenizing again."""
-    from datasets import Features, List, Value
+    from datasets import Features, Sequence, Value
     from datasets.fingerprint import Hasher
     key = Hasher.hash([docs._fingerprint, tokenizer_fingerprint(tokenizer), text_column, cutoff_len, packing,
                        TOKENIZE_VERSION])
     return docs.map(_tokenize_batch, batched=True, batch_size=1000, remove_columns=docs.column_names,
                     fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "cutoff_len": cutoff_len,
                                "packing": packing},
-                    features=Features({"input_ids": List(Value("int32"))}), num_proc=num_proc,
+                    features=Features({"input_ids": Sequence(Value("int32"))}), num_proc=num_proc,
                     new_fingerprint=key, desc="tokenize")
 
 

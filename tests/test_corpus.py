@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from langneurons.cli import InputError  # noqa: E402
-from langneurons.data import (detection_corpus, external_corpus, load_text_dataset, read_corpus, read_lines,  # noqa: E402
-                              tokenize_documents, training_documents)
+from langneurons.data import (detection_corpus, external_corpus, load_text_dataset, read_corpus,  # noqa: E402
+                              read_lines, tokenize_documents, training_documents)
 
 DOCS = [a + " " + b for a, b in zip(SENTENCES["en"], SENTENCES["fr"])] + ["   ", "x", "Ein langer Satz. " * 12]
 
@@ -165,10 +166,10 @@ def test_bad_corpora_are_one_line_errors(tmp_path):
              ('{"text": "a"}\n{"text": 3}\n', "line 2: expected an object with a 'text' string"),
              ('{"text": "a"}\n[1, 2]\n', "line 2"),
              ('{"body": "a"}\n', "no column 'text' (has: body)"),
-             ('{"text": "  "}\n{"text": ""}\n', "empty")]
+             ('{"text": "  "}\n{"text": ""}\n', "empty"), ("\n", "empty"), ("", "empty")]
     for content, msg in cases:
         jl.write_text(content, encoding="utf-8")
-        with pytest.raises(InputError, match="^training file .*bad.jsonl: " + msg.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(InputError, match="^training file .*bad.jsonl: " + re.escape(msg)):
             training_documents(str(jl), "training file")
     folder = tmp_path / "folder"
     write_jsonl(folder / "a.jsonl", ["fine"])
@@ -205,7 +206,8 @@ def test_detection_reads_a_corpus_file_per_language(tmp_path):
     assert (a / "firing.safetensors").read_bytes() == (b / "firing.safetensors").read_bytes()
     assert (a / "shared.json").read_bytes() == (b / "shared.json").read_bytes()
     r = subprocess.run([sys.executable, str(REPO / "detection.py"), "--model", str(model), "--dataset", str(ds),
-                        "--langs", "en,fr", "--out", str(tmp_path / "c"), "--corpus", str(tmp_path / "corpus" / "en.jsonl")],
+                        "--langs", "en,fr", "--out", str(tmp_path / "c"),
+                        "--corpus", str(tmp_path / "corpus" / "en.jsonl")],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "{lang}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "c").exists()

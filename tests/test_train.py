@@ -254,7 +254,8 @@ def test_train_data_parquet_packing_limit_and_val_data(work, tmp_path):
               "--text-column", "body", "--val-data", str(val), "--val-limit", "0", "--limit", "24", "--max-steps", "2")
     train(work, out, *common, "--packing", "--cutoff-len", "32", "--run-name", "packed")
     log = json.loads((run_dir(out, "llama", "packed") / "train_log.json").read_text())
-    assert log["documents"] == 24 and log["train_data"]["packing"] and log["train_data"]["source"].endswith("en.parquet")
+    assert log["documents"] == 24 and log["train_data"]["packing"]
+    assert log["train_data"]["source"].endswith("en.parquet")
     # packed blocks are full: every micro-batch is all tokens, no padding
     assert log["tokens_seen"] == 2 * 4 * 32 and log["sequences"] > 0
     assert log["val"]["lines"] == 3
