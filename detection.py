@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from langneurons import cli, reuse
-from langneurons.data import corpus_file, detection_corpus
+from langneurons.data import corpus_file, detection_corpus, external_corpus
 from langneurons.importance import ImportanceProbe
 from langneurons.metrics import batches_by_length, pad_batch
 from langneurons.model import GROUPS, Geometry, check_model, load_model, model_tag
@@ -38,8 +38,10 @@ def parse_args():
     p.add_argument("--threshold", type=cli.float_in(0, 1, lo_open=True), default=1.0,
                    help="a neuron is related to a language when firing count / sentences >= threshold")
     p.add_argument("--sample-size", type=cli.int_at_least(0), default=0, help="sentences per language (0 = all)")
-    p.add_argument("--corpus", choices=["detect", "mgsm"], default="detect",
-                   help="detect/<lang>.txt, or the MGSM questions of test/mgsm/ (the authors' own runs)")
+    p.add_argument("--corpus", default="detect", metavar="detect|mgsm|PATH|ID",
+                   help="detect/<lang>.txt, the MGSM questions of test/mgsm/ (the authors' own runs), or a text/json/"
+                        "jsonl/parquet/arrow file, folder or hub dataset id with {lang} for the language (column "
+                        "'text', split 'train')")
     p.add_argument("--groups", type=cli.choice_list(GROUPS), default=",".join(GROUPS),
                    help="neuron groups to score (importance method)")
     p.add_argument("--qk-score", choices=["channel", "row"], default="channel",
@@ -55,11 +57,20 @@ def main():
     args = parse_args()
     groups = tuple(cli.split_list(args.groups))
     langs = cli.parse_langs(args.langs)
-    corpora = {l: detection_corpus(args.dataset, l, args.sample_size, args.seed, args.corpus) for l in langs}
+    if args.corpus not in ("detect", "mgsm") and len(langs) > 1 and "{lang}" not in args.corpus:
+        raise cli.InputError(f"--corpus {args.corpus}: every language would read the same text; put {{lang}} where "
+                             "the language goes (e.g. corpus/{lang}.jsonl)")
+    corpora = {l: detection_corpus(args.dataset, l, args.sample_size, args.seed, args.corpus)
+               if args.corpus in ("detect", "mgsm") else external_corpus(args.corpus, l, args.sample_size, args.seed)
+               for l in langs}
     out_dir = Path(args.out) / model_tag(args.model) / "neurons"
     reuse.check_writable(out_dir, f"--out {args.out}", folder=True)
-    fp = reuse.fingerprint(args, __file__, files=[corpus_file(args.dataset, l, args.corpus) for l in langs],
-                           models=[args.model])
+    builtin = args.corpus in ("detect", "mgsm")
+    # a corpus outside the dataset layout may be a folder or a dataset id: its text is what counts
+    fp = reuse.fingerprint(args, __file__, files=[corpus_file(args.dataset, l, args.corpus) for l in langs] if builtin
+                           else [], models=[args.model],
+                           context=None if builtin else {"corpus_sha256": {l: reuse.text_digest(corpora[l])
+                                                                            for l in langs}})
     reuse.hold_lock(out_dir, enabled=reuse.main_process())  # a second run on the same --out waits, then reuses
     cli.seed_everything(args.seed)
 

@@ -4,19 +4,22 @@ language's text in which only the selected neurons change; every other parameter
     python train.py --model gemma-3-270m --lang sw --neurons outputs/gemma-3-270m/neurons/exclusive_sw.json
     python train.py --lang sw --neurons full          # full fine-tuning baseline
     python train.py --lang sw --lora-rank 8           # LoRA baseline, merged into the saved model
+    python train.py --lang sw --neurons full --train-data corpus/sw.parquet --limit 100000 --num-proc 8
     torchrun --nproc_per_node 8 train.py ...          # data-parallel, unchanged (or: accelerate launch train.py ...)
 
 Defaults are the paper's: lr 5e-5, 3% linear warmup, 1 epoch, batch 128 (gradient accumulation over
---micro-batch-size), cutoff 1024 tokens per document, bf16 on GPU. Writes outputs/<tag>/trained/<run-name>/:
-an ordinary transformers model directory, langneurons.json and train_log.json (arguments, neuron set, loss
-curve, tokens seen, trainable parameters, optimizer-state bytes, validation loss/PPL before and after)."""
+--micro-batch-size), cutoff 1024 tokens per document, no packing, bf16 on GPU (full fine-tuning and LoRA
+keep float32 master weights under bf16 autocast unless --pure-bf16). The training text goes through
+`datasets`: tokenized once, cached in HF_DATASETS_CACHE and memory-mapped by later runs.
+Writes outputs/<tag>/trained/<run-name>/: an ordinary transformers model directory, langneurons.json and
+train_log.json (arguments, neuron set, loss curve, tokens seen, trainable parameters, optimizer-state bytes,
+precision, validation loss/PPL before and after)."""
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import os
-import random
 import re
 import shutil
 import time
@@ -27,14 +30,14 @@ import torch
 from langneurons import reuse
 from langneurons.cli import (InputError, atomic_dir, common_parser, float_in, int_at_least, read_json, run, run_meta,
                              seed_everything, sha256, write_json)
-from langneurons.model import (PROVENANCE_FILE, Geometry, check_model, decoder_layers, load_model, model_tag,
-                               projections, save_model_dir)
+from langneurons.model import (PROVENANCE_FILE, Geometry, check_model, decoder_layers, load_model, load_tokenizer,
+                               model_tag, projections, resolve_device, resolve_dtype, save_model_dir)
 from langneurons.neurons import read_neuron_file, size
 
 CKPT_ARGS_FILE = "run_args.json"  # in the checkpoint folder: what the checkpoints were trained with
 # arguments that cannot change the trained model: where it goes, how checkpoints are kept and resumed, and
 # --langs, which this stage does not use
-NOT_RESULT_ARGS = ("run_name", "resume", "keep_checkpoints", "save_steps", "langs")
+NOT_RESULT_ARGS = ("run_name", "resume", "keep_checkpoints", "save_steps", "langs", "num_proc")
 
 
 def save_steps(text: str) -> float:
@@ -49,6 +52,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = common_parser(__doc__.split("\n\n")[0])
     p.add_argument("--lang", required=True, help="language whose dataset/train/<lang>.jsonl is trained on "
                    "(validation on dataset/val/<lang>.txt); --langs is not used by this stage")
+    p.add_argument("--train-data", default=None, metavar="PATH|ID",
+                   help="training text instead of <dataset>/train/<lang>.jsonl: a json/jsonl/parquet/arrow file, a "
+                        "folder of such files, or a hub dataset id owner/name[:config] (from the local cache when "
+                        "offline); {lang} is replaced by --lang")
+    p.add_argument("--text-column", default="text", help="column holding the text in --train-data / --val-data")
+    p.add_argument("--train-split", default="train", help="split of a --train-data folder or dataset id")
+    p.add_argument("--val-data", default=None, metavar="PATH|ID",
+                   help="validation text instead of <dataset>/val/<lang>.txt: a text file (one line each), or what "
+                        "--train-data accepts (split 'train'); {lang} is replaced by --lang")
+    p.add_argument("--num-proc", type=int_at_least(1), default=1, help="processes that tokenize the training text (first run)")
+    p.add_argument("--packing", action="store_true", help="concatenate the documents and cut them into "
+                   "--cutoff-len blocks, as transformers' run_clm.py (off: one document per sequence, as the authors)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--neurons", metavar="FILE|full",
                       help="neuron file (ours or the authors' format): only these neurons are trained; "
@@ -57,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="train a LoRA adapter of rank R on q/k/v/o/up/gate/down instead, merged into the saved model")
     p.add_argument("--lora-alpha", type=float_in(0, lo_open=True), default=None,
                    help="LoRA scaling alpha (default: 2 x rank)")
+    p.add_argument("--pure-bf16", action="store_true",
+                   help="full fine-tuning / LoRA in bf16: update bf16 weights directly (the authors' setting) "
+                        "instead of float32 master weights under bf16 autocast")
     p.add_argument("--legacy-kv-mapping", action="store_true",
                    help="map the authors' query-head attn_k/attn_v indices with their code's i // n_rep")
     p.add_argument("--lr", type=float_in(0, lo_open=True), default=5e-5,
@@ -134,6 +152,28 @@ def lora_targets(model) -> list[str]:
     return sorted({names[id(proj[k])] for k in ("q", "k", "v", "o", "up", "gate", "down") if k in proj})
 
 
+def training_arguments(args: argparse.Namespace, ckpt_dir: Path, world: int, mode: str, half: torch.dtype,
+                       on_cpu: bool):
+    from transformers import TrainingArguments
+    checkpointing = {}
+    if args.gradient_checkpointing:  # renamed activation_checkpointing in recent transformers
+        key = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+               else "gradient_checkpointing")
+        checkpointing = {key: True, f"{key}_kwargs": {"use_reentrant": False}}
+    return TrainingArguments(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=args.batch_size // (args.micro_batch_size * world),
+        learning_rate=args.lr, weight_decay=0.0, warmup_steps=args.warmup, lr_scheduler_type="linear",
+        optim="adamw_torch", num_train_epochs=args.epochs, max_steps=args.max_steps or -1,
+        # autocast in the requested half precision; neuron deltas, LoRA adapters and (unless --pure-bf16) the
+        # weights of a full fine-tuning stay float32 masters
+        bf16=half == torch.bfloat16, fp16=half == torch.float16, use_cpu=on_cpu,
+        logging_steps=1, save_strategy="steps", save_steps=args.save_steps, save_total_limit=2,
+        seed=args.seed, data_seed=args.seed, report_to="none", remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding", disable_tqdm=int(os.environ.get("RANK", "0")) != 0,
+        ddp_find_unused_parameters=False if mode == "neurons" else None, **checkpointing)
+
+
 def main() -> None:
     # ---------------------------------------------------------------- arguments (all checked before any output)
     args = parse_args()
@@ -183,20 +223,52 @@ def main() -> None:
     if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", run_name):
         raise InputError(f"--run-name: '{run_name}' is not a safe directory name")
 
-    from langneurons.data import lang_file, train_texts, val_texts
-    docs = train_texts(args.dataset, args.lang)
-    val = val_texts(args.dataset, args.lang)[:args.val_limit or None]
-    if args.limit and args.limit < len(docs):
-        # a seeded sample, like the paper's shuffle-then-take-100k; order is reshuffled by the sampler anyway
-        docs = random.Random(args.seed).sample(docs, args.limit)
+    # every process loads the model onto its own device; the Trainer wraps it for data parallelism
+    device = args.device
+    if world > 1 and torch.cuda.is_available() and device in ("auto", "cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    half = resolve_dtype(args.dtype, resolve_device(device))  # the requested dtype, also of the saved model
+    # Full fine-tuning and LoRA train float32 master weights under bf16 autocast (the Trainer's mixed precision
+    # for a float32-loaded model): pure bf16 updates of lr-sized steps mostly round away. --pure-bf16 keeps
+    # the authors' setting. Neuron runs keep float32 deltas over the weights in the requested dtype anyway.
+    if args.pure_bf16 and (mode == "neurons" or half != torch.bfloat16):
+        raise InputError("--pure-bf16: applies to --neurons full and --lora-rank with --dtype bfloat16 (or auto on a "
+                         f"GPU), not to {'a neuron file' if mode == 'neurons' else str(half).replace('torch.', '')}")
+    mixed = mode != "neurons" and half == torch.bfloat16 and not args.pure_bf16
+    dtype_name = str(half).replace("torch.", "")
+    precision = {"requested_dtype": dtype_name, "master_weights": dtype_name if args.pure_bf16 else "float32",
+                 "autocast": None if half == torch.float32 else dtype_name, "pure_bf16": args.pure_bf16,
+                 "saved_dtype": dtype_name}
+
+    from langneurons.data import lang_file, read_corpus, training_documents
+    train_spec = args.train_data or str(lang_file(args.dataset, "train", args.lang, ".jsonl"))
+    val_spec = args.val_data or str(lang_file(args.dataset, "val", args.lang, ".txt"))
+    train_spec, val_spec = train_spec.replace("{lang}", args.lang), val_spec.replace("{lang}", args.lang)
 
     run_dir = Path(args.out) / tag / "trained" / run_name
     ckpt_dir = run_dir.parent / f".{run_name}.ckpt"
     reuse.check_writable(run_dir, f"--out {args.out}", folder=True)
     # what decides the result: a finished run or checkpoints with another fingerprint are not reused
+    targs = training_arguments(args, ckpt_dir, world, mode, half, on_cpu=resolve_device(device) == "cpu")
+
+    # ---------------------------------------------------------------- data (checked before anything is written)
+    # the main process (of each node) loads and tokenizes into datasets' cache first; the others then read it
+    with targs.main_process_first(desc="load the training text"):
+        # --limit: a seeded draw, like the paper's shuffle-then-take-100k; the sampler reshuffles the order anyway
+        docs = training_documents(train_spec, "training file", args.text_column, args.train_split, args.limit,
+                                  args.seed)
+    val = read_corpus(val_spec, "validation text", args.text_column)[:args.val_limit or None]
+    # what decides the result: a finished run or checkpoints with another fingerprint are not reused. A local
+    # file is identified by its content; a folder or hub dataset by datasets' fingerprint of it / the text read
+    train_id = reuse.file_digest(train_spec) if Path(train_spec).is_file() else docs._fingerprint
+    context = {"world_size": world}
+    if not Path(train_spec).is_file():
+        context["train_data_fingerprint"] = train_id
+    if not Path(val_spec).is_file():
+        context["val_sha256"] = reuse.text_digest(val)
     fingerprint = reuse.fingerprint(
-        args, __file__, ignore=NOT_RESULT_ARGS, models=[args.model], context={"world_size": world},
-        files=[lang_file(args.dataset, "train", args.lang, ".jsonl"), lang_file(args.dataset, "val", args.lang, ".txt"),
+        args, __file__, ignore=NOT_RESULT_ARGS, models=[args.model], context=context,
+        files=[*(s for s in (train_spec, val_spec) if Path(s).is_file()),
                *([args.neurons] if mode == "neurons" else [])])
     reuse.hold_lock(run_dir, enabled=rank0)  # a second run of the same name waits, then reuses this one's
     if rank0:
@@ -227,34 +299,30 @@ def main() -> None:
     if args.resume == "last" and resume_from is None and not unfinished:
         raise InputError(f"--resume: no checkpoint in {ckpt_dir}" + (" (--force discards them)" if args.force else ""))
 
-    # ---------------------------------------------------------------- load
-    # every process loads the model onto its own device; the Trainer wraps it for data parallelism
-    device = args.device
-    if world > 1 and torch.cuda.is_available() and device in ("auto", "cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    model, tok = load_model(args.model, device, args.dtype)
-    on_cpu = model.device.type == "cpu"
-    half = model.dtype  # float32 on CPU by default; bfloat16/float16 switch on autocast below
-    total_params = sum(p.numel() for p in model.parameters())
-
-    # ---------------------------------------------------------------- data
+    # ---------------------------------------------------------------- tokenize
     # Each document is one sequence: BOS (when the tokenizer adds it) + text + EOS, truncated at the cutoff
-    # (the authors' preprocessing: a document longer than the cutoff loses its tail, EOS included). No packing.
-    eos = tok.eos_token_id
-    train_set = []
-    for text in docs:
-        ids = tok(text)["input_ids"] + ([eos] if eos is not None else [])
-        ids = ids[:args.cutoff_len]
-        if len(ids) >= 2:
-            train_set.append({"input_ids": ids})
-    if not train_set:
-        raise InputError(f"training file of '{args.lang}': no document has two tokens")
+    # (the authors' preprocessing: a document longer than the cutoff loses its tail, EOS included); or, with
+    # --packing, blocks of --cutoff-len tokens cut from the concatenated documents.
+    from langneurons.data import tokenize_documents
+    tok = load_tokenizer(args.model)
+    with targs.main_process_first(desc="tokenize the training text"):
+        train_set = tokenize_documents(docs, tok, args.cutoff_len, args.text_column, args.packing,
+                                       args.num_proc if args.num_proc > 1 else None)
+    if len(train_set) == 0:
+        raise InputError(f"training file {train_spec}: no " + ("block of --cutoff-len tokens" if args.packing
+                                                               else "document has two tokens"))
+
+    # ---------------------------------------------------------------- load
+    model, tok = load_model(args.model, device, "float32" if mixed else args.dtype)
+    total_params = sum(p.numel() for p in model.parameters())
 
     from langneurons.metrics import perplexity
 
     def val_loss(label: str) -> dict:
-        r = perplexity(model, tok, val, max_length=args.cutoff_len, batch_size=args.micro_batch_size,
-                       desc=f"val {args.lang} ({label})")
+        # float32 masters are measured under the same bf16 autocast that trains them
+        with torch.autocast(model.device.type, dtype=half, enabled=mixed and model.dtype != half):
+            r = perplexity(model, tok, val, max_length=args.cutoff_len, batch_size=args.micro_batch_size,
+                           desc=f"val {args.lang} ({label})")
         return {"loss": math.log(r["ppl"]), "ppl": r["ppl"], "tokens": r["tokens"]}
 
     before = val_loss("before")
@@ -270,7 +338,8 @@ def main() -> None:
         from peft import LoraConfig, get_peft_model
         lcfg = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, lora_dropout=0.0,
                           target_modules=lora_targets(model), task_type="CAUSAL_LM")
-        model = get_peft_model(model, lcfg)
+        # PEFT makes adapters float32 over a bf16 model; --pure-bf16 leaves them bf16 as the model
+        model = get_peft_model(model, lcfg, autocast_adapter_dtype=not args.pure_bf16)
     else:
         for p_ in model.parameters():
             p_.requires_grad_(True)
@@ -280,29 +349,13 @@ def main() -> None:
     model.config.use_cache = False
 
     # ---------------------------------------------------------------- train
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
     if rank0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if args.force and resume_from is None:
             for old in ckpt_dir.glob("checkpoint-*"):
                 shutil.rmtree(old)
         write_json(ckpt_dir / CKPT_ARGS_FILE, fingerprint)
-    checkpointing = {}
-    if args.gradient_checkpointing:  # renamed activation_checkpointing in recent transformers
-        key = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
-               else "gradient_checkpointing")
-        checkpointing = {key: True, f"{key}_kwargs": {"use_reentrant": False}}
-    targs = TrainingArguments(
-        output_dir=str(ckpt_dir), per_device_train_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=args.batch_size // (args.micro_batch_size * world),
-        learning_rate=args.lr, weight_decay=0.0, warmup_steps=args.warmup, lr_scheduler_type="linear",
-        optim="adamw_torch", num_train_epochs=args.epochs, max_steps=args.max_steps or -1,
-        # autocast in the model's half precision; the neuron deltas and LoRA adapters stay float32 masters
-        bf16=half == torch.bfloat16, fp16=half == torch.float16, use_cpu=on_cpu,
-        logging_steps=1, save_strategy="steps", save_steps=args.save_steps, save_total_limit=2,
-        seed=args.seed, data_seed=args.seed, report_to="none", remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding", disable_tqdm=not rank0,
-        ddp_find_unused_parameters=False if mode == "neurons" else None, **checkpointing)
     if mode == "neurons":
         from langneurons.sparse import sparse_trainer_class
         trainer_cls = sparse_trainer_class()  # checkpoints hold the deltas only
@@ -335,6 +388,10 @@ def main() -> None:
         merge_deltas(model)  # W[selected] += delta; every other entry is the loaded tensor, untouched
     elif mode == "lora":
         model = model.merge_and_unload()
+    if mixed:  # the saved model keeps the requested dtype: one rounding of the trained float32 masters
+        model.to(half)
+        if state_dict is not None:
+            state_dict = {k: v.to(half) if v.is_floating_point() else v for k, v in state_dict.items()}
     if state_dict is None:
         model.eval()
         after = val_loss("after")
@@ -359,10 +416,12 @@ def main() -> None:
            "world_size": world, "micro_batch_size": args.micro_batch_size,
            "gradient_accumulation_steps": targs.gradient_accumulation_steps,
            "effective_batch_size": args.micro_batch_size * targs.gradient_accumulation_steps * world,
-           "documents": len(train_set), "steps": state.global_step, "epochs_done": state.epoch,
+           "train_data": {"source": train_spec, "split": args.train_split, "text_column": args.text_column,
+                          "id": train_id, "packing": args.packing, "val_source": val_spec},
+           "documents": len(docs), "sequences": len(train_set), "steps": state.global_step, "epochs_done": state.epoch,
            "tokens_seen": int(state.num_input_tokens_seen), "train_loss": result.training_loss,
            "train_runtime_s": runtime, "resumed_from": str(resume_from) if resume_from else None,
-           "dtype": str(half).replace("torch.", ""), "device": str(model.device),
+           "dtype": str(half).replace("torch.", ""), "precision": precision, "device": str(model.device),
            "loss_curve": loss_curve, "val": {"lang": args.lang, "lines": len(val), "before": before, "after": after}}
     with atomic_dir(run_dir) as tmp:
         save_model_dir(model, tok, args.model, tmp, state_dict=state_dict)

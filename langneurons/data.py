@@ -6,6 +6,7 @@ import io
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 from .cli import InputError
@@ -80,21 +81,208 @@ def val_texts(dataset: str | Path, lang: str) -> list[str]:
 
 def train_texts(dataset: str | Path, lang: str) -> list[str]:
     path = lang_file(dataset, "train", lang, ".jsonl")
+    texts = [t for t in json_lines_texts(path, "training file") if t.strip()]
+    if not texts:
+        raise InputError(f"training file {path}: empty")
+    return texts
+
+
+def json_lines_texts(path: Path, what: str, text_column: str = "text") -> list[str]:
+    """The `text_column` string of every line of a JSON Lines file; the first bad line is an error naming
+    file and line."""
     texts = []
-    for i, line in enumerate(read_text(path, "training file").splitlines(), 1):
+    for i, line in enumerate(read_text(path, what).splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"training file {path}: line {i}: corrupt JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise InputError(f"training file {path}: line {i}: expected an object with a 'text' string")
-        if obj["text"].strip():
-            texts.append(obj["text"])
-    if not texts:
-        raise InputError(f"training file {path}: empty")
+            raise InputError(f"{what} {path}: line {i}: corrupt JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(text_column), str):
+            raise InputError(f"{what} {path}: line {i}: expected an object with a '{text_column}' string")
+        texts.append(obj[text_column])
     return texts
+
+
+# ---------------------------------------------------------------- any corpus through `datasets`
+# `datasets` is imported inside these functions only: the GPU box may lack it unless it is carried there.
+
+DATA_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?")
+TOKENIZE_VERSION = 1  # part of the tokenization cache key: bump when the preprocessing below changes
+
+
+def _datasets():
+    import datasets
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
+def _json_files(path: Path) -> list[Path]:
+    files = [path] if path.is_file() else sorted(path.rglob("*"))
+    return [f for f in files if f.is_file() and f.suffix.lower() in (".json", ".jsonl")]
+
+
+def _explain_json(path: Path, what: str, text_column: str) -> None:
+    """Raise the one-line error for the first bad line of the JSON (Lines) files at `path`, if there is one,
+    or for a source without a single row. Only called once `datasets` has refused a source, so a good corpus
+    is never read twice."""
+    rows = 0
+    for f in _json_files(path):
+        text = read_text(f, what)
+        try:  # a .json file may hold one document (a list of objects) rather than one object per line
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, list):
+            for i, obj in enumerate(whole):
+                if not isinstance(obj, dict) or not isinstance(obj.get(text_column), str):
+                    raise InputError(f"{what} {f}: item {i}: expected an object with a '{text_column}' string")
+            rows += len(whole)
+        else:
+            rows += len(json_lines_texts(f, what, text_column))
+    if rows == 0 and (path.is_file() or any(p.is_file() for p in path.rglob("*"))):
+        raise InputError(f"{what} {path}: empty")
+
+
+def load_text_dataset(spec: str, what: str, text_column: str = "text", split: str = "train"):
+    """A `datasets.Dataset` whose string column `text_column` has no missing value, from a local
+    json/jsonl/parquet/arrow file, a folder of such files (or of .txt files: one row per line), or a hub
+    dataset id `owner/name[:config]` (offline: from the local hub cache). Loaded once into datasets' cache
+    (HF_DATASETS_CACHE) and memory-mapped from there afterwards. Bad input raises InputError naming the
+    source, and the line of a bad JSON line."""
+    ds_lib = _datasets()
+    path = Path(spec)
+    if path.is_file():
+        fmt = DATA_FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise InputError(f"{what} {path}: unknown format '{path.suffix}' (expected .json, .jsonl, .parquet, "
+                             ".arrow, or a folder)")
+        load = lambda: ds_lib.load_dataset(fmt, data_files=str(path), split="train")  # noqa: E731
+    elif path.is_dir():
+        load = lambda: ds_lib.load_dataset(str(path), split=split)  # noqa: E731
+    elif _HUB_ID.fullmatch(spec):
+        name, _, config = spec.partition(":")
+        load = lambda: ds_lib.load_dataset(name, config or None, split=split)  # noqa: E731
+    else:
+        raise InputError(f"{what} {spec}: no such file or folder, and not a dataset id")
+    # loading is quick next to tokenization; silent, so that a failure prints our one line only
+    quiet, verbosity = ds_lib.utils.are_progress_bars_disabled(), ds_lib.logging.get_verbosity()
+    ds_lib.disable_progress_bars()
+    ds_lib.logging.set_verbosity(ds_lib.logging.CRITICAL)
+    try:
+        ds = load()
+    except Exception as e:  # datasets raises many types (generation, file, connection, config errors)
+        if path.exists():
+            _explain_json(path, what, text_column)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "" if path.exists() else "no such file or folder, and the hub dataset cannot be loaded: "
+        raise InputError(f"{what} {spec}: {where}{reason}") from None
+    finally:
+        ds_lib.logging.set_verbosity(verbosity)
+        if not quiet:
+            ds_lib.enable_progress_bars()
+    if isinstance(ds, ds_lib.DatasetDict):  # a folder or hub id without the split
+        raise InputError(f"{what} {spec}: no split '{split}' (has: {', '.join(ds)})")
+    if len(ds) == 0:
+        raise InputError(f"{what} {spec}: empty")
+    if text_column not in ds.column_names:
+        raise InputError(f"{what} {spec}: no column '{text_column}' (has: {', '.join(ds.column_names) or 'none'})")
+    feature = ds.features[text_column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string") or ds.data.column(text_column).null_count:
+        if path.exists():
+            _explain_json(path, what, text_column)
+        col = ds.data.column(text_column)
+        if getattr(feature, "dtype", None) in ("string", "large_string"):
+            import pyarrow.compute as pc
+            row = pc.index(pc.is_null(col), True).as_py()
+            raise InputError(f"{what} {spec}: row {row} has no '{text_column}'")
+        raise InputError(f"{what} {spec}: column '{text_column}' is not text ({feature})")
+    return ds
+
+
+def _nonblank(texts: list[str]) -> list[bool]:
+    return [bool(t.strip()) for t in texts]
+
+
+def training_documents(spec: str, what: str, text_column: str = "text", split: str = "train", limit: int = 0,
+                       seed: int = 0):
+    """The non-blank documents of a corpus (see `load_text_dataset`) as a Dataset; with `limit`, that many
+    drawn with the seed (shuffle then select, through the dataset's cached index mappings)."""
+    from datasets.fingerprint import Hasher
+    ds = load_text_dataset(spec, what, text_column, split)
+    ds_lib = _datasets()
+    quiet = ds_lib.utils.are_progress_bars_disabled()
+    ds_lib.disable_progress_bars()
+    try:
+        ds = ds.filter(_nonblank, batched=True, input_columns=[text_column],
+                       new_fingerprint=Hasher.hash([ds._fingerprint, "nonblank", text_column]))
+        if len(ds) == 0:
+            raise InputError(f"{what} {spec}: empty")
+        if 0 < limit < len(ds):
+            ds = ds.shuffle(seed=seed).select(range(limit))
+    finally:
+        if not quiet:
+            ds_lib.enable_progress_bars()
+    return ds
+
+
+def _tokenize_batch(batch: dict, tokenizer, text_column: str, cutoff_len: int, packing: bool) -> dict:
+    eos = tokenizer.eos_token_id
+    ids = [x + [eos] if eos is not None else x for x in tokenizer(batch[text_column])["input_ids"]]
+    if packing:  # run_clm.py's group_texts: concatenate the batch's documents, cut into full blocks
+        flat = [t for x in ids for t in x]
+        n = len(flat) // cutoff_len * cutoff_len
+        return {"input_ids": [flat[i:i + cutoff_len] for i in range(0, n, cutoff_len)]}
+    ids = [x[:cutoff_len] for x in ids]
+    return {"input_ids": [x for x in ids if len(x) >= 2]}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides a tokenizer's output: its full definition (vocabulary, merges, normalizer, pre- and
+    post-processor: the backend's JSON) and its Python-side settings. datasets' generic Hasher pickles the whole
+    object instead, ~10 s for a 262k vocabulary, which would cost a cached rerun more than everything else."""
+    import hashlib
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: let datasets hash it
+        from datasets.fingerprint import Hasher
+        return Hasher.hash(tokenizer)
+    h = hashlib.sha256(backend.to_str().encode("utf-8"))
+    settings = {k: v for k, v in tokenizer.init_kwargs.items() if k != "name_or_path"}
+    h.update(repr((type(tokenizer).__name__, sorted(settings.items(), key=lambda kv: kv[0]),
+                   tokenizer.eos_token_id)).encode("utf-8"))
+    return h.hexdigest()
+
+
+def tokenize_documents(docs, tokenizer, cutoff_len: int, text_column: str = "text", packing: bool = False,
+                       num_proc: int | None = None):
+    """Each document as BOS (when the tokenizer adds it) + text + EOS, truncated at `cutoff_len` (documents
+    of fewer than two tokens dropped); with `packing`, the documents of every 1000 concatenated and cut into
+    blocks of `cutoff_len` (the remainder dropped), as transformers' run_clm.py does. A batched
+    `Dataset.map` whose result datasets caches next to the data under a key of the data's fingerprint, the
+    tokenizer and these settings: a rerun loads it (memory-mapped) instead of tokenizing again."""
+    from datasets import Features, Sequence, Value
+    from datasets.fingerprint import Hasher
+    key = Hasher.hash([docs._fingerprint, tokenizer_fingerprint(tokenizer), text_column, cutoff_len, packing,
+                       TOKENIZE_VERSION])
+    return docs.map(_tokenize_batch, batched=True, batch_size=1000, remove_columns=docs.column_names,
+                    fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "cutoff_len": cutoff_len,
+                               "packing": packing},
+                    features=Features({"input_ids": Sequence(Value("int32"))}), num_proc=num_proc,
+                    new_fingerprint=key, desc="tokenize")
+
+
+def read_corpus(spec: str, what: str, text_column: str = "text", split: str = "train") -> list[str]:
+    """Non-empty stripped texts of a plain text file (one per line) or of anything `load_text_dataset`
+    reads (one per row)."""
+    path = Path(spec)
+    if path.is_file() and path.suffix.lower() not in DATA_FORMATS:
+        return read_lines(path, what)
+    ds = load_text_dataset(spec, what, text_column, split)
+    lines = [t.strip() for t in ds[text_column] if t.strip()]
+    if not lines:
+        raise InputError(f"{what} {spec}: empty")
+    return lines
 
 
 def read_mgsm(dataset: str | Path, lang: str) -> list[tuple[str, float]]:
@@ -138,3 +326,12 @@ def read_mmlu(dataset: str | Path, lang: str) -> list[dict[str, str]]:
     if not rows:
         raise InputError(f"MMMLU file {path}: empty")
     return rows
+
+
+def external_corpus(spec: str, lang: str, sample_size: int, seed: int, text_column: str = "text") -> list[str]:
+    """Detection sentences of language `lang` from a file, folder or dataset id (`{lang}` in `spec` is
+    replaced by the language), drawn with the seed as `detection_corpus` draws them."""
+    lines = read_corpus(spec.replace("{lang}", lang), "detection corpus", text_column)
+    if 0 < sample_size < len(lines):
+        lines = random.Random(f"{seed}-{lang}").sample(lines, sample_size)
+    return lines

@@ -120,6 +120,14 @@ def fingerprint(args: argparse.Namespace, script: str | Path, *, ignore: Iterabl
     return json.loads(json.dumps(fp))
 
 
+def text_digest(texts: Iterable[str]) -> str:
+    """SHA-256 of a list of texts (a corpus read from a folder or a dataset id rather than one file)."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(hashlib.sha256(t.encode("utf-8")).digest())
+    return h.hexdigest()
+
+
 def _show(v: Any) -> str:
     s = json.dumps(v, ensure_ascii=False)
     return s if len(s) <= 40 else s[:37] + "..."

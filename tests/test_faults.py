@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO
 from tiny import save_tiny, tiny_dataset

@@ -47,10 +47,12 @@ def work(tmp_path_factory):
     return {"root": root, "dataset": ds, "models": models, "sets": sets}
 
 
-def train(work, out, *extra, arch="llama", launcher=(PY,), check=True):
+def train(work, out, *extra, arch="llama", launcher=(PY,), check=True, cache=None):
+    """Run train.py; datasets' cache goes to `cache` (default: one folder of this module's work tree)."""
     cmd = [*launcher, str(REPO / "train.py"), "--model", str(work["models"][arch]), "--dataset",
            str(work["dataset"]), "--out", str(out), "--lang", "en", *FAST, *extra]
-    r = subprocess.run(cmd, cwd=work["root"], env=ENV, capture_output=True, text=True, timeout=300)
+    env = {**ENV, "HF_DATASETS_CACHE": str(cache or work["root"] / "hf_datasets")}
+    r = subprocess.run(cmd, cwd=work["root"], env=env, capture_output=True, text=True, timeout=300)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)}\nexit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
@@ -163,8 +165,9 @@ def test_two_processes_keep_unselected_entries(work, tmp_path):
     launcher = (torchrun, "--nproc_per_node", "2", "--master_port", str(free_port())) if Path(torchrun).exists() else \
         (PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
     # batch 4 = micro 1 x 2 accumulation steps x 2 processes
-    train(work, out, "--neurons", str(work["sets"]["qwen2"]), "--max-steps", "2", "--micro-batch-size", "1",
-          "--device", "cpu", arch="qwen2", launcher=launcher)
+    r = train(work, out, "--neurons", str(work["sets"]["qwen2"]), "--max-steps", "2", "--micro-batch-size", "1",
+              "--device", "cpu", arch="qwen2", launcher=launcher, cache=tmp_path / "hf_datasets")
+    assert r.stderr.count("tokenize: 100%") == 1  # one process tokenizes, the other reads its cache
     d = run_dir(out, "qwen2", "en-set_qwen2")
     assert_only_selected_changed(work, "qwen2", d)
     log = json.loads((d / "train_log.json").read_text())
@@ -237,3 +240,122 @@ def test_bad_inputs_exit_2_and_write_nothing(work, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (extra, r.stderr)
         assert not out.exists(), extra
+
+
+# ---------------------------------------------------------------- training text through datasets
+
+def test_train_data_parquet_packing_limit_and_val_data(work, tmp_path):
+    import datasets
+    texts = [f"Document {i}: " + " ".join(["the cat sleeps on the mat"] * (1 + i % 5)) for i in range(40)]
+    datasets.Dataset.from_dict({"body": texts, "n": list(range(40))}).to_parquet(str(tmp_path / "en.parquet"))
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"body": t}) + "\n" for t in ("A short line.", "Another one.", "Third.")))
+    out = tmp_path / "out"
+    common = ("--neurons", str(work["sets"]["llama"]), "--train-data", str(tmp_path / "{lang}.parquet"),
+              "--text-column", "body", "--val-data", str(val), "--val-limit", "0", "--limit", "24", "--max-steps", "2")
+    train(work, out, *common, "--packing", "--cutoff-len", "32", "--run-name", "packed")
+    log = json.loads((run_dir(out, "llama", "packed") / "train_log.json").read_text())
+    assert log["documents"] == 24 and log["train_data"]["packing"]
+    assert log["train_data"]["source"].endswith("en.parquet")
+    # packed blocks are full: every micro-batch is all tokens, no padding
+    assert log["tokens_seen"] == 2 * 4 * 32 and log["sequences"] > 0
+    assert log["val"]["lines"] == 3
+    # without packing: one sequence per drawn document (all have two tokens), the same draw of 24
+    train(work, out, *common, "--run-name", "docs")
+    log2 = json.loads((run_dir(out, "llama", "docs") / "train_log.json").read_text())
+    assert log2["documents"] == log2["sequences"] == 24 and log2["tokens_seen"] < 2 * 4 * 64
+    assert log["fingerprint"]["train_sha256"] == log2["fingerprint"]["train_sha256"]
+    assert log["val"]["before"] == log2["val"]["before"]  # same model, same validation text
+
+
+def test_bad_training_text_exits_2_naming_the_line(work, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine document"}\n{"text": "broken\n')
+    nocol = tmp_path / "nocol.jsonl"
+    nocol.write_text('{"body": "fine document"}\n')
+    s = ("--neurons", str(work["sets"]["llama"]))
+    cases = [((*s, "--train-data", str(bad)), "bad.jsonl: line 2: corrupt JSON"),
+             ((*s, "--train-data", str(nocol)), "no column 'text'"),
+             ((*s, "--train-data", "nobody/no-such-dataset"), "no such file or folder"),
+             ((*s, "--val-data", str(bad)), "validation text"),
+             ((*s, "--pure-bf16", "--dtype", "bfloat16"), "--pure-bf16"),
+             (("--neurons", "full", "--pure-bf16", "--dtype", "float32"), "--pure-bf16"),
+             ((*s, "--num-proc", "0"), "--num-proc")]
+    for extra, msg in cases:
+        out = tmp_path / "out"
+        r = train(work, out, *extra, check=False)
+        assert r.returncode == 2, (extra, r.stderr[-2000:])
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (extra, r.stderr)
+        assert not out.exists(), extra
+
+
+# ---------------------------------------------------------------- precision of the full fine-tuning baseline
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """Spacing of bfloat16 numbers at |x| (8 significant bits)."""
+    return torch.exp2(torch.floor(torch.log2(x.float().abs().clamp_min(2.0 ** -126))) - 7)
+
+
+def test_full_finetuning_keeps_float32_masters_unless_pure_bf16(work, tmp_path):
+    """A bf16 model with LLM-like weights (std 0.02), lr 5e-5, 3 AdamW steps. The default (float32 masters,
+    bf16 autocast) ends where float32 training ends, up to the final bf16 rounding; --pure-bf16 updates the
+    bf16 weights in place, and many lr-sized steps round away (the authors' setting)."""
+    from transformers import AutoModelForCausalLM
+    src = AutoModelForCausalLM.from_pretrained(work["models"]["llama"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p_ in src.parameters():
+            if p_.dim() == 2:
+                p_.normal_(0, 0.02)
+    bf = tmp_path / "bf16"
+    src.to(torch.bfloat16).save_pretrained(bf)
+    for f in work["models"]["llama"].glob("*token*"):
+        shutil.copy(f, bf)
+    work = {**work, "models": {"llama": bf}}
+    out = tmp_path / "out"
+    args = ("--neurons", "full", "--lr", "5e-5", "--warmup", "0", "--max-steps", "3", "--device", "cpu")
+    runs = {}
+    for name, extra in (("f32", ("--dtype", "float32")), ("mixed", ("--dtype", "bfloat16")),
+                        ("pure", ("--dtype", "bfloat16", "--pure-bf16"))):
+        train(work, out, *args, *extra, "--run-name", name)
+        runs[name] = load_file(run_dir(out, "bf16", name) / "model.safetensors")
+        log = json.loads((run_dir(out, "bf16", name) / "train_log.json").read_text())
+        assert log["precision"]["master_weights"] == {"f32": "float32", "mixed": "float32", "pure": "bfloat16"}[name]
+        assert log["precision"]["saved_dtype"] == ("float32" if name == "f32" else "bfloat16")
+        assert all(t.dtype == (torch.float32 if name == "f32" else torch.bfloat16) for t in runs[name].values())
+    base = load_file(bf / "model.safetensors")
+    f32 = runs["f32"]
+    moved = {k: f32[k] != base[k].float() for k in base}  # entries float32 training changes
+    n_moved = sum(int(m.sum()) for m in moved.values())
+    assert n_moved > 0.5 * sum(t.numel() for t in base.values())
+
+    def off(run):
+        """Fraction of entries further from the float32 result than its bf16 rounding (+ a tenth of lr, for
+        autocast's gradient noise), and fraction of the float32-moved entries left exactly unchanged."""
+        far = sum(int(((run[k].float() - f32[k]).abs() > bf16_ulp(f32[k]) / 2 + 5e-6).sum()) for k in base)
+        stuck = sum(int(((run[k] == base[k]) & moved[k]).sum()) for k in base)
+        return far / sum(t.numel() for t in base.values()), stuck / n_moved
+
+    rounded = {k: v.to(torch.bfloat16) for k, v in f32.items()}
+    far, stuck = off(runs["mixed"])
+    _, stuck_rounding = off(rounded)  # what the final rounding alone leaves unchanged
+    assert far < 0.01 and abs(stuck - stuck_rounding) < 0.02
+    same = sum(int((runs["mixed"][k] == rounded[k]).sum()) for k in base) / sum(t.numel() for t in base.values())
+    assert same > 0.97
+    far_pure, stuck_pure = off(runs["pure"])
+    assert far_pure > 0.1 and stuck_pure > stuck_rounding + 0.15  # lr-sized updates of bf16 weights round away
+
+
+def test_lora_in_bf16_keeps_float32_masters_and_saves_bf16(work, tmp_path):
+    out = tmp_path / "out"
+    train(work, out, "--lora-rank", "2", "--max-steps", "1", "--warmup", "0", "--dtype", "bfloat16", "--device", "cpu")
+    d = run_dir(out, "llama", "en-lora2")
+    log = json.loads((d / "train_log.json").read_text())
+    assert log["precision"] == {"requested_dtype": "bfloat16", "master_weights": "float32", "autocast": "bfloat16",
+                                "pure_bf16": False, "saved_dtype": "bfloat16"}
+    new = load_file(d / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in new.values())
+    base = load_file(work["models"]["llama"] / "model.safetensors")  # float32: one rounding of the merged weights
+    assert any(not torch.equal(base[k].to(torch.bfloat16), new[k]) for k in base if "proj" in k)
+    assert all(torch.equal(base[k].to(torch.bfloat16), new[k]) for k in base if "proj" not in k)
