@@ -333,6 +333,8 @@ def discover(out: Path, only: list[str] | None) -> list[str]:
 def main() -> None:
     args = parse_args()
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {args.out}: {out} is a file, not a folder")
     if not out.is_dir():
         raise InputError(f"--out {out}: no such directory (the output root the stages wrote to)")
     fig_dir = out / "figures"

@@ -264,7 +264,7 @@ def test_train_data_parquet_packing_limit_and_val_data(work, tmp_path):
     train(work, out, *common, "--run-name", "docs")
     log2 = json.loads((run_dir(out, "llama", "docs") / "train_log.json").read_text())
     assert log2["documents"] == log2["sequences"] == 24 and log2["tokens_seen"] < 2 * 4 * 64
-    assert log["fingerprint"]["train_sha256"] == log2["fingerprint"]["train_sha256"]
+    assert log["train_data"]["id"] == log2["train_data"]["id"]
     assert log["val"]["before"] == log2["val"]["before"]  # same model, same validation text
 
 
