@@ -43,7 +43,7 @@ def parse_args():
     p.add_argument("--corpus", choices=["detect", "mgsm"], default="detect",
                    help="detect/<lang>.txt, or the MGSM questions of test/mgsm/ (the authors' own runs)")
     p.add_argument("--mgsm-format", choices=["auto", "question", "authors"], default="auto",
-                   help="--corpus mgsm texts: the question alone, or the authors' 'Question: <q>\nAnswer: <gold "
+                   help="--corpus mgsm texts: the question alone, or the authors' 'Question: <q>\\nAnswer: <gold "
                         "answer as written>'; auto = authors with --method authors, question otherwise")
     p.add_argument("--authors-attention", choices=["causal", "bidirectional"], default="causal",
                    help="--method authors: causal attention, or bidirectional (every token attends to every "

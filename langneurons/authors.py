@@ -83,35 +83,43 @@ def authors_qk_scores(query: torch.Tensor, key: torch.Tensor, keep: torch.Tensor
     B, H, T, D = query.shape
     S = key.shape[2]
     if chunk_bytes is None:
-        chunk_bytes = 1 << 22 if query.device.type == "cpu" else 1 << 28
+        chunk_bytes = 1 << 20 if query.device.type == "cpu" else 1 << 28
     q, k = query.float(), key.float().repeat_interleave(H // key.shape[1], 1)
     # padding queries are discarded; letting them see key 0 keeps their softmax finite
     first_key = torch.zeros(S, dtype=torch.bool, device=q.device)
     first_key[0] = True
     keep = torch.where(valid[:, None, :, None], keep, first_key).expand(B, H, T, S)
 
-    def probs(pre: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        if softcap is not None:
-            pre = torch.tanh(pre / softcap) * softcap
-        return torch.softmax(pre.masked_fill(~keep, float("-inf")), -1)
+    def capped(pre: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """In place: soft-capped and masked scores (without a cap, masked entries are already -inf)."""
+        if softcap is None:
+            return pre
+        return pre.div_(softcap).tanh_().mul_(softcap).masked_fill_(~keep, float("-inf"))
 
     pre = (q @ k.transpose(-1, -2)) * scaling  # [B,H,T,S]
-    base = probs(pre, keep)
+    if softcap is None:  # -inf minus a finite change stays -inf
+        pre = pre.masked_fill(~keep, float("-inf"))
+    base = torch.softmax(capped(pre.clone(), keep), -1)
     qt, kt = q.transpose(-1, -2), k.transpose(-1, -2)  # [B,H,D,T], [B,H,D,S]
     rowmask = valid.float()
     total = torch.zeros(B, H, D, device=q.device)
-    # blocks of query rows: under a causal mask a block sees only the keys up to its last row
+    # blocks of query rows: under a causal mask a block sees only the keys up to its last row; channels in
+    # chunks whose temporaries stay near chunk_bytes, worked on in place in one reused buffer
     rows_per_block = max(16, -(-T // 8))
     for t0 in range(0, T, rows_per_block):
         t1 = min(T, t0 + rows_per_block)
-        s1 = int(torch.nonzero(keep[:, :, t0:t1].any(0).any(0).any(0)).max()) + 1
-        c = max(1, min(D, chunk_bytes // (4 * B * H * (t1 - t0) * s1)))
-        pre_b, keep_b = pre[:, :, None, t0:t1, :s1], keep[:, :, None, t0:t1, :s1]
-        base_b = base[:, :, None, t0:t1, :s1]
+        Tb, s1 = t1 - t0, int(torch.nonzero(keep[:, :, t0:t1].any(0).any(0).any(0)).max()) + 1
+        c = max(1, min(D, chunk_bytes // (4 * B * H * Tb * s1)))
+        buffer = torch.empty(B * H * c * Tb * s1, device=q.device)
+        pre_b, keep_b = pre[:, :, None, t0:t1, :s1].contiguous(), keep[:, :, None, t0:t1, :s1].contiguous()
+        base_b = base[:, :, None, t0:t1, :s1].contiguous()
+        qt_b, kt_b = qt[..., t0:t1].contiguous(), kt[..., :s1].contiguous()
         for d0 in range(0, D, c):
             d1 = min(D, d0 + c)
-            perturbed = pre_b - scaling * qt[:, :, d0:d1, t0:t1, None] * kt[:, :, d0:d1, None, :s1]
-            diff = probs(perturbed, keep_b).sub_(base_b).square_()  # [B,H,c,rows,keys]
+            perturbed = torch.addcmul(pre_b, qt_b[:, :, d0:d1, :, None], kt_b[:, :, d0:d1, None, :], value=-scaling,
+                                      out=buffer[:B * H * (d1 - d0) * Tb * s1].view(B, H, d1 - d0, Tb, s1))
+            probs = torch.softmax(capped(perturbed, keep_b), -1, out=perturbed)
+            diff = probs.sub_(base_b).square_()  # [B,H,c,rows,keys]
             total[:, :, d0:d1] += (diff.sum(-1) * rowmask[:, None, None, t0:t1]).sum(-1)
     return total.reshape(B, H * D)
 
