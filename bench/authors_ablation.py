@@ -55,11 +55,14 @@ def parse_args():
     p.add_argument("--attention", choices=["causal", "bidirectional"], default="causal",
                    help="the authors' attention setting for every authors-code variant")
     p.add_argument("--ppl-lines", type=int, default=4, help="val lines per language for the deactivation control")
+    p.add_argument("--control", default=",".join(VARIANTS),
+                   help="variants that get the deactivation control (each costs 14 perplexity runs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one: the per-channel loops are many small kernels)")
     p.add_argument("--check-cli", action="store_true",
                    help="also run detection.py for paper, authors and 'undo qk' and require identical sets")
     p.add_argument("--out", default=str(REPO / "results" / "authors-ablation"))
+    p.add_argument("--report-only", action="store_true", help="rewrite table.md and ablation.png from --out's ablation.json")
     p.add_argument("--cache", help="keep the firing counts in this file and reuse them when the detection "
                                    "arguments are the same (the reporting part can then be rerun alone)")
     return p.parse_args()
@@ -161,6 +164,12 @@ def main():
     torch.set_num_threads(args.threads)
     langs = args.langs.split(",")
     out = Path(args.out)
+    if args.report_only:
+        saved = json.loads((out / "ablation.json").read_text())
+        (out / "table.md").write_text(table(saved["variants"], saved["meta"]))
+        figure(saved["variants"], out / "ablation.png", saved["meta"])
+        print((out / "table.md").read_text())
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dataset = tmp / "dataset"  # the paper's layout over the given folders
@@ -202,14 +211,17 @@ def main():
             share = lambda n: {c: sset[n]["component_shares"][c] for c in COMPONENTS}
             excl_share = {c: float(np.mean([sset[f"exclusive_{l}"]["component_shares"][c] for l in langs]))
                           for c in COMPONENTS}
-            print(f"deactivation control: {v}", flush=True)
+            control = None
+            if v in args.control.split(","):
+                print(f"deactivation control: {v}", flush=True)
+                control = deactivation_control(args.model, dataset, nd, langs, args, tmp / "deact" / v.replace(" ", "_"))
             rows[v] = {"texts": VARIANTS[v][0], "undo": VARIANTS[v][1], "definitions": setups[v][0],
                        "top_counts": setups[v][2], "kv_index_space": setups[v][3],
                        "total_neurons_index_space": st["total_neurons"],
                        "shared": sset["shared"]["size"], "exclusive_mean": mean("exclusive"),
                        "unique_mean": mean("unique"), "related_all": sset["related_all"]["size"],
                        "shared_split": share("shared"), "exclusive_split": excl_share,
-                       "control": deactivation_control(args.model, dataset, nd, langs, args, tmp / "deact" / v.replace(" ", "_"))}
+                       "control": control}
         for v in VARIANTS:
             p, r = on_rows["paper"], on_rows[v]
             rows[v]["shared_kv_rows"] = size(r["shared"])
@@ -238,14 +250,17 @@ def table(rows: dict, meta: dict) -> str:
     lines = []
     for v, r in rows.items():
         c = r["control"]
+        dppl = lambda a, b: f"{c[a]:.4g} ({c[b]:.3g})" if c else "–"
         lines.append(f"| {v} | {r['shared']} | {r['exclusive_mean']:.1f} | {r['unique_mean']:.1f} "
                      f"| {' / '.join(pct(r['shared_split'][k]) for k in COMPONENTS)} "
                      f"| {' / '.join(pct(r['exclusive_split'][k]) for k in COMPONENTS)} "
                      f"| {r['jaccard_vs_paper']['shared']:.2f} / {r['jaccard_vs_paper']['exclusive_mean']:.2f} "
-                     f"| {c['dppl_shared']:.2f} ({c['dppl_random_shared']:.2f}) "
-                     f"| {c['dppl_exclusive_own']:.2f} ({c['dppl_random_exclusive_own']:.2f}) |")
+                     f"| {dppl('dppl_shared', 'dppl_random_shared')} "
+                     f"| {dppl('dppl_exclusive_own', 'dppl_random_exclusive_own')} |")
     return (f"{meta['model']}, MGSM, {meta['per_lang']} items x {len(meta['langs'])} languages, ratio {meta['ratio']}, "
-            f"authors' attention {meta['attention']}; dPPL on {meta['ppl_lines']} val lines per language.\n\n"
+            f"authors' attention {meta['attention']}; dPPL on {meta['ppl_lines']} val lines per language, mean over "
+            f"languages (exclusive sets on their own language). Sizes and splits count each variant's own index "
+            f"space (the authors' attn_k/attn_v in query-head space); Jaccard is on k_proj/v_proj rows.\n\n"
             + head + "\n".join(lines) + "\n")
 
 
@@ -264,7 +279,7 @@ def figure(rows: dict, path: Path, meta: dict) -> None:
             bottom += vals
         ax.set_title(f"{title}: QK / VO / FFN split (%)")
         ax.tick_params(axis="x", rotation=40)
-    axes[0].legend()
+    axes[0].legend(loc="lower left", fontsize=8, framealpha=0.9)
     x = np.arange(len(names))
     axes[2].bar(x - 0.2, [rows[n]["jaccard_vs_paper"]["shared"] for n in names], 0.4, label="shared")
     axes[2].bar(x + 0.2, [rows[n]["jaccard_vs_paper"]["exclusive_mean"] for n in names], 0.4, label="exclusive (mean)")
