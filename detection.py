@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from langneurons import cli, reuse
+from langneurons import authors, cli, reuse
 from langneurons.data import corpus_file, detection_corpus, external_corpus
 from langneurons.importance import ImportanceProbe
 from langneurons.metrics import batches_by_length, pad_batch
@@ -30,8 +30,11 @@ FFN_GROUPS = ("fwd_up", "fwd_down")
 
 def parse_args():
     p = cli.common_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--method", choices=["importance", "activation"], default="importance",
-                   help="importance: the paper's parallel neuron detection; activation: LAPE (FFN only)")
+    p.add_argument("--method", choices=["importance", "activation", "authors"], default="importance",
+                   help="importance: the paper's parallel neuron detection; activation: LAPE (FFN only); "
+                        "authors: what the authors' released code computes (METHOD.md section 10: their score "
+                        "proxies, swapped per-text top counts, first --max-length tokens, their MGSM prompt); "
+                        "its attn_k/attn_v files stay in their query-head index space")
     p.add_argument("--ratio", type=cli.float_in(0, 1, lo_open=True), default=0.01,
                    help="importance: fraction of each layer's group activated per sentence; "
                         "activation: fraction of FFN neurons kept by lowest entropy")
@@ -42,8 +45,17 @@ def parse_args():
                    help="detect/<lang>.txt, the MGSM questions of test/mgsm/ (the authors' own runs), or a text/json/"
                         "jsonl/parquet/arrow file, folder or hub dataset id with {lang} for the language (column "
                         "'text', split 'train')")
+    p.add_argument("--mgsm-format", choices=["auto", "question", "authors"], default="auto",
+                   help="--corpus mgsm texts: the question alone, or the authors' 'Question: <q>\\nAnswer: <gold "
+                        "answer as written>'; auto = authors with --method authors, question otherwise")
+    p.add_argument("--authors-attention", choices=["causal", "bidirectional"], default="causal",
+                   help="--method authors: causal attention, or bidirectional (every token attends to every "
+                        "non-padding token in every layer), which is what their Llama/Qwen2 runs did as shipped")
+    p.add_argument("--authors-undo", default="", metavar="PIECE,...",
+                   help="--method authors: replace these of its differences by the paper's definition (as "
+                        "--method importance computes it), for ablations. " + authors.UNDO_HELP)
     p.add_argument("--groups", type=cli.choice_list(GROUPS), default=",".join(GROUPS),
-                   help="neuron groups to score (importance method)")
+                   help="neuron groups to score (importance, authors)")
     p.add_argument("--qk-score", choices=["channel", "row"], default="channel",
                    help="query/key importance of the channel attention sees (after rotary and q/k norms; the "
                         "paper), or of the q_proj/k_proj row that deactivation zeroes (exact; not with q/k norms)")
@@ -60,7 +72,19 @@ def main():
     if args.corpus not in ("detect", "mgsm") and len(langs) > 1 and "{lang}" not in args.corpus:
         raise cli.InputError(f"--corpus {args.corpus}: every language would read the same text; put {{lang}} where "
                              "the language goes (e.g. corpus/{lang}.jsonl)")
-    corpora = {l: detection_corpus(args.dataset, l, args.sample_size, args.seed, args.corpus)
+    if args.qk_score != "channel" and args.method != "importance":
+        raise cli.InputError(f"--qk-score {args.qk_score}: only with --method importance")
+    undo = authors.parse_undo(args.authors_undo)
+    if args.method != "authors" and (undo or args.authors_attention != "causal"):
+        raise cli.InputError("--authors-undo/--authors-attention: only with --method authors")
+    if "prompt" in undo and args.corpus != "mgsm":
+        raise cli.InputError("--authors-undo prompt: the prompt format exists only with --corpus mgsm")
+    if "prompt" in undo and args.mgsm_format == "authors":
+        raise cli.InputError("--authors-undo prompt contradicts --mgsm-format authors")
+    mgsm_format = args.mgsm_format
+    if mgsm_format == "auto":
+        mgsm_format = "authors" if args.method == "authors" and "prompt" not in undo else "question"
+    corpora = {l: detection_corpus(args.dataset, l, args.sample_size, args.seed, args.corpus, mgsm_format)
                if args.corpus in ("detect", "mgsm") else external_corpus(args.corpus, l, args.sample_size, args.seed)
                for l in langs}
     out_dir = Path(args.out) / model_tag(args.model) / "neurons"
@@ -97,7 +121,7 @@ def main():
     firing, sentences, geom, config = counts
 
     # ---- sets and statistics
-    if args.method == "importance":
+    if args.method in ("importance", "authors"):
         related = related_from_counts(firing, sentences, langs, args.threshold, geom)
     else:
         related = lape_related(firing["fwd_up"], sentences, langs, geom, args.ratio)
@@ -105,10 +129,22 @@ def main():
     summary = stats(sets, langs, geom)
     meta = {"model": args.model, "tag": model_tag(args.model), "method": args.method, "ratio": args.ratio,
             "threshold": args.threshold, "langs": langs, "groups": list(groups), "qk_score": args.qk_score,
-            "corpus": {"name": args.corpus, "sentences": {l: len(corpora[l]) for l in langs}},
+            "corpus": {"name": args.corpus, "sentences": {l: len(corpora[l]) for l in langs},
+                       **({"mgsm_format": mgsm_format} if args.corpus == "mgsm" else {})},
             "geometry": geom.__dict__, "config": config,
-            "unit": "sentences" if args.method == "importance" else "tokens",
+            "unit": "tokens" if args.method == "activation" else "sentences",
             "run": cli.run_meta(args), "fingerprint": fp}
+    kv_space = "kv_rows"
+    if args.method == "authors":
+        defs = authors.definitions(undo)
+        kv_space = authors.kv_index_space(defs)
+        meta["authors"] = {
+            "definitions": "the authors' released detect.py (METHOD.md section 10), not the paper's formulas, "
+                           "except for the pieces undone",
+            "undo": list(undo), "attention": args.authors_attention, "group_definitions": defs,
+            "top_counts": authors.top_counts(geom, args.ratio, authors.score_sizes(geom, defs), "top_counts" not in undo),
+            "kv_index_space": kv_space}
+        summary["kv_index_space"] = kv_space
 
     # ---- write everything into a fresh directory, then swap it in whole
     with cli.atomic_dir(out_dir) as tmp:
@@ -117,11 +153,12 @@ def main():
         tensors["sentences"] = sentences.to(torch.int32)
         # one metadata key: safetensors writes several in hash order, and files must be reproducible
         save_file(tensors, tmp / "firing.safetensors", metadata={"langneurons": json.dumps(
-            {"langs": langs, "method": args.method, "ratio": args.ratio, "unit": meta["unit"]}, sort_keys=True)})
+            {"langs": langs, "method": args.method, "ratio": args.ratio, "unit": meta["unit"],
+             **({"kv_index_space": kv_space} if args.method == "authors" else {})}, sort_keys=True)})
         provenance = {"model": args.model, "method": args.method, "ratio": args.ratio,
                       "threshold": args.threshold, "langs": langs}
         for name, s in sets.items():
-            write_neuron_file(tmp / f"{name}.json", s, {**provenance, "set": name})
+            write_neuron_file(tmp / f"{name}.json", s, {**provenance, "set": name}, kv_space)
         cli.write_json(tmp / "stats.json", summary)
         cli.write_json(tmp / "meta.json", meta)
 
@@ -167,19 +204,35 @@ def count_firing(args, corpora: dict[str, list[str]], groups: tuple[str, ...]):
     geom = Geometry.from_config(model.config)
     device = model.get_input_embeddings().weight.device
     langs = list(corpora)
-    count_groups = groups if args.method == "importance" else FFN_GROUPS
-    firing = {g: torch.zeros(len(langs), geom.num_layers, geom.group_size(g), dtype=torch.int64) for g in count_groups}
+    count_groups = FFN_GROUPS if args.method == "activation" else groups
+    sizes = {g: geom.group_size(g) for g in GROUPS}
+    top_k = {g: max(1, int(args.ratio * geom.group_size(g))) for g in GROUPS}
+    if args.method == "authors":
+        undo = authors.parse_undo(args.authors_undo)
+        defs = authors.definitions(undo)
+        sizes = authors.score_sizes(geom, defs)
+        top_k = authors.top_counts(geom, args.ratio, sizes, swapped="top_counts" not in undo)
+        probe = authors.AuthorsProbe(model, authors_groups=tuple(g for g in groups if defs[g] == "authors"),
+                                     paper_groups=tuple(g for g in groups if defs[g] == "paper"),
+                                     attention=args.authors_attention)
+    else:
+        probe = ImportanceProbe(model, groups=groups, method=args.method, qk_score=args.qk_score)
+    firing = {g: torch.zeros(len(langs), geom.num_layers, sizes[g], dtype=torch.int64) for g in count_groups}
     seen = torch.zeros(len(langs), dtype=torch.int64)
-    top_k = {g: max(1, int(args.ratio * geom.group_size(g))) for g in count_groups}
-    with ImportanceProbe(model, groups=groups, method=args.method, qk_score=args.qk_score) as probe:
+    with probe:
         for li, lang in enumerate(langs):
             mine = corpora[lang][state.process_index::state.num_processes]
-            seqs = [tok(s, truncation=True, max_length=args.max_length)["input_ids"] for s in mine]
+            if args.method == "authors":  # their cut: the tokenizer's defaults, then the first max-length ids
+                seqs = [tok(s)["input_ids"][:args.max_length] for s in mine]
+            else:
+                seqs = [tok(s, truncation=True, max_length=args.max_length)["input_ids"] for s in mine]
             bar = tqdm(batches_by_length([len(s) for s in seqs], args.batch_size), desc=f"detect {lang}",
                        disable=not state.is_main_process)
             for idx in bar:
                 ids, mask = pad_batch([seqs[i] for i in idx], tok.pad_token_id, device)
                 scores = probe(ids, mask)
+                if args.method == "authors":
+                    scores = {**scores[0], **scores[1]}  # each group has one definition
                 if args.method == "activation":
                     active = scores["active"].sum(0).long()
                     firing["fwd_up"][li] += active

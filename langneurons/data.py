@@ -62,12 +62,13 @@ def corpus_file(dataset: str | Path, lang: str, corpus: str = "detect") -> Path:
     return mgsm_file(dataset, lang) if corpus == "mgsm" else lang_file(dataset, "detect", lang, ".txt")
 
 
-def detection_corpus(dataset: str | Path, lang: str, sample_size: int, seed: int, corpus: str = "detect") -> list[str]:
-    """`sample_size` sentences of detect/<lang>.txt (or, with corpus 'mgsm', the MGSM questions, as the
-    authors ran it) drawn with the seed (all, in order, when 0)."""
+def detection_corpus(dataset: str | Path, lang: str, sample_size: int, seed: int, corpus: str = "detect",
+                     mgsm_format: str = "question") -> list[str]:
+    """`sample_size` sentences of detect/<lang>.txt (or, with corpus 'mgsm', the MGSM texts, as the
+    authors ran it; see mgsm_texts) drawn with the seed (all, in order, when 0)."""
     if corpus == "mgsm":
         lang_file(dataset, "test/mgsm", f"mgsm_{lang}", ".tsv")
-        lines = [q for q, _ in read_mgsm(dataset, lang)]
+        lines = mgsm_texts(dataset, lang, mgsm_format)
     else:
         lines = read_lines(lang_file(dataset, "detect", lang, ".txt"), "detection corpus")
     if 0 < sample_size < len(lines):
@@ -305,6 +306,17 @@ def read_mgsm(dataset: str | Path, lang: str) -> list[tuple[str, float]]:
     if not items:
         raise InputError(f"MGSM file {path}: empty")
     return items
+
+
+def mgsm_texts(dataset: str | Path, lang: str, fmt: str = "question") -> list[str]:
+    """MGSM items as detection texts: the question alone ('question'), or the authors' gsm format
+    ('authors'): 'Question: <question>\nAnswer: <gold answer as written in the tsv>'."""
+    items = read_mgsm(dataset, lang)  # validates the file
+    if fmt == "question":
+        return [q for q, _ in items]
+    path = Path(dataset) / "test" / "mgsm" / f"mgsm_{lang}.tsv"
+    rows = [line.split("\t") for line in read_text(path, "MGSM file").splitlines() if line.strip()]
+    return [f"Question: {q}\nAnswer: {a}" for q, a in rows]
 
 
 def read_mmlu(dataset: str | Path, lang: str) -> list[dict[str, str]]:

@@ -19,8 +19,15 @@ NeuronSet = dict[str, torch.Tensor]
 COMPONENTS = {"QK": ("attn_q", "attn_k"), "VO": ("attn_v", "attn_o"), "FFN": ("fwd_up", "fwd_down")}
 
 
-def empty_set(geom: Geometry) -> NeuronSet:
-    return {g: torch.zeros(geom.shape(g), dtype=torch.bool) for g in GROUPS}
+def empty_set(geom: Geometry, sizes: dict[str, int] | None = None) -> NeuronSet:
+    """`sizes` overrides a group's length (the authors' attn_k/attn_v live in query-head space)."""
+    sizes = sizes or {}
+    return {g: torch.zeros(geom.num_layers, sizes.get(g, geom.group_size(g)), dtype=torch.bool) for g in GROUPS}
+
+
+def set_sizes(s: NeuronSet) -> dict[str, int]:
+    """Length of each group's index space in a set."""
+    return {g: int(s[g].shape[1]) for g in GROUPS}
 
 
 def size(s: NeuronSet) -> int:
@@ -39,16 +46,17 @@ def difference(a: NeuronSet, b: NeuronSet) -> NeuronSet:
     return {g: a[g] & ~b[g] for g in GROUPS}
 
 
-def random_set(n: int, geom: Geometry, seed: int, name: str) -> NeuronSet:
-    """`n` neurons drawn uniformly over all layers and groups; the seed is mixed with the set's name
-    so that every control is different but reproducible."""
+def random_set(n: int, geom: Geometry, seed: int, name: str, sizes: dict[str, int] | None = None) -> NeuronSet:
+    """`n` neurons drawn uniformly over all layers and groups (in the index space of `sizes`, default the
+    model's); the seed is mixed with the set's name so that every control is different but reproducible."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    sizes = [geom.num_layers * geom.group_size(g) for g in GROUPS]
+    shapes = {g: (geom.num_layers, (sizes or {}).get(g, geom.group_size(g))) for g in GROUPS}
+    sizes = [shapes[g][0] * shapes[g][1] for g in GROUPS]
     flat = np.zeros(sum(sizes), dtype=bool)
     flat[rng.choice(flat.size, size=n, replace=False)] = True
     out, start = {}, 0
     for g, k in zip(GROUPS, sizes):
-        out[g] = torch.from_numpy(flat[start:start + k].reshape(geom.shape(g)).copy())
+        out[g] = torch.from_numpy(flat[start:start + k].reshape(shapes[g]).copy())
         start += k
     return out
 
@@ -56,6 +64,7 @@ def random_set(n: int, geom: Geometry, seed: int, name: str) -> NeuronSet:
 def language_sets(related: dict[str, NeuronSet], geom: Geometry, seed: int) -> dict[str, NeuronSet]:
     """All sets of INTERFACE.md from the language-related sets N_l (METHOD.md section 4)."""
     langs = list(related)
+    sizes = set_sizes(related[langs[0]])  # random controls live in the same index space as the sets
     shared = intersection(list(related.values()))
     sets = {f"related_{l}": related[l] for l in langs}
     sets["related_all"] = union(list(related.values()))
@@ -64,9 +73,10 @@ def language_sets(related: dict[str, NeuronSet], geom: Geometry, seed: int) -> d
         sets[f"exclusive_{l}"] = difference(related[l], shared)
         others = [related[m] for m in langs if m != l]
         sets[f"unique_{l}"] = difference(related[l], union(others)) if others else related[l]
-    sets["random_shared"] = random_set(size(shared), geom, seed, "random_shared")
+    sets["random_shared"] = random_set(size(shared), geom, seed, "random_shared", sizes)
     for l in langs:
-        sets[f"random_exclusive_{l}"] = random_set(size(sets[f"exclusive_{l}"]), geom, seed, f"random_exclusive_{l}")
+        sets[f"random_exclusive_{l}"] = random_set(size(sets[f"exclusive_{l}"]), geom, seed, f"random_exclusive_{l}",
+                                                   sizes)
     return sets
 
 
@@ -118,15 +128,18 @@ def lape_related(active: torch.Tensor, tokens: torch.Tensor, langs: list[str], g
 
 # ---------------------------------------------------------------- files
 
-def to_json(s: NeuronSet, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+def to_json(s: NeuronSet, meta: dict[str, Any] | None = None,
+            kv_index_space: str | dict[str, str] = "kv_rows") -> dict[str, Any]:
+    """`kv_index_space`: 'kv_rows', 'query_heads' (the authors'), or {"attn_k": ..., "attn_v": ...}."""
     obj: dict[str, Any] = {g: {str(layer): torch.nonzero(s[g][layer]).flatten().tolist()
                                for layer in range(s[g].shape[0])} for g in GROUPS}
-    obj["meta"] = {**(meta or {}), "kv_index_space": "kv_rows"}
+    obj["meta"] = {**(meta or {}), "kv_index_space": kv_index_space}
     return obj
 
 
-def write_neuron_file(path: str | Path, s: NeuronSet, meta: dict[str, Any] | None = None) -> None:
-    write_json(path, to_json(s, meta))
+def write_neuron_file(path: str | Path, s: NeuronSet, meta: dict[str, Any] | None = None,
+                      kv_index_space: str | dict[str, str] = "kv_rows") -> None:
+    write_json(path, to_json(s, meta, kv_index_space))
 
 
 def read_neuron_file(path: str | Path, geom: Geometry, legacy_kv: bool = False) -> tuple[NeuronSet, dict]:
@@ -141,7 +154,9 @@ def read_neuron_file(path: str | Path, geom: Geometry, legacy_kv: bool = False) 
     if not isinstance(meta, dict):
         raise InputError(f"neuron file {path}: 'meta' is not an object")
     space = meta.get("kv_index_space", "query_heads" if "meta" not in obj else "kv_rows")
-    if space not in ("kv_rows", "query_heads"):
+    # one space for attn_k and attn_v, or one per group (the authors' mode with one of them undone)
+    spaces = space if isinstance(space, dict) else {"attn_k": space, "attn_v": space}
+    if set(spaces) != {"attn_k", "attn_v"} or any(v not in ("kv_rows", "query_heads") for v in spaces.values()):
         raise InputError(f"neuron file {path}: unknown kv_index_space '{space}'")
     out = empty_set(geom)
     for group, layers in obj.items():
@@ -151,7 +166,7 @@ def read_neuron_file(path: str | Path, geom: Geometry, legacy_kv: bool = False) 
             raise InputError(f"neuron file {path}: unknown group '{group}'")
         if not isinstance(layers, dict):
             raise InputError(f"neuron file {path}: group {group} is not an object of layers")
-        kv_from_q = group in ("attn_k", "attn_v") and space == "query_heads"
+        kv_from_q = group in ("attn_k", "attn_v") and spaces[group] == "query_heads"
         limit = geom.num_heads * geom.head_dim if kv_from_q else geom.group_size(group)
         for key, idx in layers.items():
             # ASCII digits only: str.isdigit() accepts "²", which int() then rejects
@@ -175,12 +190,13 @@ def read_neuron_file(path: str | Path, geom: Geometry, legacy_kv: bool = False) 
 # ---------------------------------------------------------------- statistics
 
 def set_stats(s: NeuronSet, geom: Geometry) -> dict[str, Any]:
-    total = geom.total_neurons
+    # totals of the set's own index space (the model's neurons, or the authors' query-head k/v space)
+    total = sum(s[g].numel() for g in GROUPS)
     n = size(s)
     groups = {g: int(s[g].sum()) for g in GROUPS}
     return {"size": n, "fraction": n / total,
             "groups": groups,
-            "group_fractions": {g: groups[g] / (geom.num_layers * geom.group_size(g)) for g in GROUPS},
+            "group_fractions": {g: groups[g] / s[g].numel() for g in GROUPS},
             "components": {c: sum(groups[g] for g in gs) for c, gs in COMPONENTS.items()},
             "component_shares": {c: (sum(groups[g] for g in gs) / n if n else 0.0) for c, gs in COMPONENTS.items()},
             "layers": [int(sum(int(s[g][layer].sum()) for g in GROUPS)) for layer in range(geom.num_layers)]}
@@ -190,7 +206,8 @@ def stats(sets: dict[str, NeuronSet], langs: list[str], geom: Geometry) -> dict[
     """stats.json: every set's size per group/component/layer, fractions of all neurons, shared ratio."""
     per_set = {name: set_stats(s, geom) for name, s in sets.items()}
     mean_excl = float(np.mean([per_set[f"exclusive_{l}"]["size"] for l in langs]))
-    return {"total_neurons": geom.total_neurons,
-            "neurons_per_group": {g: geom.num_layers * geom.group_size(g) for g in GROUPS},
+    shared = sets["shared"]
+    return {"total_neurons": sum(shared[g].numel() for g in GROUPS),
+            "neurons_per_group": {g: shared[g].numel() for g in GROUPS},
             "shared_ratio": per_set["shared"]["size"] / mean_excl if mean_excl else None,
             "sets": per_set}
