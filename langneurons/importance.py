@@ -53,6 +53,7 @@ def _register() -> None:
 # Below this bound on |scale * q[t,d] * k[s,d]| a softmax row shifted by its unperturbed maximum can be
 # exponentiated directly: its largest term lies in [e^-40, e^40], far from float32 under- and overflow
 _EXP_SAFE = 40.0
+_LOG2E = 1.4426950408889634  # exp(x) = 2^(x log2 e); torch's exp2 runs ~3x faster than exp on the CPU
 
 
 def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
@@ -104,9 +105,11 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     # changes); beyond the bound, each perturbed row is shifted by its own maximum (one more pass)
     bound = scaling * q.abs().amax(3).flatten(1, 2).amax(1) * k.abs().amax(2).amax(1)  # [B, D]
     stable = bool((bound < _EXP_SAFE).all())
+    # base-2 exponents: without soft-capping, scores and channel terms are scaled by log2 e up front
     if softcap is None:
-        scores = scores.sub_(top)
-    qa = (q * -scaling).transpose(-1, -2)  # [B,KV,rep,D,T]
+        scores = scores.sub_(top).mul_(_LOG2E)
+    top2 = top * _LOG2E
+    qa = (q * (-scaling if softcap is not None else -scaling * _LOG2E)).transpose(-1, -2)  # [B,KV,rep,D,T]
     kt = k.transpose(-1, -2)[:, :, None]  # [B,KV,1,D,S]
     rowmask = valid.view(B, 1, 1, 1, T).float()
     n2 = torch.zeros(B, KV, rep, D, device=dev)
@@ -122,7 +125,7 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
         # reused buffers: allocation costs on the CPU
         buf, ybuf = torch.empty(B * H * c * Tb * Sb, device=dev), torch.empty(B * H * c * Tb * (1 + r1), device=dev)
         base_b = (scores if softcap is None else pre)[..., None, t0:t1, s0:s1].contiguous()
-        keep_b, top_b = keep[..., None, t0:t1, s0:s1], top[..., None, t0:t1, :]
+        keep_b, top_b = keep[..., None, t0:t1, s0:s1], top2[..., None, t0:t1, :]
         rt_b, out_b = ones_rt[:, :, s0:s1, :1 + r1].contiguous(), out[..., None, t0:t1, :r1]
         qa_b, kt_b = qa[..., t0:t1].contiguous(), kt[..., s0:s1].contiguous()
         for d0 in range(0, D, c):
@@ -132,10 +135,11 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
             x = torch.addcmul(base_b, qa_b[..., d0:d1, :, None], kt_b[..., d0:d1, None, :],
                               out=buf[:n * Sb].view(B, KV, rep, d1 - d0, Tb, Sb))
             if softcap is not None:
-                x = capped(x).sub_(top_b).masked_fill_(~keep_b, float("-inf"))
+                x = torch.tanh(x.div_(softcap), out=x).mul_(softcap * _LOG2E).sub_(top_b)
+                x = x.masked_fill_(~keep_b, float("-inf"))
             if not stable:
                 x = x.sub_(x.amax(-1, keepdim=True))
-            x = x.exp_()
+            x = x.exp2_()
             y = torch.matmul(x.view(B, KV, -1, Sb), rt_b, out=ybuf[:n * (1 + r1)].view(B, KV, -1, 1 + r1))
             y = y.view(B, KV, rep, d1 - d0, Tb, 1 + r1)
             z = y[..., :1]
