@@ -68,11 +68,11 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     (default: 4 MiB on the CPU, a few large matrix products rather than many small ones, 256 MiB on a
     GPU).
 
-    Per block and chunk the work is two passes over the perturbed scores (one fused multiply-add, one
-    exp) and one matrix product: removing channel d multiplies row t of the unnormalised softmax by
+    Per block and chunk the work is three passes over the perturbed scores (one fused multiply-add,
+    one exp2, one sum) and one matrix product: removing channel d multiplies row t of the unnormalised softmax by
     exp(-scale * Q[t,d] * K[:,d]), so no per-row maximum or normalisation pass is needed (the
-    denominator comes out of the same product, from a column of ones), and the product is with the
-    triangular factor of the values, which for a row seeing keys < s has only min(s, D) columns."""
+    output is divided by the row sums instead), and the product is with the triangular factor of the
+    values, which for a row seeing keys < s has only min(s, D) columns."""
     B, H, T, D = query.shape
     KV, S = key.shape[1], key.shape[2]
     rep = H // KV
@@ -84,7 +84,6 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     # row x that weighs only keys < s has x R^T in the first min(s, r) columns
     rt = torch.linalg.qr(value.float().transpose(-1, -2), mode="r").R.transpose(-1, -2)  # [B,KV,S,r]
     r = rt.shape[-1]
-    ones_rt = torch.cat([torch.ones(B, KV, S, 1, device=dev), rt], -1)  # ones first: softmax denominators
     # padding queries are discarded; letting each see one key (its diagonal) keeps its softmax finite
     # and leaves the blocks' key ranges as the real rows make them
     own_key = torch.arange(T, device=dev)[:, None] + (S - T) == torch.arange(S, device=dev)
@@ -123,10 +122,10 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
         Tb, Sb, r1 = t1 - t0, s1 - s0, min(s1, r)
         c = max(1, min(D, chunk_bytes // (4 * B * H * Tb * Sb)))
         # reused buffers: allocation costs on the CPU
-        buf, ybuf = torch.empty(B * H * c * Tb * Sb, device=dev), torch.empty(B * H * c * Tb * (1 + r1), device=dev)
+        buf, ybuf = torch.empty(B * H * c * Tb * Sb, device=dev), torch.empty(B * H * c * Tb * r1, device=dev)
         base_b = (scores if softcap is None else pre)[..., None, t0:t1, s0:s1].contiguous()
         keep_b, top_b = keep[..., None, t0:t1, s0:s1], top2[..., None, t0:t1, :]
-        rt_b, out_b = ones_rt[:, :, s0:s1, :1 + r1].contiguous(), out[..., None, t0:t1, :r1]
+        rt_b, out_b = rt[:, :, s0:s1, :r1].contiguous(), out[..., None, t0:t1, :r1]
         qa_b, kt_b = qa[..., t0:t1].contiguous(), kt[..., s0:s1].contiguous()
         for d0 in range(0, D, c):
             d1 = min(D, d0 + c)
@@ -140,11 +139,11 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
             if not stable:
                 x = x.sub_(x.amax(-1, keepdim=True))
             x = x.exp2_()
-            y = torch.matmul(x.view(B, KV, -1, Sb), rt_b, out=ybuf[:n * (1 + r1)].view(B, KV, -1, 1 + r1))
-            y = y.view(B, KV, rep, d1 - d0, Tb, 1 + r1)
-            z = y[..., :1]
+            z = x.sum(-1, keepdim=True)  # the softmax denominators (a pass: cheaper than a 1+r1 wide product)
+            y = torch.matmul(x.view(B, KV, -1, Sb), rt_b, out=ybuf[:n * r1].view(B, KV, -1, r1))
+            y = y.view(B, KV, rep, d1 - d0, Tb, r1)
             # Z * (perturbed output - output) in place, then its norm over Z
-            dist = torch.linalg.vector_norm(y[..., 1:].addcmul_(z, out_b, value=-1), dim=-1).div_(z[..., 0])
+            dist = torch.linalg.vector_norm(y.addcmul_(z, out_b, value=-1), dim=-1).div_(z[..., 0])
             n2[..., d0:d1] += (dist.square_() * rowmask[..., t0:t1]).sum(-1)
     q_imp = n2.sqrt().reshape(B, H * D)
     k_imp = n2.sum(2).sqrt().reshape(B, KV * D)
