@@ -206,3 +206,46 @@ def test_activation_probe_counts_positive_activations():
     expected = ((acts["x"] > 0) & mask.bool()[..., None]).sum(1).float()
     assert torch.equal(out["active"][:, 1], expected)
     assert out["tokens"].tolist() == mask.sum(1).tolist()
+
+
+def attention_keep(am, S):
+    """The bool visibility mask ImportanceProbe.query_key_importance derives from the model's mask."""
+    return am[..., :S] if am.dtype == torch.bool else am[..., :S] > torch.finfo(am.dtype).min / 2
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2", "gemma3"])
+@pytest.mark.parametrize("left", [False, True], ids=["right-pad", "left-pad"])
+def test_qk_importance_equals_the_naive_formula_in_tiny_models(arch, left):
+    """On the q/k/v and masks the attention function really receives: grouped-query attention (qwen2),
+    soft-capping and sliding windows (gemma2), q/k norms and sliding windows (gemma3), padded batches;
+    blocks, channel chunks and the triangular value factor against the formula computed naively."""
+    model = tiny_model(arch)
+    ids, mask = encode(SENTENCES["fr"][:3], left=left)  # 32-51 tokens: windows of 6 cut the key ranges
+    with RecordingProbe(model) as probe:
+        probe(ids, mask)
+    valid = mask.bool()
+    for module, q, k, v, am, scaling, softcap in probe.calls:
+        keep = attention_keep(am, k.shape[2])
+        ref = naive_qk_importance(q, k, v, keep, valid, scaling, softcap)
+        for chunk_bytes in (1, 1 << 14, None):
+            got = qk_importance(q, k, v, keep, valid, scaling, softcap=softcap, chunk_bytes=chunk_bytes)
+            for a, b in zip(got, ref):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_large_scores_take_the_stabilised_path(softcap):
+    """Scores whose change reaches hundreds (beyond the direct-exponent bound) are shifted by each
+    perturbed row's maximum: still equal to the naive formula, finite, with short keys and queries."""
+    torch.manual_seed(1)
+    B, T = 2, 24
+    q, k, v = torch.randn(B, 2, T, 8) * 30, torch.randn(B, 1, T, 8) * 30, torch.randn(B, 1, T, 8)
+    keep = torch.ones(T, T, dtype=torch.bool).tril()[None, None].repeat(B, 1, 1, 1)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    keep[1, :, :, :3], valid[1, :3] = False, False
+    assert float((q.abs().amax() * k.abs().amax() * 0.5)) > 40  # the bound qk_importance checks
+    ref = naive_qk_importance(q, k, v, keep, valid, 0.5, softcap)
+    got = qk_importance(q, k, v, keep, valid, 0.5, softcap=softcap, chunk_bytes=1 << 12)
+    for a, b in zip(got, ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
