@@ -111,7 +111,6 @@ def parse_langs(spec: str) -> list[str]:
     return langs
 
 
-
 # what a stage holds until its main() returns (output locks); see hold()
 _held = contextlib.ExitStack()
 

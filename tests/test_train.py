@@ -57,6 +57,16 @@ def train(work, out, *extra, arch="llama", launcher=(PY,), check=True, cache=Non
         raise AssertionError(f"{' '.join(cmd)}\nexit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
 
+def assert_one_line_errors(work, out: Path, cases) -> None:
+    """Each (extra arguments, message) case exits 2 with one error line holding the message, writing nothing."""
+    for extra, msg in cases:
+        r = train(work, out, *extra, check=False)
+        assert r.returncode == 2, (extra, r.stderr[-2000:])
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (extra, r.stderr)
+        assert not out.exists(), extra
+
+
 
 def run_dir(out, arch, name):
     return Path(out) / arch / "trained" / name
@@ -233,13 +243,7 @@ def test_bad_inputs_exit_2_and_write_nothing(work, tmp_path):
              (("--neurons", str(work["sets"]["llama"]), "--micro-batch-size", "8"), "--micro-batch-size"),
              (("--neurons", str(tmp_path / "nope.json")), "no such file"),
              (("--neurons", str(work["sets"]["llama"]), "--dataset", str(empty)), "empty")]
-    for extra, msg in cases:
-        out = tmp_path / "out"
-        r = train(work, out, *extra, check=False)
-        assert r.returncode == 2, (extra, r.stderr[-2000:])
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (extra, r.stderr)
-        assert not out.exists(), extra
+    assert_one_line_errors(work, tmp_path / "out", cases)
 
 
 # ---------------------------------------------------------------- training text through datasets
@@ -281,13 +285,7 @@ def test_bad_training_text_exits_2_naming_the_line(work, tmp_path):
              ((*s, "--pure-bf16", "--dtype", "bfloat16"), "--pure-bf16"),
              (("--neurons", "full", "--pure-bf16", "--dtype", "float32"), "--pure-bf16"),
              ((*s, "--num-proc", "0"), "--num-proc")]
-    for extra, msg in cases:
-        out = tmp_path / "out"
-        r = train(work, out, *extra, check=False)
-        assert r.returncode == 2, (extra, r.stderr[-2000:])
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (extra, r.stderr)
-        assert not out.exists(), extra
+    assert_one_line_errors(work, tmp_path / "out", cases)
 
 
 # ---------------------------------------------------------------- precision of the full fine-tuning baseline
