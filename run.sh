@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on the embedded default model and data, in about 15 minutes on 2 CPU cores:
+# The whole pipeline on the embedded default model and data, in about 18 minutes on 2 CPU cores:
 # detection -> deactivation with perplexity -> a short neuron-targeted training run -> evaluation of
 # the base model, two deactivated variants and the trained model -> figures and report.
 # A second run reuses everything already computed with the same arguments.
