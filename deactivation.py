@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from langneurons import reuse
 from langneurons.cli import (InputError, atomic_dir, common_parser, int_at_least, parse_langs, read_json, run,
-                             run_meta, seed_everything, sha256, write_json)
+                             run_meta, seed_everything, write_json)
 from langneurons.data import lang_file
-from langneurons.model import (PROVENANCE_FILE, Geometry, check_model, load_model, model_tag, resolve_model,
-                               save_model_dir)
+from langneurons.model import (PROVENANCE_FILE, Geometry, check_model, load_model, local_dir, model_tag,
+                               resolve_model, save_model_dir)
 from langneurons.neurons import read_neuron_file, size
 
 # arguments that cannot change the PPL table (they pick which variants are written, and how)
@@ -94,15 +94,14 @@ def neuron_specs(args: argparse.Namespace, tag: str, langs: list[str]) -> list[t
 
 def local_safetensors_dir(path: str, gguf: str | None, model: str) -> Path:
     """The directory whose shards --streaming rewrites."""
-    if gguf is None and not Path(path).is_dir():  # a hub id: its snapshot in the local cache, if any
-        try:
-            from huggingface_hub import snapshot_download
-            path = snapshot_download(path, local_files_only=True)
-        except Exception:
-            raise InputError(f"--streaming: --model {model} is not in the local cache as a model directory") from None
-    d = Path(path)
-    if gguf is not None or not any(d.glob("*.safetensors")):
-        raise InputError(f"--streaming: --model {model} is not a local directory with .safetensors weights")
+    not_safetensors = InputError(f"--streaming: --model {model} is not a local directory with .safetensors weights")
+    if gguf is not None:
+        raise not_safetensors
+    d = local_dir(path)
+    if d is None:
+        raise InputError(f"--streaming: --model {model} is not in the local cache as a model directory")
+    if not any(d.glob("*.safetensors")):
+        raise not_safetensors
     return d
 
 
@@ -152,7 +151,7 @@ def main() -> None:
     for name, file in specs:
         nset, fmeta = read_neuron_file(file, geom, legacy_kv=args.legacy_kv_mapping)
         sets[name] = nset
-        meta_sets[name] = {"file": str(file.resolve()), "sha256": sha256(file), "size": size(nset),
+        meta_sets[name] = {"file": str(file.resolve()), "sha256": reuse.file_digest(file), "size": size(nset),
                            "format": "ours" if "meta" in read_json(file, "neuron file") else "authors",
                            "kv_index_space": fmeta.get("kv_index_space", "query_heads")}
     hashes = {n: m["sha256"] for n, m in meta_sets.items()}

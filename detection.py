@@ -69,7 +69,8 @@ def main():
     args = parse_args()
     groups = tuple(cli.split_list(args.groups))
     langs = cli.parse_langs(args.langs)
-    if args.corpus not in ("detect", "mgsm") and len(langs) > 1 and "{lang}" not in args.corpus:
+    builtin = args.corpus in ("detect", "mgsm")  # else a file, folder or dataset id outside the dataset layout
+    if not builtin and len(langs) > 1 and "{lang}" not in args.corpus:
         raise cli.InputError(f"--corpus {args.corpus}: every language would read the same text; put {{lang}} where "
                              "the language goes (e.g. corpus/{lang}.jsonl)")
     if args.qk_score != "channel" and args.method != "importance":
@@ -85,11 +86,10 @@ def main():
     if mgsm_format == "auto":
         mgsm_format = "authors" if args.method == "authors" and "prompt" not in undo else "question"
     corpora = {l: detection_corpus(args.dataset, l, args.sample_size, args.seed, args.corpus, mgsm_format)
-               if args.corpus in ("detect", "mgsm") else external_corpus(args.corpus, l, args.sample_size, args.seed)
+               if builtin else external_corpus(args.corpus, l, args.sample_size, args.seed)
                for l in langs}
     out_dir = Path(args.out) / model_tag(args.model) / "neurons"
     reuse.check_writable(out_dir, f"--out {args.out}", folder=True)
-    builtin = args.corpus in ("detect", "mgsm")
     # a corpus outside the dataset layout may be a folder or a dataset id: its text is what counts
     fp = reuse.fingerprint(args, __file__, files=[corpus_file(args.dataset, l, args.corpus) for l in langs] if builtin
                            else [], models=[args.model],

@@ -29,7 +29,7 @@ import torch
 
 from langneurons import reuse
 from langneurons.cli import (InputError, atomic_dir, common_parser, float_in, int_at_least, read_json, run, run_meta,
-                             seed_everything, sha256, write_json)
+                             seed_everything, write_json)
 from langneurons.model import (PROVENANCE_FILE, Geometry, check_model, decoder_layers, load_model, load_tokenizer,
                                model_tag, projections, resolve_device, resolve_dtype, save_model_dir)
 from langneurons.neurons import read_neuron_file, size
@@ -170,7 +170,7 @@ def training_arguments(args: argparse.Namespace, ckpt_dir: Path, world: int, mod
         bf16=half == torch.bfloat16, fp16=half == torch.float16, use_cpu=on_cpu,
         logging_steps=1, save_strategy="steps", save_steps=args.save_steps, save_total_limit=2,
         seed=args.seed, data_seed=args.seed, report_to="none", remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding", disable_tqdm=int(os.environ.get("RANK", "0")) != 0,
+        include_num_input_tokens_seen="non_padding", disable_tqdm=not reuse.main_process(),
         ddp_find_unused_parameters=False if mode == "neurons" else None, **checkpointing)
 
 
@@ -178,7 +178,7 @@ def main() -> None:
     # ---------------------------------------------------------------- arguments (all checked before any output)
     args = parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    rank0 = reuse.main_process()
     if args.micro_batch_size > args.batch_size:
         raise InputError(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size {args.batch_size}")
     if args.batch_size % (args.micro_batch_size * world):
@@ -212,7 +212,7 @@ def main() -> None:
         nset, fmeta = read_neuron_file(nfile, geom, legacy_kv=args.legacy_kv_mapping)
         if size(nset) == 0:
             raise InputError(f"--neurons {nfile}: the set is empty, nothing to train")
-        neuron_info = {"name": nfile.stem, "file": str(nfile.resolve()), "sha256": sha256(nfile),
+        neuron_info = {"name": nfile.stem, "file": str(nfile.resolve()), "sha256": reuse.file_digest(nfile),
                        "size": size(nset), "fraction": size(nset) / geom.total_neurons,
                        "groups": {g: int(m.sum()) for g, m in nset.items()},
                        "format": "ours" if "meta" in read_json(nfile, "neuron file") else "authors",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .cli import InputError
-from .importance import ImportanceProbe, _eager_attention
+from .importance import ImportanceProbe, _eager_attention, visible_keys
 from .model import GROUPS, Geometry, decoder_layers, projections
 
 AUTHORS_ATTENTION = "langneurons_authors"
@@ -144,15 +144,6 @@ def _register() -> None:
     AttentionMaskInterface.register(AUTHORS_ATTENTION, eager_mask)
 
 
-def _keep(attention_mask: torch.Tensor | None, T: int, S: int, device) -> torch.Tensor:
-    """Bool [B|1,1,T,S] visibility from the mask the attention function receives (None: causal)."""
-    if attention_mask is None:
-        return torch.ones(1, 1, T, S, dtype=torch.bool, device=device).tril(S - T)
-    if attention_mask.dtype == torch.bool:
-        return attention_mask[..., :S]
-    return attention_mask[..., :S] > torch.finfo(attention_mask.dtype).min / 2
-
-
 class AuthorsProbe:
     """Scores of the authors' detection for every text of a batch, from one forward pass.
 
@@ -211,7 +202,7 @@ class AuthorsProbe:
         if self.paper_qk:
             self.paper.query_key_importance(module, query, key, value, attention_mask, scaling, softcap)
         if self.authors_qk:
-            keep = _keep(attention_mask, query.shape[2], key.shape[2], query.device)
+            keep = visible_keys(attention_mask, query.shape[2], key.shape[2], query.device)
             score = authors_qk_scores(query, key, keep, self._valid.to(query.device), scaling, softcap,
                                       self.chunk_bytes)
             layer = self.layer_of[id(module)]

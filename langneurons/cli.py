@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import hashlib
 import json
 import math
 import os
@@ -155,15 +154,6 @@ def run_meta(args: argparse.Namespace) -> dict[str, Any]:
     """Provenance written next to every output: full argument list, seed, package versions."""
     return {"argv": sys.argv, "args": {k: v for k, v in vars(args).items()},
             "seed": getattr(args, "seed", None), "versions": versions()}
-
-
-def sha256(path: str | Path) -> str:
-    """Hex digest of a file, read in blocks (checkpoints and shards can be large)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def temp_name(path: str | Path) -> Path:

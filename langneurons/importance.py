@@ -62,6 +62,16 @@ _EXP_SAFE = 40.0
 _LOG2E = 1.4426950408889634  # exp(x) = 2^(x log2 e); torch's exp2 runs ~3x faster than exp on the CPU
 
 
+def visible_keys(attention_mask: torch.Tensor | None, T: int, S: int, device) -> torch.Tensor:
+    """Bool [B|1, 1, T, S]: key s visible from query t, from the mask the attention function receives
+    (None: causal; boolean, or additive with large negative values)."""
+    if attention_mask is None:
+        return torch.ones(1, 1, T, S, dtype=torch.bool, device=device).tril(S - T)
+    if attention_mask.dtype == torch.bool:
+        return attention_mask[..., :S]
+    return attention_mask[..., :S] > torch.finfo(attention_mask.dtype).min / 2
+
+
 def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
                   valid: torch.Tensor, scaling: float, softcap: float | None = None,
                   chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,13 +382,7 @@ class ImportanceProbe:
 
     def query_key_importance(self, module, query, key, value, attention_mask, scaling, softcap) -> None:
         valid = self._valid.to(query.device)
-        S = key.shape[2]
-        if attention_mask is None:
-            keep = torch.ones(1, 1, query.shape[2], S, dtype=torch.bool, device=query.device).tril(S - query.shape[2])
-        elif attention_mask.dtype == torch.bool:
-            keep = attention_mask[..., :S]
-        else:
-            keep = attention_mask[..., :S] > torch.finfo(attention_mask.dtype).min / 2
+        keep = visible_keys(attention_mask, query.shape[2], key.shape[2], query.device)
         if self.qk_score == "row":
             rotary = self._rows.get("rotary")
             partner = rotary_partner(module, rotary, query.shape[-1])

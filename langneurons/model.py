@@ -137,6 +137,18 @@ def provenance(model: str) -> dict:
     return obj
 
 
+def local_dir(path: str) -> Path | None:
+    """The folder of a resolved `--model` path: itself when it is a folder, else a hub id's snapshot in the
+    local Hugging Face cache, else None (we never download)."""
+    if Path(path).is_dir():
+        return Path(path)
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(path, local_files_only=True))
+    except Exception:  # huggingface_hub raises several kinds for an id that is not cached or not valid
+        return None
+
+
 def check_model(model: str):
     """The config of `--model`, after checking that everything loading it needs is readable: the config
     (with its model_type), the tokenizer and every weight file's header. It takes seconds, and is called
@@ -144,14 +156,10 @@ def check_model(model: str):
     from transformers import AutoConfig
     path, gguf = resolve_model(model)
     provenance(model)
-    d = Path(path)
-    if not d.is_dir():  # a hub id: only its snapshot in the local cache can be loaded (we never download)
-        try:
-            from huggingface_hub import snapshot_download
-            d = Path(snapshot_download(path, local_files_only=True))
-        except Exception:
-            raise InputError(f"--model {model}: not a local file or directory, and not in the local Hugging Face "
-                             "cache (nothing is downloaded)") from None
+    d = local_dir(path)
+    if d is None:
+        raise InputError(f"--model {model}: not a local file or directory, and not in the local Hugging Face "
+                         "cache (nothing is downloaded)")
     if gguf is None:
         cfg = read_json(d / "config.json", f"--model {model}: config")
         if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str) or not cfg["model_type"]:

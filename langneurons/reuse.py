@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from .cli import InputError, hold, read_json, write_bytes
-from .model import cache_root, resolve_model
+from .model import cache_root, local_dir, resolve_model
 
 # where the results go and whether to recompute them, never what they are
 ALWAYS_IGNORED = ("force", "out")
@@ -82,13 +82,9 @@ def model_files(model: str) -> list[Path]:
     path, gguf = resolve_model(model)
     if gguf:
         return [Path(path) / gguf]
-    folder = Path(path)
-    if not folder.is_dir():  # a hub id: its snapshot in the local cache
-        try:
-            from huggingface_hub import snapshot_download
-            folder = Path(snapshot_download(path, local_files_only=True))
-        except Exception:  # not cached: loading it fails later with its own message
-            return []
+    folder = local_dir(path)
+    if folder is None:  # not cached: loading it fails later with its own message
+        return []
     return sorted(f for f in folder.iterdir()
                   if f.is_file() and not f.name.startswith(".") and not NOT_MODEL_FILES.fullmatch(f.name))
 
