@@ -248,6 +248,8 @@ def count_firing(args, corpora: dict[str, list[str]], groups: tuple[str, ...]):
         from accelerate.utils import reduce
         firing = {g: reduce(c.to(state.device), reduction="sum").cpu() for g, c in firing.items()}
         seen = reduce(seen.to(state.device), reduction="sum").cpu()
+        # gloo aborts a process that exits with its group alive ("terminate called without an active exception")
+        state.destroy_process_group()
         if not state.is_main_process:
             return None
     return firing, seen, geom, model.config.to_dict()
