@@ -19,11 +19,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from langneurons import reuse
-from langneurons.cli import (InputError, atomic_dir, common_parser, int_at_least, parse_langs, read_json, run,
-                             run_meta, seed_everything, write_json)
+from langneurons.cli import InputError, common_parser, int_at_least, parse_langs, run
+from langneurons.files import atomic_dir, read_json, write_json
+from langneurons.runinfo import run_meta, seed_everything
 from langneurons.data import lang_file
-from langneurons.model import (PROVENANCE_FILE, Geometry, check_model, load_model, local_dir, model_tag,
-                               resolve_model, save_model_dir)
+from langneurons.model import Geometry, check_model, load_model, local_dir, resolve_model, save_model_dir
+from langneurons.layout import PROVENANCE_FILE, model_tag
 from langneurons.neurons import read_neuron_file, size
 
 # arguments that cannot change the PPL table (they pick which variants are written, and how)

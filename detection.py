@@ -17,11 +17,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from langneurons import authors, cli, reuse
+from langneurons import authors, cli, files, reuse, runinfo
 from langneurons.data import corpus_file, detection_corpus, external_corpus
 from langneurons.importance import ImportanceProbe
 from langneurons.metrics import batches_by_length, pad_batch
-from langneurons.model import GROUPS, Geometry, check_model, load_model, model_tag
+from langneurons.model import GROUPS, Geometry, check_model, load_model
+from langneurons.layout import model_tag
 from langneurons.neurons import (language_sets, lape_related, related_from_counts, stats,
                                  write_neuron_file)
 
@@ -96,7 +97,7 @@ def main():
                            context=None if builtin else {"corpus_sha256": {l: reuse.text_digest(corpora[l])
                                                                             for l in langs}})
     reuse.hold_lock(out_dir, enabled=reuse.main_process())  # a second run on the same --out waits, then reuses
-    cli.seed_everything(args.seed)
+    runinfo.seed_everything(args.seed)
 
     # ---- firing counts: from an earlier run that differs only in --threshold, else from the model
     counts = None
@@ -133,7 +134,7 @@ def main():
                        **({"mgsm_format": mgsm_format} if args.corpus == "mgsm" else {})},
             "geometry": geom.__dict__, "config": config,
             "unit": "tokens" if args.method == "activation" else "sentences",
-            "run": cli.run_meta(args), "fingerprint": fp}
+            "run": runinfo.run_meta(args), "fingerprint": fp}
     kv_space = "kv_rows"
     if args.method == "authors":
         defs = authors.definitions(undo)
@@ -147,7 +148,7 @@ def main():
         summary["kv_index_space"] = kv_space
 
     # ---- write everything into a fresh directory, then swap it in whole
-    with cli.atomic_dir(out_dir) as tmp:
+    with files.atomic_dir(out_dir) as tmp:
         tensors = {f"{g}.{layer}": firing[g][:, layer].to(torch.int32).contiguous()
                    for g in firing for layer in range(geom.num_layers)}
         tensors["sentences"] = sentences.to(torch.int32)
@@ -159,8 +160,8 @@ def main():
                       "threshold": args.threshold, "langs": langs}
         for name, s in sets.items():
             write_neuron_file(tmp / f"{name}.json", s, {**provenance, "set": name}, kv_space)
-        cli.write_json(tmp / "stats.json", summary)
-        cli.write_json(tmp / "meta.json", meta)
+        files.write_json(tmp / "stats.json", summary)
+        files.write_json(tmp / "meta.json", meta)
 
     print(f"\nLanguage neurons of {args.model} ({args.method}, ratio {args.ratio}, threshold {args.threshold}),"
           f" {geom.total_neurons:,} neurons in all:")

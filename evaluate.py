@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from pathlib import Path
 
-from langneurons.cli import (InputError, choice_list, common_parser, int_at_least, parse_langs, run,
-                             run_meta, seed_everything, split_list, write_json)
+from langneurons.cli import InputError, choice_list, common_parser, int_at_least, parse_langs, run, split_list
+from langneurons.files import safe_name, write_json
+from langneurons.runinfo import run_meta, seed_everything
 from langneurons import metrics, reuse
 from langneurons.data import lang_file, mgsm_file, mmlu_file, read_mgsm, read_mmlu, val_texts
-from langneurons.model import EMBEDDED_MODEL, check_model, load_model, model_tag, provenance
+from langneurons.model import check_model, load_model
+from langneurons.layout import model_name, model_tag, provenance
 from langneurons.reuse import check_writable
 
 TASKS = ("ppl", "mgsm", "mmmlu")
@@ -45,12 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="model name for the results file <out>/<tag>/eval/<name>.json "
                    "(default: the basename of --model, or the embedded model's name)")
     return p.parse_args(argv)
-
-
-def model_name(model: str) -> str:
-    name = EMBEDDED_MODEL if model == EMBEDDED_MODEL else Path(model.rstrip("/")).name
-    name = name[:-5] if name.endswith(".gguf") else name
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
 
 
 def ignored_args(task: str) -> set[str]:
@@ -73,7 +68,7 @@ def main() -> None:
     tasks = split_list(args.tasks)
     seed_everything(args.seed)
     tag = model_tag(args.model)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", args.name).strip("._") if args.name else model_name(args.model)
+    name = safe_name(args.name) if args.name else model_name(args.model)
     if not name:
         raise InputError(f"--name {args.name}: not usable as a file name")
 

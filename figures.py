@@ -27,7 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from langneurons.cli import ArgumentParser, InputError, run, split_list, temp_name, write_bytes  # noqa: E402
+from langneurons.cli import ArgumentParser, InputError, run, split_list  # noqa: E402
+from langneurons.files import temp_name, write_bytes  # noqa: E402
 from langneurons.data import LANGUAGE_NAMES  # noqa: E402
 from langneurons.reuse import check_writable, hold_lock, remove_temporaries  # noqa: E402
 

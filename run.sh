@@ -21,7 +21,7 @@ EVAL_LIMIT=12                          # MGSM / MMMLU items per language (0 = al
 TRAIN_STEPS=12                         # a demonstration; the paper trains one epoch over 100k documents
 TRAIN_LR=5e-4                          # higher than the paper's 5e-5 so that 12 steps show an effect
 
-TAG=$($PY -c "from langneurons.model import model_tag; print(model_tag('$MODEL'))")
+TAG=$($PY -c "from langneurons.layout import model_tag; print(model_tag('$MODEL'))")
 RUN=${TRAIN_LANG}-exclusive_${TRAIN_LANG}
 DATA=(--langs "$LANGS" --dataset "$DATASET" --out "$OUT")
 

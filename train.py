@@ -28,10 +28,12 @@ from pathlib import Path
 import torch
 
 from langneurons import reuse
-from langneurons.cli import (InputError, atomic_dir, common_parser, float_in, int_at_least, read_json, run, run_meta,
-                             seed_everything, write_json)
-from langneurons.model import (PROVENANCE_FILE, Geometry, check_model, decoder_layers, load_model, load_tokenizer,
-                               model_tag, projections, resolve_device, resolve_dtype, save_model_dir)
+from langneurons.cli import InputError, common_parser, float_in, int_at_least, run
+from langneurons.files import atomic_dir, read_json, write_json
+from langneurons.runinfo import run_meta, seed_everything
+from langneurons.model import (Geometry, check_model, decoder_layers, load_model, load_tokenizer, projections,
+                               resolve_device, resolve_dtype, save_model_dir)
+from langneurons.layout import PROVENANCE_FILE, model_tag
 from langneurons.neurons import read_neuron_file, size
 
 CKPT_ARGS_FILE = "run_args.json"  # in the checkpoint folder: what the checkpoints were trained with

@@ -27,7 +27,7 @@ LAUNCH=(python)                    # e.g. (torchrun --nproc_per_node 8) or (acce
 PYTHON=${PYTHON:-python}
 [[ ${LAUNCH[0]} == python ]] && LAUNCH=("$PYTHON")
 
-TAG=$("$PYTHON" -c "from langneurons.model import model_tag; print(model_tag('$MODEL'))")
+TAG=$("$PYTHON" -c "from langneurons.layout import model_tag; print(model_tag('$MODEL'))")
 COMMON=(--model "$MODEL" --dataset "$DATASET" --out "$OUT" --lr "$LR" --epochs "$EPOCHS" --batch-size "$BATCH_SIZE"
         --micro-batch-size "$MICRO_BATCH_SIZE" --cutoff-len "$CUTOFF_LEN" --max-steps "$MAX_STEPS" --limit "$LIMIT"
         --device "$DEVICE" --dtype "$DTYPE" --seed "$SEED")

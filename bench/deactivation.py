@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from langneurons.cli import EMBEDDED_MODEL  # noqa: E402
-from langneurons.model import Geometry, cache_root, embedded_model_dir, model_tag  # noqa: E402
+from langneurons.model import Geometry, cache_root, embedded_model_dir  # noqa: E402
+from langneurons.layout import model_tag  # noqa: E402
 
 
 def child(cmd: list[str]) -> dict:

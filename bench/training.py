@@ -22,7 +22,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from langneurons.cli import EMBEDDED_MODEL, seed_everything  # noqa: E402
+from langneurons.cli import EMBEDDED_MODEL  # noqa: E402
+from langneurons.runinfo import seed_everything  # noqa: E402
 from langneurons.data import train_texts  # noqa: E402
 from langneurons.model import Geometry, load_model  # noqa: E402
 from langneurons.neurons import random_set, read_neuron_file, size  # noqa: E402

@@ -1,21 +1,13 @@
-"""What every stage script shares: common flags, one-line errors with exit status 2,
-atomic writes, run metadata and seeding."""
+"""The command line every stage script shares: common flags, argparse types that check a flag as it is
+parsed, and one-line errors with exit status 2 (file I/O is langneurons.files, run records
+langneurons.runinfo)."""
 from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import json
 import math
-import os
-import platform
-import random
-import secrets
-import shutil
 import sys
-from importlib import metadata
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 DEFAULT_LANGS = "en,zh,th,sw,fr,de"
 EMBEDDED_MODEL = "gemma-3-270m"
@@ -130,118 +122,3 @@ def run(main: Callable[[], None]) -> None:
 def hold(context: contextlib.AbstractContextManager) -> Any:
     """Enter `context` until the running stage ends (no re-indented block around the rest of main())."""
     return _held.enter_context(context)
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "accelerate", "safetensors", "peft", "gguf", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def run_meta(args: argparse.Namespace) -> dict[str, Any]:
-    """Provenance written next to every output: full argument list, seed, package versions."""
-    return {"argv": sys.argv, "args": {k: v for k, v in vars(args).items()},
-            "seed": getattr(args, "seed", None), "versions": versions()}
-
-
-def temp_name(path: str | Path) -> Path:
-    """A fresh sibling name `.<name>.<random>.tmp` for writing `path`: hidden, and recognisable as a leftover
-    when the run writing it was killed (langneurons.reuse removes those once no live run holds the lock)."""
-    path = Path(path)
-    return path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-
-
-def write_bytes(path: str | Path, data: bytes) -> None:
-    """Write under a temporary name, then rename, so readers never see half a file. The file gets the mode
-    open() would give it (0666 narrowed by the umask), not mkstemp's 0600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON under a temporary name, then rename, so readers never see half a file."""
-    write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
-def read_json(path: str | Path, what: str = "file") -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{what} {path}: no such file")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise InputError(f"{what} {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{what} {path}: corrupt JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` whole, on error it vanishes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    os.mkdir(tmp)  # 0777 narrowed by the umask, like any folder (mkdtemp would make it 0700)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    follow_umask(tmp)
-    replace_dir(tmp, path)
-
-
-def follow_umask(folder: Path) -> None:
-    """Give everything in `folder` the modes of ordinary open()/mkdir() under the user's umask: some writers
-    (safetensors, and through it save_pretrained) create their files 0600 via a private temporary."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for root, dirs, files in os.walk(folder):
-        for d in dirs:
-            os.chmod(os.path.join(root, d), 0o777 & ~mask)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o666 & ~mask)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder `src` to `dst`, first renaming an existing `dst` aside and deleting it afterwards: a reader
-    or a kill finds the old folder, the new one or none, never a mix of both; writers racing for the same
-    `dst` never fail, the last one wins."""
-    trash = []
-    while True:
-        try:
-            os.rename(src, dst)  # succeeds onto a missing or empty folder
-            break
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-        aside = temp_name(dst)
-        try:
-            os.rename(dst, aside)
-            trash.append(aside)
-        except FileNotFoundError:  # another writer moved it first
-            pass
-    for t in trash:
-        shutil.rmtree(t, ignore_errors=True)

@@ -14,7 +14,8 @@ from typing import Iterator
 import torch
 
 from .cli import InputError
-from .model import GROUPS, PROVENANCE_FILE, Geometry, decoder_layers, projections
+from .model import GROUPS, Geometry, decoder_layers, projections
+from .layout import PROVENANCE_FILE
 from .neurons import NeuronSet
 
 # group -> (projection, dimension of the weight that indexes the neuron, bias entry too?)

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .cli import EMBEDDED_MODEL, InputError, read_json
+from .cli import EMBEDDED_MODEL, InputError
+from .files import read_json
+from .layout import PROVENANCE_FILE, provenance
 
 GROUPS = ("fwd_up", "fwd_down", "attn_q", "attn_k", "attn_v", "attn_o")
-PROVENANCE_FILE = "langneurons.json"  # written into every model directory the pipeline saves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,17 +127,6 @@ def resolve_model(model: str) -> tuple[str, str | None]:
     return model, None  # a hub id: only found if it is already in the local cache (we never download)
 
 
-def provenance(model: str) -> dict:
-    """The provenance a pipeline-written model directory carries (empty for other models)."""
-    f = Path(model) / PROVENANCE_FILE
-    if not f.is_file():
-        return {}
-    obj = read_json(f, f"--model {model}: provenance file")
-    if not isinstance(obj, dict) or not isinstance(obj.get("tag", ""), str):
-        raise InputError(f"--model {model}: provenance file {f}: expected an object with a string 'tag'")
-    return obj
-
-
 def local_dir(path: str) -> Path | None:
     """The folder of a resolved `--model` path: itself when it is a folder, else a hub id's snapshot in the
     local Hugging Face cache, else None (we never download)."""
@@ -222,17 +212,6 @@ def check_weight_file(f: Path, model: str) -> None:
                 z.infolist()
     except Exception as e:
         raise InputError(f"--model {model}: weight file {f} is unreadable or truncated ({_first_line(e)})") from None
-
-
-def model_tag(model: str) -> str:
-    """Filesystem-safe name of the *base* model: variants and trained models keep their base's tag."""
-    if model == EMBEDDED_MODEL:
-        return EMBEDDED_MODEL
-    tag = provenance(model).get("tag")
-    if tag is None:
-        name = Path(model).name
-        tag = name[:-5] if name.endswith(".gguf") else name
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", tag).strip("._") or "model"
 
 
 def resolve_device(device: str) -> str:

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cli import InputError, read_json, write_json
+from .cli import InputError
+from .files import read_json, write_json
 from .model import GROUPS, Geometry
 
 NeuronSet = dict[str, torch.Tensor]

@@ -26,7 +26,8 @@ from typing import Any, Iterable, Iterator
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from .cli import InputError, hold, read_json, write_bytes
+from .cli import InputError, hold
+from .files import read_json, safe_name, write_bytes
 from .model import cache_root, local_dir, resolve_model
 
 # where the results go and whether to recompute them, never what they are
@@ -220,7 +221,7 @@ def lock_file(target: str | Path) -> Path:
     """Where the lock of the output unit `target` lives: outside the output folder, so that a run stopped by
     bad input before writing anything leaves nothing there (<cache_root>/locks, else the temporary folder)."""
     target = Path(target).resolve()
-    readable = re.sub(r"[^A-Za-z0-9._-]", "_", target.name)[:60]
+    readable = safe_name(target.name, "out")[:60]
     name = f"{readable}-{hashlib.sha256(str(target).encode()).hexdigest()[:24]}.lock"
     for folder in (cache_root() / "locks", Path(tempfile.gettempdir()) / f"langneurons-locks-{os.getuid()}"):
         with contextlib.suppress(OSError):

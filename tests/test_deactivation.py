@@ -21,7 +21,8 @@ from tiny import ARCHS, save_tiny, tiny_config, tiny_dataset, tiny_model
 from langneurons.data import val_texts
 from langneurons.masking import ablation_hooks, meta_skeleton, zero_neurons, zero_plan, zeroed
 from langneurons.metrics import perplexity
-from langneurons.model import GROUPS, PROVENANCE_FILE, Geometry, model_tag
+from langneurons.model import GROUPS, Geometry
+from langneurons.layout import PROVENANCE_FILE, model_tag
 from langneurons.neurons import empty_set, random_set, read_neuron_file, write_neuron_file
 
 REPO = Path(__file__).resolve().parents[1]

@@ -319,7 +319,7 @@ def test_killed_while_swapping_the_neurons_folder(base, detected, tmp_path):
 def test_folders_swapped_in_by_racing_writers_never_fail(tmp_path):
     """Without any lock, writers of one folder only race to be last: none fails, one complete folder wins."""
     from concurrent.futures import ThreadPoolExecutor
-    from langneurons.cli import atomic_dir
+    from langneurons.files import atomic_dir
 
     def write(i: int) -> None:
         with atomic_dir(tmp_path / "unit") as tmp:

@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from langneurons.masking import meta_skeleton, zero_plan  # noqa: E402
-from langneurons.model import Geometry, model_tag  # noqa: E402
+from langneurons.model import Geometry  # noqa: E402
+from langneurons.layout import model_tag  # noqa: E402
 from langneurons.neurons import random_set, read_neuron_file, write_neuron_file  # noqa: E402
 from langneurons.sparse import (attach_deltas, delta_modules, merge_deltas, optimizer_param_ids,  # noqa: E402
                                 optimizer_state_bytes)

@@ -1,0 +1,139 @@
+"""The on-disk contract between the stages (docs/outputs.md): where each stage writes under `--out`, the
+file names, the `<tag>` rule and the schema version. Every stage script, figures.py and the .sh scripts
+find their files through here, so the layout is spelled out once:
+
+    <out>/<tag>/neurons/            detection.py: meta.json, firing.safetensors, stats.json, <set>.json
+    <out>/<tag>/deactivation.json   deactivation.py: perplexity per set and language, Imp, LAS
+    <out>/<tag>/variants/<set>/     deactivation.py: a deactivated model folder
+    <out>/<tag>/trained/<run>/      train.py: a trained model folder with train_log.json
+    <out>/<tag>/eval/<name>.json    evaluate.py: accuracy and perplexity per task and language
+    <out>/figures/                  figures.py: PNG figures and report.md
+
+`<tag>` names the *base* model: a variant or a trained model carries its base's tag in its provenance
+file, so everything made from one model lands in one folder.
+
+    python -m langneurons.layout tag MODEL            prints <tag>
+    python -m langneurons.layout neurons OUT MODEL    prints <out>/<tag>/neurons (also: variants, trained, eval)
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cli import EMBEDDED_MODEL, InputError
+from .files import read_json, safe_name
+
+# written into the metadata of every result file; raised when a file's shape changes, so a reader can tell
+SCHEMA_VERSION = 2
+
+PROVENANCE_FILE = "langneurons.json"  # in every model folder the pipeline writes: tag, base model, what was done
+NEURON_FILE_COPY = "neurons.json"     # in a variant / trained model: the neuron file it was made from
+TRAIN_LOG = "train_log.json"
+META = "meta.json"
+FIRING = "firing.safetensors"
+STATS = "stats.json"
+DEACTIVATION = "deactivation.json"
+REPORT = "report.md"
+
+
+def provenance(model: str) -> dict:
+    """The provenance a pipeline-written model folder carries (empty for any other model)."""
+    f = Path(model) / PROVENANCE_FILE
+    if not f.is_file():
+        return {}
+    obj = read_json(f, f"--model {model}: provenance file")
+    if not isinstance(obj, dict) or not isinstance(obj.get("tag", ""), str):
+        raise InputError(f"--model {model}: provenance file {f}: expected an object with a string 'tag'")
+    return obj
+
+
+def model_name(model: str) -> str:
+    """The name of `model` itself: the embedded model's name, else its folder or file name without .gguf."""
+    name = EMBEDDED_MODEL if model == EMBEDDED_MODEL else Path(model.rstrip("/")).name
+    return safe_name(name[:-5] if name.endswith(".gguf") else name, "model")
+
+
+def model_tag(model: str) -> str:
+    """`<tag>`: the name of the *base* model (a variant or trained model keeps its base's tag)."""
+    tag = provenance(model).get("tag")
+    return model_name(model) if tag is None else safe_name(tag, "model")
+
+
+def model_role(model: str) -> str:
+    """What `model` is to its tag: 'base', or the stage that made it ('variant' / 'trained')."""
+    prov = provenance(model)
+    return "trained" if "trained_lang" in prov else "variant" if "neuron_set" in prov else "base"
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Every path under `<out>/<tag>` (one model's outputs)."""
+    root: Path
+
+    @property
+    def tag(self) -> str:
+        return self.root.name
+
+    @property
+    def neurons(self) -> Path:
+        return self.root / "neurons"
+
+    def neuron_set(self, name: str) -> Path:
+        return self.neurons / f"{name}.json"
+
+    @property
+    def deactivation(self) -> Path:
+        return self.root / DEACTIVATION
+
+    @property
+    def variants(self) -> Path:
+        return self.root / "variants"
+
+    @property
+    def trained(self) -> Path:
+        return self.root / "trained"
+
+    def run(self, name: str) -> Path:
+        return self.trained / name
+
+    def checkpoints(self, run_name: str) -> Path:
+        """Hidden sibling of the run folder: removed after success unless --keep-checkpoints."""
+        return self.trained / f".{run_name}.ckpt"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    def evaluation(self, name: str) -> Path:
+        return self.eval / f"{name}.json"
+
+    def has_results(self) -> bool:
+        return ((self.neurons / STATS).is_file() or self.deactivation.is_file() or self.eval.is_dir()
+                or self.trained.is_dir())
+
+
+def outputs(out: str | Path, model: str) -> Outputs:
+    """The output folder of `model` (a base model, or a variant or trained model of one) under `out`."""
+    return Outputs(Path(out) / model_tag(model))
+
+
+def tagged(out: str | Path) -> list[Outputs]:
+    """Every `<out>/<tag>` that holds some stage's results, sorted by tag."""
+    root = Path(out)
+    found = [Outputs(d) for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
+    return [o for o in found if o.has_results()]
+
+
+def figures_dir(out: str | Path) -> Path:
+    return Path(out) / "figures"
+
+
+if __name__ == "__main__":  # for the .sh scripts: they never spell a path of their own
+    what, *rest = sys.argv[1:] or ["--help"]
+    if what == "tag" and len(rest) == 1:
+        print(model_tag(rest[0]))
+    elif what in ("neurons", "variants", "trained", "eval") and len(rest) == 2:
+        print(getattr(outputs(rest[0], rest[1]), what))
+    else:
+        sys.exit(__doc__.split("\n\n")[-1])
