@@ -9,20 +9,19 @@ PPL, dPPL per set, the shared-neuron importance Imp_l and the language-agnostic 
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from langneurons import reuse
 from langneurons.cli import InputError, common_parser, int_at_least, parse_langs, run
-from langneurons.files import atomic_dir, read_json, write_json
+from langneurons.files import atomic_dir, json_safe, read_json, write_json
 from langneurons.runinfo import run_meta, seed_everything
 from langneurons.data import lang_file
+from langneurons.metrics import language_agnostic
 from langneurons.model import Geometry, check_model, load_model, local_dir, resolve_model, save_model_dir
 from langneurons.layout import PROVENANCE_FILE, model_tag
 from langneurons.neurons import read_neuron_file, size
@@ -106,34 +105,6 @@ def local_safetensors_dir(path: str, gguf: str | None, model: str) -> Path:
     return d
 
 
-def finite(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
-
-
-def language_agnostic(sets: dict[str, dict], langs: list[str]) -> tuple[dict[str, float | None], float | None]:
-    """Imp_l = (dPPL_l(shared)/|shared|) / (dPPL_l(exclusive_l)/|exclusive_l|), LAS = log(1 + mean_l Imp_l).
-
-    `sets` maps a set name to {"size": N, "dppl": {lang: x}}. Languages without an exclusive set are left
-    out; an empty set or a zero/undefined dPPL gives Imp null; LAS averages the defined Imp (null if none,
-    or if 1 + mean <= 0)."""
-    shared = sets.get("shared")
-    if shared is None:
-        return {}, None
-    imp: dict[str, float | None] = {}
-    for l in langs:
-        excl = sets.get(f"exclusive_{l}")
-        if excl is None:
-            continue
-        d_sh, d_ex = shared["dppl"].get(l), excl["dppl"].get(l)
-        if not shared["size"] or not excl["size"] or d_sh is None or d_ex is None or d_ex == 0:
-            imp[l] = None
-        else:
-            imp[l] = finite((d_sh / shared["size"]) / (d_ex / excl["size"]))
-    vals = [v for v in imp.values() if v is not None]
-    las = math.log1p(float(np.mean(vals))) if vals and 1 + float(np.mean(vals)) > 0 else None
-    return imp, las
-
-
 def main() -> None:
     # ---------------------------------------------------------------- arguments (all checked before any output)
     args = parse_args()
@@ -209,7 +180,7 @@ def main() -> None:
             res = {}
             for l in langs:
                 r = perplexity(model, tok, texts[l], args.max_length, args.batch_size, desc=f"{label}/{l}")
-                res[l] = {"ppl": finite(r["ppl"]), "tokens": r["tokens"]}
+                res[l] = {"ppl": json_safe(r["ppl"]), "tokens": r["tokens"]}
             return res
 
         base = ppl_all("base")

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from langneurons import authors, cli, files, reuse, runinfo
 from langneurons.data import corpus_file, detection_corpus, external_corpus
 from langneurons.importance import ImportanceProbe
-from langneurons.metrics import batches_by_length, pad_batch
+from langneurons.data import batches_by_length, pad_batch
 from langneurons.model import GROUPS, Geometry, check_model, load_model
 from langneurons.layout import model_tag
 from langneurons.neurons import (language_sets, lape_related, related_from_counts, stats,

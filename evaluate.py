@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 
 from langneurons.cli import InputError, choice_list, common_parser, int_at_least, parse_langs, run, split_list
-from langneurons.files import safe_name, write_json
+from langneurons.files import json_safe, safe_name, write_json
 from langneurons.runinfo import run_meta, seed_everything
 from langneurons import metrics, reuse
 from langneurons.data import lang_file, mgsm_file, mmlu_file, read_mgsm, read_mmlu, val_texts
@@ -125,7 +125,7 @@ def main() -> None:
                 items = data[task][l]
                 if task == "ppl":
                     r = metrics.perplexity(model, tok, items, args.max_length, args.batch_size, desc=f"ppl/{l}")
-                    res[l] = {"ppl": r["ppl"] if math.isfinite(r["ppl"]) else None, "tokens": r["tokens"]}
+                    res[l] = {"ppl": json_safe(r["ppl"]), "tokens": r["tokens"]}
                 elif task == "mgsm":
                     outputs = metrics.generate_greedy(
                         model, tok, [metrics.MGSM_PROMPT.format(question=q) for q, _ in items],

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from langneurons.cli import ArgumentParser, InputError, run, split_list  # noqa: E402
 from langneurons.files import temp_name, write_bytes  # noqa: E402
+from langneurons.metrics import pearson, spearman  # noqa: E402
 from langneurons.data import LANGUAGE_NAMES  # noqa: E402
 from langneurons.reuse import check_writable, hold_lock, remove_temporaries  # noqa: E402
 
@@ -97,24 +98,6 @@ def stats_langs(stats: dict, meta: dict | None) -> list[str]:
 
 def set_value(stats: dict, name: str, key: str) -> Any:
     return stats.get("sets", {}).get(name, {}).get(key)
-
-
-def pearson(x: list[float], y: list[float]) -> float | None:
-    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
-        return None
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-def spearman(x: list[float], y: list[float]) -> float | None:
-    def ranks(v):  # average ranks for ties
-        v = np.asarray(v, dtype=float)
-        order = v.argsort()
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v))
-        for u in np.unique(v):
-            r[v == u] = r[v == u].mean()
-        return r
-    return pearson(list(ranks(x)), list(ranks(y))) if len(x) >= 3 else None
 
 
 # ---------------------------------------------------------------- figures (each returns its Figure)

@@ -31,8 +31,8 @@ from langneurons import reuse
 from langneurons.cli import InputError, common_parser, float_in, int_at_least, run
 from langneurons.files import atomic_dir, read_json, write_json
 from langneurons.runinfo import run_meta, seed_everything
-from langneurons.model import (Geometry, check_model, decoder_layers, load_model, load_tokenizer, projections,
-                               resolve_device, resolve_dtype, save_model_dir)
+from langneurons.model import (Geometry, check_model, load_model, load_tokenizer, lora_targets, resolve_device,
+                               resolve_dtype, save_model_dir)
 from langneurons.layout import PROVENANCE_FILE, model_tag
 from langneurons.neurons import read_neuron_file, size
 
@@ -118,7 +118,7 @@ class PadCollator:
         self.pad_id = pad_id
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        from langneurons.metrics import pad_batch
+        from langneurons.data import pad_batch
         ids, mask = pad_batch([f["input_ids"] for f in features], self.pad_id, "cpu")
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
@@ -145,13 +145,6 @@ def last_checkpoint(ckpt_dir: Path, remove_unfinished: bool) -> tuple[Path | Non
             shutil.rmtree(d, ignore_errors=True)
     finished = [d for d in steps if d not in unfinished]
     return (max(finished, key=steps.get) if finished else None), unfinished
-
-
-def lora_targets(model) -> list[str]:
-    """Module names (last component) of q/k/v/o/up/gate/down, read from the model itself."""
-    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
-    proj = projections(decoder_layers(model)[0])
-    return sorted({names[id(proj[k])] for k in ("q", "k", "v", "o", "up", "gate", "down") if k in proj})
 
 
 def training_arguments(args: argparse.Namespace, ckpt_dir: Path, world: int, mode: str, half: torch.dtype,

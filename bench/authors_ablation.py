@@ -31,7 +31,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from langneurons import authors  # noqa: E402
 from langneurons.data import detection_corpus  # noqa: E402
-from langneurons.metrics import batches_by_length, pad_batch  # noqa: E402
+from langneurons.data import batches_by_length, pad_batch  # noqa: E402
 from langneurons.model import GROUPS, Geometry, load_model  # noqa: E402
 from langneurons.neurons import (COMPONENTS, language_sets, read_neuron_file, related_from_counts, size, stats,  # noqa: E402
                                  write_neuron_file)

@@ -58,7 +58,7 @@ def sentences(tok, args, length: int | None) -> list[list[int]]:
 def run_length(length: int | None, args, queue) -> None:
     import torch
     from langneurons.importance import ImportanceProbe
-    from langneurons.metrics import batches_by_length, pad_batch
+    from langneurons.data import batches_by_length, pad_batch
     from langneurons.model import Geometry, load_model
 
     if args.threads:

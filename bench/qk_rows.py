@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO / "tests"))
 MGSM = REPO.parent / "shared" / "data" / "mgsm"
 
 from langneurons.importance import ImportanceProbe  # noqa: E402
+from langneurons.metrics import spearman  # noqa: E402
 from langneurons.masking import zeroed  # noqa: E402
 from langneurons.model import Geometry, decoder_layers, load_model, projections  # noqa: E402
 from langneurons.neurons import empty_set  # noqa: E402
@@ -113,13 +114,6 @@ def brute_force(model, layer, call, group, batch):
     return truth
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    rank = lambda x: x.double().argsort().argsort().double()
-    ra, rb = rank(a), rank(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra @ rb) / (ra.norm() * rb.norm()))
-
-
 def top_overlap(score: torch.Tensor, truth: torch.Tensor, fraction: float) -> float:
     k = max(1, int(fraction * len(score)))  # as detection counts its top --ratio
     return len(set(score.topk(k).indices.tolist()) & set(truth.topk(k).indices.tolist())) / k
@@ -138,7 +132,7 @@ def measure(name, model, tok, texts, layers, qk_scores, args):
                 for qk in qk_scores:
                     s = scores[qk][group][0, layer]
                     per.setdefault((qk, group, layer), []).append(
-                        {"spearman": spearman(s, truth), "top1": top_overlap(s, truth, 0.01),
+                        {"spearman": spearman(s.tolist(), truth.tolist()), "top1": top_overlap(s, truth, 0.01),
                          "top10": top_overlap(s, truth, 0.10),
                          "max_rel_error": float(((s - truth).abs() / truth.clamp(min=1e-12)).max())})
     rows = []

@@ -87,7 +87,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         info["neuron_fraction"] = size(nset) / geom.total_neurons
     elif mode == "lora":
         from peft import LoraConfig, get_peft_model
-        from train import lora_targets
+        from langneurons.model import lora_targets
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=lora_targets(model)))
     else:
         for p in model.parameters():

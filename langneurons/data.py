@@ -9,6 +9,8 @@ import random
 import re
 from pathlib import Path
 
+import torch
+
 from .cli import InputError
 
 LANGUAGE_NAMES = {"en": "English", "zh": "Chinese", "th": "Thai", "sw": "Swahili", "fr": "French",
@@ -347,3 +349,26 @@ def external_corpus(spec: str, lang: str, sample_size: int, seed: int, text_colu
     if 0 < sample_size < len(lines):
         lines = random.Random(f"{seed}-{lang}").sample(lines, sample_size)
     return lines
+
+
+# ---------------------------------------------------------------- batching: token ids into padded batches
+
+def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (less padding); order does not change results."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids.to(device), mask.to(device)
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    return [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]

@@ -18,10 +18,8 @@ removal is a rank-two change of S_h, scored exactly by `qk_row_importance` (qk_s
 The LAPE detector (Tang et al., 2024) only needs the FFN activation sign, read at `act_fn`."""
 from __future__ import annotations
 
-import contextlib
 import inspect
 import sys
-from typing import Iterator
 
 import torch
 
@@ -461,8 +459,3 @@ class ImportanceProbe:
             out["tokens"] = attention_mask.sum(1).cpu()
         return out
 
-
-@contextlib.contextmanager
-def probing(model, **kwargs) -> Iterator[ImportanceProbe]:
-    with ImportanceProbe(model, **kwargs) as probe:
-        yield probe

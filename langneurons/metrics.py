@@ -1,4 +1,5 @@
-"""Metrics shared by deactivation and evaluation (METHOD.md section 7)."""
+"""Metrics shared by deactivation, evaluation and the figures (METHOD.md section 7): perplexity, MGSM and
+MMMLU scoring, the language-agnostic score, correlations."""
 from __future__ import annotations
 
 import inspect
@@ -6,30 +7,13 @@ import math
 import re
 import unicodedata
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-
-def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (less padding); order does not change results."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[i, sl] = torch.tensor(s, dtype=torch.long)
-        mask[i, sl] = 1
-    return ids.to(device), mask.to(device)
-
-
-def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    return [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+from .data import batches_by_length, pad_batch, tokenize
+from .files import json_safe
 
 
 @torch.no_grad()
@@ -223,3 +207,54 @@ def score_choices(model, tokenizer, prompts: list[str], choices: tuple[str, ...]
             score += logp[:, j, prefix[j]].double()[:, None]
         out[idx] = score.cpu()
     return out
+
+
+# ---------------------------------------------------------------- deactivation: Imp and LAS (METHOD.md section 5)
+
+def language_agnostic(sets: dict[str, dict], langs: list[str]) -> tuple[dict[str, float | None], float | None]:
+    """Imp_l = (dPPL_l(shared)/|shared|) / (dPPL_l(exclusive_l)/|exclusive_l|), LAS = log(1 + mean_l Imp_l).
+
+    `sets` maps a set name to {"size": N, "dppl": {lang: x}}. Languages without an exclusive set are left
+    out; an empty set or a zero/undefined dPPL gives Imp null; LAS averages the defined Imp (null if none,
+    or if 1 + mean <= 0)."""
+    shared = sets.get("shared")
+    if shared is None:
+        return {}, None
+    imp: dict[str, float | None] = {}
+    for l in langs:
+        excl = sets.get(f"exclusive_{l}")
+        if excl is None:
+            continue
+        d_sh, d_ex = shared["dppl"].get(l), excl["dppl"].get(l)
+        if not shared["size"] or not excl["size"] or d_sh is None or d_ex is None or d_ex == 0:
+            imp[l] = None
+        else:
+            imp[l] = json_safe((d_sh / shared["size"]) / (d_ex / excl["size"]))
+    vals = [v for v in imp.values() if v is not None]
+    las = math.log1p(float(np.mean(vals))) if vals and 1 + float(np.mean(vals)) > 0 else None
+    return imp, las
+
+
+# ---------------------------------------------------------------- correlations (figures, benchmarks)
+
+def pearson(x, y) -> float | None:
+    """Pearson's r of two equally long sequences; None below 3 points or for a constant sequence."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def average_ranks(v) -> np.ndarray:
+    """0-based ranks of `v`, tied values sharing the mean of their ranks."""
+    v = np.asarray(v, dtype=float)
+    order = v.argsort(kind="stable")
+    _, first, counts = np.unique(v[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(v))
+    ranks[order] = np.repeat(first + (counts - 1) / 2, counts)
+    return ranks
+
+
+def spearman(x, y) -> float | None:
+    """Spearman's rho (Pearson's r of the average ranks)."""
+    return pearson(average_ranks(x), average_ranks(y)) if len(x) >= 3 else None

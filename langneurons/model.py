@@ -334,3 +334,10 @@ def projections(layer) -> dict[str, torch.nn.Module]:
                 raise InputError(f"{type(parent).__name__}: no {names[0]} linear layer")
     out["attn"], out["mlp"] = attn, mlp
     return out
+
+
+def lora_targets(model) -> list[str]:
+    """Module names (last component) of q/k/v/o/up/gate/down, read from the model itself."""
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    proj = projections(decoder_layers(model)[0])
+    return sorted({names[id(proj[k])] for k in ("q", "k", "v", "o", "up", "gate", "down") if k in proj})

@@ -188,6 +188,20 @@ def read_neuron_file(path: str | Path, geom: Geometry, legacy_kv: bool = False) 
     return out, meta
 
 
+def load_neuron_set(path: str | Path, geom: Geometry, legacy_kv: bool = False) -> tuple[NeuronSet, dict[str, Any]]:
+    """A neuron file read for use (deactivation, training): the set, and what the outputs record about the
+    file (its content hash, size, format and k/v index space)."""
+    from .reuse import file_digest
+    path = Path(path)
+    nset, meta = read_neuron_file(path, geom, legacy_kv=legacy_kv)
+    ours = bool(meta) or "meta" in read_json(path, "neuron file")  # the authors' files have no `meta`
+    return nset, {"name": path.stem, "file": str(path.resolve()), "sha256": file_digest(path), "size": size(nset),
+                  "fraction": size(nset) / geom.total_neurons, "groups": {g: int(m.sum()) for g, m in nset.items()},
+                  "format": "ours" if ours else "authors",
+                  "kv_index_space": meta.get("kv_index_space", "kv_rows" if ours else "query_heads"),
+                  "legacy_kv_mapping": legacy_kv}
+
+
 # ---------------------------------------------------------------- statistics
 
 def set_stats(s: NeuronSet, geom: Geometry) -> dict[str, Any]:

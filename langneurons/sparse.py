@@ -142,11 +142,6 @@ def optimizer_state_bytes(optimizer) -> int:
     return total
 
 
-def optimizer_param_ids(optimizer) -> set[int]:
-    opt = getattr(optimizer, "optimizer", optimizer)
-    return {id(p) for group in opt.param_groups for p in group["params"]}
-
-
 def sparse_trainer_class():
     """A transformers Trainer whose checkpoints hold only the deltas (plus the usual optimizer, scheduler,
     RNG and trainer state), so resuming a sparse run neither writes nor reads a whole model per save."""

@@ -13,7 +13,7 @@ from conftest import REPO, SHARED_DATA
 from langneurons import authors
 from langneurons.data import mgsm_texts
 from langneurons.importance import ImportanceProbe
-from langneurons.metrics import pad_batch
+from langneurons.data import pad_batch
 from langneurons.model import GROUPS, Geometry, load_model
 from langneurons.neurons import read_neuron_file
 from tiny import ARCHS, SENTENCES, save_tiny, tiny_dataset, tiny_model, tiny_tokenizer

@@ -24,7 +24,8 @@ sys.path.insert(0, str(REPO))
 sys.path.append(str(REPO / "bench"))  # after the repo root: bench/detection.py is not detection.py
 from langneurons.importance import ImportanceProbe, qk_importance  # noqa: E402
 from langneurons.masking import meta_skeleton, zero_plan  # noqa: E402
-from langneurons.metrics import pad_batch, perplexity  # noqa: E402
+from langneurons.data import pad_batch  # noqa: E402
+from langneurons.metrics import perplexity  # noqa: E402
 from langneurons.model import GROUPS, Geometry, embedded_model_dir, load_model  # noqa: E402
 from langneurons.neurons import random_set, write_neuron_file  # noqa: E402
 from random_model import random_config, random_model  # noqa: E402

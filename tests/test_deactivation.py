@@ -3,7 +3,6 @@ weights, hooks and shard streaming agree; bad neuron files are refused; Imp/LAS 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -20,20 +19,13 @@ from tiny import ARCHS, save_tiny, tiny_config, tiny_dataset, tiny_model
 
 from langneurons.data import val_texts
 from langneurons.masking import ablation_hooks, meta_skeleton, zero_neurons, zero_plan, zeroed
-from langneurons.metrics import perplexity
+from langneurons.metrics import language_agnostic, perplexity
 from langneurons.model import GROUPS, Geometry
 from langneurons.layout import PROVENANCE_FILE, model_tag
 from langneurons.neurons import empty_set, random_set, read_neuron_file, write_neuron_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("deactivation_script", REPO / "deactivation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -337,21 +329,20 @@ def test_legacy_kv_mapping_flag(work, tmp_path):
 # ---------------------------------------------------------------- Imp / LAS
 
 def test_importance_and_las_arithmetic():
-    mod = _load_script()
     sets = {"shared": {"size": 10, "dppl": {"en": 5.0, "fr": 2.0, "de": 1.0, "th": 3.0}},
             "exclusive_en": {"size": 20, "dppl": {"en": 40.0}},
             "exclusive_fr": {"size": 5, "dppl": {"fr": 1.0}},
             "exclusive_de": {"size": 0, "dppl": {"de": 0.0}},  # empty set: Imp undefined
             "exclusive_th": {"size": 7, "dppl": {"th": 0.0}}}  # no effect: Imp undefined
-    imp, las = mod.language_agnostic(sets, ["en", "fr", "de", "th", "sw"])
+    imp, las = language_agnostic(sets, ["en", "fr", "de", "th", "sw"])
     assert imp["en"] == pytest.approx((5 / 10) / (40 / 20)) == pytest.approx(0.25)
     assert imp["fr"] == pytest.approx((2 / 10) / (1 / 5)) == pytest.approx(1.0)
     assert imp["de"] is None and imp["th"] is None and "sw" not in imp
     assert las == pytest.approx(math.log(1 + 0.625))
     # Imp = 1 everywhere gives log 2
     eq = {"shared": {"size": 4, "dppl": {"en": 8.0}}, "exclusive_en": {"size": 2, "dppl": {"en": 4.0}}}
-    assert mod.language_agnostic(eq, ["en"])[1] == pytest.approx(math.log(2))
-    assert mod.language_agnostic({"exclusive_en": sets["exclusive_en"]}, ["en"]) == ({}, None)
+    assert language_agnostic(eq, ["en"])[1] == pytest.approx(math.log(2))
+    assert language_agnostic({"exclusive_en": sets["exclusive_en"]}, ["en"]) == ({}, None)
 
 
 def test_help():

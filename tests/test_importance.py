@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from langneurons.importance import ImportanceProbe, _eager_attention, qk_importance
-from langneurons.metrics import pad_batch
+from langneurons.data import pad_batch
 from langneurons.model import projections, decoder_layers
 from tiny import ARCHS, SENTENCES, tiny_model, tiny_tokenizer
 

@@ -7,7 +7,7 @@ import torch
 from langneurons.cli import InputError
 from langneurons.importance import ImportanceProbe, rotary_partner
 from langneurons.masking import ablation_hooks, zeroed
-from langneurons.metrics import pad_batch
+from langneurons.data import pad_batch
 from langneurons.model import Geometry, decoder_layers, projections
 from langneurons.neurons import empty_set
 from test_detection import detect
