@@ -9,6 +9,7 @@ stored counts without loading the model.
     python detection.py --model gemma-3-270m --langs en,zh,th,sw,fr,de --ratio 0.01
     accelerate launch detection.py ...   # sentences split over processes, counts summed
 """
+import argparse
 import json
 from pathlib import Path
 
@@ -18,18 +19,17 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from langneurons import authors, cli, files, reuse, runinfo
-from langneurons.data import corpus_file, detection_corpus, external_corpus
+from langneurons.data import batches_by_length, corpus_file, detection_corpus, external_corpus, pad_batch
 from langneurons.importance import ImportanceProbe
-from langneurons.data import batches_by_length, pad_batch
 from langneurons.model import GROUPS, Geometry, check_model, load_model
-from langneurons.layout import model_tag
+from langneurons.layout import FIRING, META, SCHEMA_VERSION, STATS, model_tag, outputs
 from langneurons.neurons import (language_sets, lape_related, related_from_counts, stats,
                                  write_neuron_file)
 
 FFN_GROUPS = ("fwd_up", "fwd_down")
 
 
-def parse_args():
+def parse_args() -> argparse.Namespace:
     p = cli.common_parser(__doc__.split("\n\n")[0])
     p.add_argument("--method", choices=["importance", "activation", "authors"], default="importance",
                    help="importance: the paper's parallel neuron detection; activation: LAPE (FFN only); "
@@ -41,7 +41,7 @@ def parse_args():
                         "activation: fraction of FFN neurons kept by lowest entropy")
     p.add_argument("--threshold", type=cli.float_in(0, 1, lo_open=True), default=1.0,
                    help="a neuron is related to a language when firing count / sentences >= threshold")
-    p.add_argument("--sample-size", type=cli.int_at_least(0), default=0, help="sentences per language (0 = all)")
+    p.add_argument("--sample-size", type=cli.int_at_least(0), default=0, help="sentences per language drawn at random with --seed (0 = all)")
     p.add_argument("--corpus", default="detect", metavar="detect|mgsm|PATH|ID",
                    help="detect/<lang>.txt, the MGSM questions of test/mgsm/ (the authors' own runs), or a text/json/"
                         "jsonl/parquet/arrow file, folder or hub dataset id with {lang} for the language (column "
@@ -60,18 +60,56 @@ def parse_args():
     p.add_argument("--qk-score", choices=["channel", "row"], default="channel",
                    help="query/key importance of the channel attention sees (after rotary and q/k norms; the "
                         "paper), or of the q_proj/k_proj row that deactivation zeroes (exact; not with q/k norms)")
-    p.add_argument("--batch-size", type=cli.int_at_least(1), default=8)
+    p.add_argument("--batch-size", type=cli.int_at_least(1), default=8, help="sentences per forward pass")
     p.add_argument("--max-length", type=cli.int_at_least(2), default=256,
                    help="tokens per sentence (longer ones are cut)")
     return p.parse_args()
 
 
-def main():
+def main() -> None:
     args = parse_args()
+    groups, langs, undo, mgsm_format = validate(args)
+    corpora = read_corpora(args, langs, mgsm_format)
+    out_dir = outputs(args.out, args.model).neurons
+    reuse.check_writable(out_dir, f"--out {args.out}", folder=True)
+    fp = fingerprint(args, langs, corpora)
+    reuse.hold_lock(out_dir, enabled=reuse.main_process())  # a second run on the same --out waits, then reuses
+    runinfo.seed_everything(args.seed)
+
+    # ---- firing counts: from an earlier run that differs only in --threshold, else from the model
+    counts = earlier_counts(args, out_dir, fp)
+    if counts == "up to date":
+        return
+    if counts is None:
+        check_model(args.model)  # config, tokenizer, weight headers: seconds, before the model run
+        counts = count_firing(args, corpora, groups)
+    if counts is None:  # not the main process of a multi-process run
+        return
+    firing, sentences, geom, config = counts
+
+    # ---- sets (METHOD.md section 4) and statistics
+    if args.method in ("importance", "authors"):
+        related = related_from_counts(firing, sentences, langs, args.threshold, geom)
+    else:
+        related = lape_related(firing["fwd_up"], sentences, langs, geom, args.ratio)
+    sets = language_sets(related, geom, args.seed)
+    summary = stats(sets, langs, geom)
+    meta = run_record(args, langs, groups, corpora, mgsm_format, geom, config, fp)
+    kv_space = "kv_rows"
+    if args.method == "authors":
+        meta["authors"] = authors_record(args, undo, geom)
+        kv_space = summary["kv_index_space"] = meta["authors"]["kv_index_space"]
+
+    write_outputs(out_dir, args, langs, firing, sentences, geom, sets, summary, meta, kv_space)
+    print_summary(args, langs, geom, summary, out_dir)
+
+
+def validate(args) -> tuple[tuple[str, ...], list[str], tuple[str, ...], str]:
+    """Flags that only make sense together, checked before anything is read: groups, languages, the
+    authors' undone pieces and the MGSM prompt format the corpus uses."""
     groups = tuple(cli.split_list(args.groups))
     langs = cli.parse_langs(args.langs)
-    builtin = args.corpus in ("detect", "mgsm")  # else a file, folder or dataset id outside the dataset layout
-    if not builtin and len(langs) > 1 and "{lang}" not in args.corpus:
+    if args.corpus not in ("detect", "mgsm") and len(langs) > 1 and "{lang}" not in args.corpus:
         raise cli.InputError(f"--corpus {args.corpus}: every language would read the same text; put {{lang}} where "
                              "the language goes (e.g. corpus/{lang}.jsonl)")
     if args.qk_score != "channel" and args.method != "importance":
@@ -86,83 +124,92 @@ def main():
     mgsm_format = args.mgsm_format
     if mgsm_format == "auto":
         mgsm_format = "authors" if args.method == "authors" and "prompt" not in undo else "question"
-    corpora = {l: detection_corpus(args.dataset, l, args.sample_size, args.seed, args.corpus, mgsm_format)
-               if builtin else external_corpus(args.corpus, l, args.sample_size, args.seed)
-               for l in langs}
-    out_dir = Path(args.out) / model_tag(args.model) / "neurons"
-    reuse.check_writable(out_dir, f"--out {args.out}", folder=True)
-    # a corpus outside the dataset layout may be a folder or a dataset id: its text is what counts
-    fp = reuse.fingerprint(args, __file__, files=[corpus_file(args.dataset, l, args.corpus) for l in langs] if builtin
-                           else [], models=[args.model],
-                           context=None if builtin else {"corpus_sha256": {l: reuse.text_digest(corpora[l])
-                                                                            for l in langs}})
-    reuse.hold_lock(out_dir, enabled=reuse.main_process())  # a second run on the same --out waits, then reuses
-    runinfo.seed_everything(args.seed)
+    return groups, langs, undo, mgsm_format
 
-    # ---- firing counts: from an earlier run that differs only in --threshold, else from the model
-    counts = None
-    stored = None if args.force else reuse.read_stored(out_dir / "meta.json")
-    if stored is not None:
-        diffs = reuse.changes(stored.get("fingerprint"), fp)
-        if not diffs:
-            stored_counts(out_dir, stored)  # a damaged firing file is an error, not a silent reuse
-            print(f"Reusing {out_dir} (nothing it was computed from changed; --force recomputes)")
-            return
-        if not reuse.changes(stored.get("fingerprint"), fp, ignore_args=("threshold",)):
-            print(f"Re-deriving the sets at --threshold {args.threshold} from the stored firing counts in "
-                  f"{out_dir / 'firing.safetensors'} (only --threshold changed; no model run)")
-            counts = stored_counts(out_dir, stored)
-        else:
-            print(reuse.recompute_line(diffs, out_dir))
-    if counts is None:
-        check_model(args.model)  # config, tokenizer, weight headers: seconds, before the model run
-        counts = count_firing(args, corpora, groups)
-    if counts is None:  # not the main process of a multi-process run
-        return
-    firing, sentences, geom, config = counts
 
-    # ---- sets and statistics
-    if args.method in ("importance", "authors"):
-        related = related_from_counts(firing, sentences, langs, args.threshold, geom)
-    else:
-        related = lape_related(firing["fwd_up"], sentences, langs, geom, args.ratio)
-    sets = language_sets(related, geom, args.seed)
-    summary = stats(sets, langs, geom)
-    meta = {"model": args.model, "tag": model_tag(args.model), "method": args.method, "ratio": args.ratio,
-            "threshold": args.threshold, "langs": langs, "groups": list(groups), "qk_score": args.qk_score,
+def builtin_corpus(args) -> bool:
+    """detect/ or mgsm/ of the dataset layout; else a file, folder or dataset id outside it."""
+    return args.corpus in ("detect", "mgsm")
+
+
+def read_corpora(args, langs: list[str], mgsm_format: str) -> dict[str, list[str]]:
+    """The detection sentences of every language (--sample-size of them drawn with the seed)."""
+    if builtin_corpus(args):
+        return {l: detection_corpus(args.dataset, l, args.sample_size, args.seed, args.corpus, mgsm_format)
+                for l in langs}
+    return {l: external_corpus(args.corpus, l, args.sample_size, args.seed) for l in langs}
+
+
+def fingerprint(args, langs: list[str], corpora: dict[str, list[str]]) -> dict:
+    """What the outputs are computed from; a corpus outside the dataset layout may be a folder or a dataset id,
+    so there its text is what counts."""
+    if builtin_corpus(args):
+        return reuse.fingerprint(args, __file__, models=[args.model],
+                                 files=[corpus_file(args.dataset, l, args.corpus) for l in langs])
+    return reuse.fingerprint(args, __file__, models=[args.model],
+                             context={"corpus_sha256": {l: reuse.text_digest(corpora[l]) for l in langs}})
+
+
+def earlier_counts(args, out_dir: Path, fp: dict):
+    """'up to date' when the stored outputs were computed from exactly this; the stored firing counts when
+    only --threshold changed (no model run); None when the model must run."""
+    stored = None if args.force else reuse.read_stored(out_dir / META)
+    if stored is None:
+        return None
+    diffs = reuse.changes(stored.get("fingerprint"), fp)
+    if not diffs:
+        stored_counts(out_dir, stored)  # a damaged firing file is an error, not a silent reuse
+        print(f"Reusing {out_dir} (nothing it was computed from changed; --force recomputes)")
+        return "up to date"
+    if not reuse.changes(stored.get("fingerprint"), fp, ignore_args=("threshold",)):
+        print(f"Re-deriving the sets at --threshold {args.threshold} from the stored firing counts in "
+              f"{out_dir / FIRING} (only --threshold changed; no model run)")
+        return stored_counts(out_dir, stored)
+    print(reuse.recompute_line(diffs, out_dir))
+    return None
+
+
+def run_record(args, langs, groups, corpora, mgsm_format, geom: Geometry, config: dict, fp: dict) -> dict:
+    """meta.json: how the counts were made, the model's geometry and config, the run and its fingerprint."""
+    return {"schema_version": SCHEMA_VERSION, "model": args.model, "tag": model_tag(args.model),
+            "method": args.method, "ratio": args.ratio, "threshold": args.threshold, "langs": langs,
+            "groups": list(groups), "qk_score": args.qk_score,
             "corpus": {"name": args.corpus, "sentences": {l: len(corpora[l]) for l in langs},
                        **({"mgsm_format": mgsm_format} if args.corpus == "mgsm" else {})},
             "geometry": geom.__dict__, "config": config,
             "unit": "tokens" if args.method == "activation" else "sentences",
             "run": runinfo.run_meta(args), "fingerprint": fp}
-    kv_space = "kv_rows"
-    if args.method == "authors":
-        defs = authors.definitions(undo)
-        kv_space = authors.kv_index_space(defs)
-        meta["authors"] = {
-            "definitions": "the authors' released detect.py (METHOD.md section 10), not the paper's formulas, "
+
+
+def authors_record(args, undo: tuple[str, ...], geom: Geometry) -> dict:
+    """--method authors: which definition each group used, and the per-text top counts."""
+    defs = authors.definitions(undo)
+    return {"definitions": "the authors' released detect.py (METHOD.md section 10), not the paper's formulas, "
                            "except for the pieces undone",
             "undo": list(undo), "attention": args.authors_attention, "group_definitions": defs,
             "top_counts": authors.top_counts(geom, args.ratio, authors.score_sizes(geom, defs), "top_counts" not in undo),
-            "kv_index_space": kv_space}
-        summary["kv_index_space"] = kv_space
+            "kv_index_space": authors.kv_index_space(defs)}
 
-    # ---- write everything into a fresh directory, then swap it in whole
+
+def write_outputs(out_dir: Path, args, langs, firing, sentences, geom, sets, summary, meta, kv_space) -> None:
+    """Everything into a fresh folder, then swapped in whole: a reader never sees a mix of two runs."""
     with files.atomic_dir(out_dir) as tmp:
         tensors = {f"{g}.{layer}": firing[g][:, layer].to(torch.int32).contiguous()
                    for g in firing for layer in range(geom.num_layers)}
         tensors["sentences"] = sentences.to(torch.int32)
         # one metadata key: safetensors writes several in hash order, and files must be reproducible
-        save_file(tensors, tmp / "firing.safetensors", metadata={"langneurons": json.dumps(
+        save_file(tensors, tmp / FIRING, metadata={"langneurons": json.dumps(
             {"langs": langs, "method": args.method, "ratio": args.ratio, "unit": meta["unit"],
              **({"kv_index_space": kv_space} if args.method == "authors" else {})}, sort_keys=True)})
         provenance = {"model": args.model, "method": args.method, "ratio": args.ratio,
                       "threshold": args.threshold, "langs": langs}
         for name, s in sets.items():
             write_neuron_file(tmp / f"{name}.json", s, {**provenance, "set": name}, kv_space)
-        files.write_json(tmp / "stats.json", summary)
-        files.write_json(tmp / "meta.json", meta)
+        files.write_json(tmp / STATS, summary)
+        files.write_json(tmp / META, meta)
 
+
+def print_summary(args, langs: list[str], geom: Geometry, summary: dict, out_dir: Path) -> None:
     print(f"\nLanguage neurons of {args.model} ({args.method}, ratio {args.ratio}, threshold {args.threshold}),"
           f" {geom.total_neurons:,} neurons in all:")
     print(f"{'set':<22}{'size':>9}{'% of all':>10}   QK / VO / FFN")
@@ -171,12 +218,12 @@ def main():
         c = st["components"]
         print(f"{name:<22}{st['size']:>9}{100 * st['fraction']:>9.3f}%   {c['QK']} / {c['VO']} / {c['FFN']}")
     print(f"shared ratio |shared| / mean |exclusive|: {summary['shared_ratio']}")
-    print(f"\nNeuron files and stats: {out_dir}/ (stats.json, firing.safetensors, shared.json, exclusive_<lang>.json, ...)")
+    print(f"\nNeuron files and stats: {out_dir}/ ({STATS}, {FIRING}, shared.json, exclusive_<lang>.json, ...)")
 
 
 def stored_counts(out_dir: Path, meta: dict):
     """Counts, sentences, geometry and config stored by an earlier run (its meta.json is `meta`)."""
-    firing_file = out_dir / "firing.safetensors"
+    firing_file = out_dir / FIRING
     try:
         t = load_file(firing_file)
         geom = Geometry(**meta["geometry"])
