@@ -66,20 +66,8 @@ def _status(key: str) -> int:
 def lists_path(corpus: Path, tok, cutoff: int) -> list[dict]:
     """train.py before `datasets`: data.train_texts (every line parsed into a list), then one tokenizer
     call per document into a list of dicts (--limit 0: all documents)."""
-    from langneurons.cli import InputError
-    from langneurons.data import read_text
-    texts = []
-    for i, line in enumerate(read_text(corpus, "training file").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"training file {corpus}: line {i}: corrupt JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise InputError(f"training file {corpus}: line {i}: expected an object with a 'text' string")
-        if obj["text"].strip():
-            texts.append(obj["text"])
+    from langneurons.data import json_lines_texts
+    texts = [t for t in json_lines_texts(corpus, "training file") if t.strip()]
     eos = tok.eos_token_id
     train_set = []
     for text in texts:
