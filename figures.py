@@ -453,7 +453,7 @@ def load_tag(o: layout.Outputs, notes: list[str]) -> TagResults:
 def select(out: Path, models: str | None) -> list[layout.Outputs]:
     """The tags to draw: every one with results under --out, or those --models names."""
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: a file, not a folder")
+        raise InputError(f"--out {out}: {out} is a file, not a folder")
     if not out.is_dir():
         raise InputError(f"--out {out}: no such directory (the output root the stages wrote to)")
     found = {o.tag: o for o in layout.tagged(out)}
