@@ -10,15 +10,17 @@ the figures). A figure whose inputs are missing is skipped with a note in report
   layers_<tag>.png          shared and exclusive neurons per layer (Fig. 6/7)
   components.png            QK / VO / FFN split of shared and exclusive neurons (Table 2)
   ability.png               shared ratio and LAS against multilingual ability across models (Fig. 3/5)
-  training_<tag>.png        validation perplexity and accuracy before/after targeted training (Table 1)"""
+  training_<tag>.png        validation perplexity of every language before/after targeted training, and the
+                            accuracy change, changes within the evaluation's noise marked as such (Table 1)"""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
-import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import matplotlib
 
@@ -26,23 +28,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from langneurons import layout  # noqa: E402
 from langneurons.cli import ArgumentParser, InputError, run, split_list  # noqa: E402
-from langneurons.files import temp_name, write_bytes  # noqa: E402
+from langneurons.files import write_bytes  # noqa: E402
 from langneurons.metrics import pearson, spearman  # noqa: E402
 from langneurons.data import LANGUAGE_NAMES  # noqa: E402
 from langneurons.reuse import check_writable, hold_lock, remove_temporaries  # noqa: E402
 
 COLORS = {"shared": "#1f77b4", "exclusive": "#ff7f0e", "unique": "#d62728", "random": "#7f7f7f",
           "random_exclusive": "#bcbd22", "QK": "#1f77b4", "VO": "#2ca02c", "FFN": "#ff7f0e",
-          "before": "#9ecae1", "after": "#08519c"}
+          "before": "#9ecae1", "after": "#08519c", "noise": "#d9d9d9"}
+TASKS = ("mgsm", "mmmlu")  # the accuracy tasks of evaluate.py
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="./outputs", help="output root the stages wrote to")
     p.add_argument("--models", default=None, help="comma list of model tags (directories under --out); "
-                   "default: every one with results")
+                   "none: every one with results")
     return p.parse_args(argv)
 
 
@@ -77,16 +83,14 @@ def table(header: list[str], rows: list[list[str]]) -> str:
                      + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
-def save(fig: Figure, path: Path) -> None:
-    """Write under a temporary name, then rename: no half-written PNG is ever left behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
+def png(fig: Figure) -> bytes:
+    """The figure as PNG bytes (written with files.write_bytes: never half a file); the figure is closed."""
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
-        os.replace(tmp, path)
+        fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    return buf.getvalue()
 
 
 def stats_langs(stats: dict, meta: dict | None) -> list[str]:
@@ -171,6 +175,8 @@ def fig_layers(tag: str, stats: dict, langs: list[str]) -> Figure:
             a2.plot(np.arange(len(layers)), layers, marker="o", ms=3, label=lang_name(l))
     a2.set_title(f"{tag}: exclusive neurons per layer")
     for ax in (a1, a2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers, never 2.5
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # so are neuron counts
         ax.set_xlabel("layer")
         ax.set_ylabel("neurons")
         ax.grid(alpha=0.3)
@@ -232,270 +238,412 @@ def fig_ability(points: list[dict]) -> Figure:
     return fig
 
 
-def fig_training(tag: str, runs: list[dict], langs: list[str]) -> Figure:
-    """Paper Table 1 as a figure: per training run, validation perplexity per language before and after,
-    and the change of MGSM / MMMLU accuracy per language where the trained model was evaluated."""
-    acc_metrics = [m for m in ("mgsm", "mmmlu") if any(r["acc_after"].get(m) for r in runs)]
-    ncols = 1 + len(acc_metrics)
-    fig, axes = plt.subplots(len(runs), ncols, figsize=(5.5 * ncols, 3.6 * len(runs)), squeeze=False)
-    for i, r in enumerate(runs):
-        ax = axes[i][0]
-        ls = [l for l in langs if l in r["before"] or l in r["after"]] or sorted(set(r["before"]) | set(r["after"]))
-        x = np.arange(len(ls))
-        for k, (key, off) in enumerate((("before", -0.2), ("after", 0.2))):
-            v = [num(r[key].get(l, {}).get("ppl")) for l in ls]
-            ax.bar(x + off, [a if a is not None else 0 for a in v], 0.4, color=COLORS[key], label=key)
-        ax.set_xticks(x, [lang_name(l) for l in ls], rotation=30, ha="right")
-        ax.set_ylabel("validation perplexity")
-        vals = [num(r[k].get(l, {}).get("ppl")) for k in ("before", "after") for l in ls]
-        vals = [v for v in vals if v]
-        if vals and max(vals) / max(min(vals), 1e-9) > 20:
-            ax.set_yscale("log")
-        ax.set_title(f"{r['run']} (target {lang_name(r['lang']) if r['lang'] else '?'}, neurons {r['neurons'] or '?'})",
-                     fontsize=9)
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        for j, m in enumerate(acc_metrics, 1):
-            ax = axes[i][j]
-            after, before = r["acc_after"].get(m, {}), r["acc_before"].get(m, {})
-            ls2 = [l for l in langs if l in after] or sorted(after)
-            d = [100 * (after[l] - before[l]) if l in before else 0.0 for l in ls2]
-            ax.bar(np.arange(len(ls2)), d, color=[COLORS["after"] if v >= 0 else COLORS["unique"] for v in d])
-            ax.axhline(0, color="black", lw=0.6)
-            ax.set_xticks(np.arange(len(ls2)), [lang_name(l) for l in ls2], rotation=30, ha="right")
-            ax.set_ylabel(f"Δ {m.upper()} accuracy (points)")
-            ax.set_title(f"{r['run']}: {m.upper()} after − before", fontsize=9)
-            ax.grid(axis="y", alpha=0.3)
+def label_langs(ax, langs: list[str], target: str | None) -> None:
+    """Language names under the bars; the target language's in bold, on a shaded column."""
+    ax.set_xticks(np.arange(len(langs)), [lang_name(l) + (" (target)" if l == target else "") for l in langs],
+                  rotation=30, ha="right")
+    for i, (tick, l) in enumerate(zip(ax.get_xticklabels(), langs)):
+        if l == target:
+            tick.set_fontweight("bold")
+            ax.axvspan(i - 0.5, i + 0.5, color="#fff3b0", zorder=0)
+
+
+def perplexity_panel(ax, r: dict) -> None:
+    """Validation perplexity of every language the run measured, before and after training."""
+    ls = r["langs"]
+    for key, off in (("before", -0.2), ("after", 0.2)):
+        v = [num(r[key].get(l, {}).get("ppl")) for l in ls]
+        ax.bar(np.arange(len(ls)) + off, [a if a is not None else 0 for a in v], 0.4, color=COLORS[key], label=key)
+    label_langs(ax, ls, r["lang"])
+    vals = [v for k in ("before", "after") for l in ls if (v := num(r[k].get(l, {}).get("ppl")))]
+    if vals and max(vals) / max(min(vals), 1e-9) > 20:
+        ax.set_yscale("log")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(f"{r['run']} (target {lang_name(r['lang']) if r['lang'] else '?'}, neurons {r['neurons'] or '?'})",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def accuracy_panel(ax, r: dict, task: str) -> None:
+    """The change of one task's accuracy per language, ±2 SE; a change within the noise is a hatched grey
+    bar, not drawn as an effect."""
+    changes = r["acc"].get(task, {})
+    ls = list(changes)
+    d = [100 * c["delta"] for c in changes.values()]
+    noise = [c["within_noise"] is True for c in changes.values()]
+    bars = ax.bar(np.arange(len(ls)), d, color=[COLORS["noise"] if n else COLORS["after"] if v >= 0
+                                                 else COLORS["unique"] for v, n in zip(d, noise)])
+    for bar, n in zip(bars, noise):
+        if n:
+            bar.set_hatch("//")
+            bar.set_edgecolor("grey")
+    se = [200 * c["se"] if c["se"] is not None else 0.0 for c in changes.values()]
+    ax.errorbar(np.arange(len(ls)), d, yerr=se, fmt="none", ecolor="black", elinewidth=0.8, capsize=3)
+    ax.axhline(0, color="black", lw=0.6)
+    label_langs(ax, ls, r["lang"])
+    ax.set_ylabel(f"Δ {task.upper()} accuracy (points)")
+    ax.set_title(f"{r['run']}: {task.upper()} after − before" + ("" if ls else "\n(no evaluation to compare)"),
+                 fontsize=9)
+    ax.legend(handles=[Patch(facecolor=COLORS["after"], label="gain"), Patch(facecolor=COLORS["unique"], label="loss"),
+                       Patch(facecolor=COLORS["noise"], edgecolor="grey", hatch="//",
+                             label="within noise (|Δ| < 2 SE)")], fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def fig_training(tag: str, runs: list[dict]) -> Figure:
+    """Paper Table 1 as a figure: per training run, the validation perplexity of every language before and
+    after (the cross-lingual effect), and the change of MGSM / MMMLU accuracy per language where the trained
+    model was evaluated."""
+    tasks = [m for m in TASKS if any(r["acc"].get(m) for r in runs)]
+    fig, axes = plt.subplots(len(runs), 1 + len(tasks), figsize=(5.5 * (1 + len(tasks)), 3.8 * len(runs)),
+                             squeeze=False)
+    for row, r in zip(axes, runs):
+        perplexity_panel(row[0], r)
+        for ax, task in zip(row[1:], tasks):
+            accuracy_panel(ax, r, task)
     fig.suptitle(f"{tag}: neuron-targeted continued pretraining")
     fig.tight_layout()
     return fig
 
 
-# ---------------------------------------------------------------- reading the stages' files
+# ---------------------------------------------------------------- evaluation noise
 
-def eval_accuracy(ev: dict | None) -> dict[str, dict[str, float]]:
-    """task -> lang -> accuracy (or ppl) from an eval/<name>.json."""
-    out: dict[str, dict[str, float]] = {}
-    for task, res in ((ev or {}).get("results") or {}).items():
-        key = "ppl" if task == "ppl" else "accuracy"
-        if isinstance(res, dict):
-            out[task] = {l: v[key] for l, v in res.items() if isinstance(v, dict) and num(v.get(key)) is not None}
+def difference_se(p1: float, n1: int, p2: float, n2: int) -> float:
+    """The standard error of the difference of two accuracies p1, p2 measured on n1 and n2 items."""
+    return math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
+
+
+def within_noise(before: float, n_before: int | None, after: float, n_after: int | None) -> bool | None:
+    """Whether the change after − before is smaller than the evaluation's noise: |Δ| < 2 SE of the difference
+    (no change at all is never an effect, even where SE is 0); None when an item count is unknown."""
+    if not n_before or not n_after:
+        return None
+    delta = after - before
+    return delta == 0 or abs(delta) < 2 * difference_se(before, n_before, after, n_after)
+
+
+def accuracy_changes(before: dict[str, tuple], after: dict[str, tuple]) -> dict[str, dict]:
+    """lang -> before, after, Δ, SE of Δ and whether Δ is within noise, for the languages measured in both."""
+    out = {}
+    for l, (p2, n2) in after.items():
+        if l in before:
+            p1, n1 = before[l]
+            out[l] = {"before": p1, "after": p2, "delta": p2 - p1,
+                      "se": difference_se(p1, n1, p2, n2) if n1 and n2 else None,
+                      "within_noise": within_noise(p1, n1, p2, n2)}
     return out
 
 
-def mean_acc(acc: dict[str, dict[str, float]], task: str) -> float | None:
-    vals = list(acc.get(task, {}).values())
+# ---------------------------------------------------------------- reading the stages' files
+
+def accuracies(ev: dict | None, task: str) -> dict[str, tuple[float, int | None]]:
+    """lang -> (accuracy, number of items) of one task in an evaluation file."""
+    res = ((ev or {}).get("results") or {}).get(task)
+    out = {}
+    for l, v in res.items() if isinstance(res, dict) else ():
+        if isinstance(v, dict) and (a := num(v.get("accuracy"))) is not None:
+            n = v.get("n")
+            out[str(l)] = (a, n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None)
+    return out
+
+
+def mean_acc(ev: dict | None, task: str) -> float | None:
+    vals = [a for a, _ in accuracies(ev, task).values()]
     return float(np.mean(vals)) if vals else None
 
 
+def eval_role(ev: dict) -> str:
+    """'base' | 'variant' | 'trained': the file's meta.role, or for a file written before evaluate recorded
+    it, the role its provenance gives (none: the base model)."""
+    meta = ev.get("meta") if isinstance(ev.get("meta"), dict) else {}
+    if isinstance(meta.get("role"), str):
+        return meta["role"]
+    prov = meta.get("provenance")
+    return layout.provenance_role(prov) if isinstance(prov, dict) else "base"
+
+
+def run_evaluation(evals: dict[str, dict], run_name: str) -> str | None:
+    """The evaluation of trained run `run_name`: role 'trained' and provenance.run_name == the run (the first
+    in sorted order if several), never found by its file name."""
+    return next((name for name, ev in sorted(evals.items()) if eval_role(ev) == "trained"
+                 and ((ev.get("meta") or {}).get("provenance") or {}).get("run_name") == run_name), None)
+
+
 def read_train_log(log: dict, run_name: str) -> dict | None:
-    """The before/after validation numbers of one training run (train.py's train_log.json:
-    "val": {"lang", "before": {"loss", "ppl", "tokens"}, "after": {...}}), or None without them."""
+    """The before/after validation numbers of one training run from its train_log.json, per language ("val":
+    {"lang", "langs", "before": {lang: {"loss", "ppl", "tokens"}}, "after": {...}}); logs written before train.py
+    measured every language hold the target's only ("before": {"loss", "ppl"}). None without them."""
     val, neurons = log.get("val"), log.get("neurons")
     if not isinstance(val, dict) or not isinstance(val.get("before"), dict) or not isinstance(val.get("after"), dict):
         return None
     lang = val.get("lang") or log.get("trained_lang")
-    pick = lambda v: {k: float(v[k]) for k in ("loss", "ppl") if num(v.get(k)) is not None}
+    pick = lambda v: {k: float(v[k]) for k in ("loss", "ppl") if num(v.get(k)) is not None} if isinstance(v, dict) else {}
+    per_lang = lambda v: ({str(l): pick(x) for l, x in v.items()} if all(isinstance(x, dict) for x in v.values())
+                          else {lang: pick(v)})
+    before, after = per_lang(val["before"]), per_lang(val["after"])
+    langs = [str(l) for l in val["langs"]] if isinstance(val.get("langs"), list) else list(dict.fromkeys([*before, *after]))
+    langs = [l for l in langs if l in before or l in after] + ([lang] if lang not in langs else [])
     name = neurons.get("name") if isinstance(neurons, dict) else log.get("mode")
-    return {"run": run_name, "lang": lang, "neurons": name,
-            "before": {lang: pick(val["before"])}, "after": {lang: pick(val["after"])}}
+    return {"run": run_name, "lang": lang, "neurons": name, "langs": langs, "before": before, "after": after}
 
 
-def discover(out: Path, only: list[str] | None) -> list[str]:
-    if only:
-        return only
-    found = []
-    for d in sorted(p for p in out.iterdir() if p.is_dir()) if out.is_dir() else []:
-        if d.name == "figures" or d.name.startswith("."):
+@dataclass
+class TagResults:
+    """What the stages wrote for one model tag; None or empty where a stage has not run."""
+    outputs: layout.Outputs
+    stats: dict | None = None
+    langs: list[str] = field(default_factory=list)         # detection's languages
+    deact: dict | None = None
+    deact_langs: list[str] = field(default_factory=list)
+    evals: dict[str, dict] = field(default_factory=dict)   # evaluation name -> its file's content
+    runs: list[dict] = field(default_factory=list)         # read_train_log per run, with "eval" and "acc"
+
+    @property
+    def tag(self) -> str:
+        return self.outputs.tag
+
+    @property
+    def base_evals(self) -> list[str]:
+        """The evaluations of the base model (role 'base'), sorted: the first is the one the figures use."""
+        return [name for name, ev in sorted(self.evals.items()) if eval_role(ev) == "base"]
+
+    @property
+    def base_eval(self) -> dict | None:
+        return self.evals[self.base_evals[0]] if self.base_evals else None
+
+    def file(self, path: Path) -> str:
+        """`path` relative to the tag's folder, as the report names it."""
+        return str(path.relative_to(self.outputs.root))
+
+
+def load_tag(o: layout.Outputs, notes: list[str]) -> TagResults:
+    """Read every result file of one tag (an unreadable one counts as missing: its figures are skipped)."""
+    t = TagResults(o)
+    stats = load(o.neurons / layout.STATS)
+    if isinstance(stats, dict) and isinstance(stats.get("sets"), dict):
+        t.stats, t.langs = stats, stats_langs(stats, load(o.neurons / layout.META))
+    else:
+        notes.append(f"{t.tag}: no readable {t.file(o.neurons / layout.STATS)} (run detection.py): neuron figures skipped")
+    deact = load(o.deactivation)
+    if isinstance(deact, dict) and isinstance(deact.get("sets"), dict):
+        t.deact = deact
+        t.deact_langs = (deact.get("meta") or {}).get("langs") or list((deact.get("results") or {}).get("ppl", {}))
+    else:
+        notes.append(f"{t.tag}: no readable {t.file(o.deactivation)} (run deactivation.py --measure-ppl): "
+                     "Fig. 4 skipped")
+    t.evals = {name: ev for name in o.evaluations() if isinstance(ev := load(o.evaluation(name)), dict)}
+    if len(t.base_evals) > 1:
+        notes.append(f"{t.tag}: several evaluations of the base model ({', '.join(t.base_evals)}): "
+                     f"used {t.file(o.evaluation(t.base_evals[0]))}")
+    for name in o.runs():
+        log = load(o.run(name) / layout.TRAIN_LOG)
+        r = read_train_log(log, name) if isinstance(log, dict) else None
+        if r is None:
+            notes.append(f"{o.run(name) / layout.TRAIN_LOG}: no readable before/after validation numbers: "
+                         "left out of Table 1")
             continue
-        if ((d / "neurons" / "stats.json").is_file() or (d / "deactivation.json").is_file()
-                or (d / "eval").is_dir() or (d / "trained").is_dir()):
-            found.append(d.name)
-    return found
+        r["eval"] = run_evaluation(t.evals, name)
+        r["acc"] = {m: accuracy_changes(accuracies(t.base_eval, m), accuracies(t.evals.get(r["eval"]), m))
+                    for m in TASKS}
+        t.runs.append(r)
+    return t
 
 
-def main() -> None:
-    args = parse_args()
-    out = Path(args.out)
+def select(out: Path, models: str | None) -> list[layout.Outputs]:
+    """The tags to draw: every one with results under --out, or those --models names."""
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {args.out}: {out} is a file, not a folder")
+        raise InputError(f"--out {out}: {out} is a file, not a folder")
     if not out.is_dir():
         raise InputError(f"--out {out}: no such directory (the output root the stages wrote to)")
-    fig_dir = out / "figures"
-    only = split_list(args.models) if args.models is not None else None
-    if only is not None and not only:
-        raise InputError(f"--models '{args.models}': no model tag given")
-    if only and (missing := [t for t in only if not (out / t).is_dir()]):
-        raise InputError(f"--models {missing[0]}: no directory {out / missing[0]}")
-    check_writable(fig_dir, f"--out {args.out}", folder=True)
-    hold_lock(fig_dir)  # a second run waits for this one
-    remove_temporaries(fig_dir)  # of a killed run
-    tags = discover(out, only)
-    report = ["# Language neurons: figures and tables\n",
-              f"Generated by `figures.py` from the files under `{out}` (models: {', '.join(tags) or 'none'}).\n"]
-    notes: list[str] = []
-    made: list[str] = []
+    found = {o.tag: o for o in layout.tagged(out)}
+    if models is None:
+        return list(found.values())
+    only = split_list(models)
+    if not only:
+        raise InputError(f"--models '{models}': no model tag given")
+    if missing := [t for t in only if t not in found]:
+        raise InputError(f"--models {missing[0]}: no stage results for this tag under {out}")
+    return [found[t] for t in only]
 
-    def emit(fig: Figure, name: str) -> str:
-        save(fig, fig_dir / name)
-        made.append(name)
-        return f"![{name}]({name})\n"
 
-    # ---------------------------------------------------------------- load everything there is
-    neuron_models: dict[str, tuple[dict, list[str]]] = {}
-    deacts: dict[str, tuple[dict, list[str]]] = {}
-    evals: dict[str, dict[str, dict]] = {}
-    for tag in tags:
-        d = out / tag
-        stats = load(d / "neurons" / "stats.json")
-        if isinstance(stats, dict) and isinstance(stats.get("sets"), dict):
-            neuron_models[tag] = (stats, stats_langs(stats, load(d / "neurons" / "meta.json")))
-        else:
-            notes.append(f"{tag}: no readable neurons/stats.json (run detection.py): neuron figures skipped")
-        deact = load(d / "deactivation.json")
-        if isinstance(deact, dict) and isinstance(deact.get("sets"), dict):
-            langs = (deact.get("meta") or {}).get("langs") or list((deact.get("results") or {}).get("ppl", {}))
-            deacts[tag] = (deact, langs)
-        else:
-            notes.append(f"{tag}: no readable deactivation.json (run deactivation.py --measure-ppl): Fig. 4 skipped")
-        evals[tag] = {f.stem: e for f in sorted((d / "eval").glob("*.json")) if isinstance(e := load(f), dict)}
+# ---------------------------------------------------------------- report sections (each: markdown text)
 
-    # ---------------------------------------------------------------- Fig. 2: distribution
-    report.append("\n## Shared and exclusive neurons per language (paper Fig. 2)\n")
-    if neuron_models:
-        report.append(emit(fig_distribution(neuron_models), "neuron_distribution.png"))
-        rows = []
-        for tag, (stats, langs) in neuron_models.items():
-            for l in langs:
-                rows.append([tag, lang_name(l), pct(set_value(stats, f"related_{l}", "fraction")),
-                             pct(set_value(stats, "shared", "fraction")),
-                             pct(set_value(stats, f"exclusive_{l}", "fraction")),
-                             pct(set_value(stats, f"unique_{l}", "fraction"))])
-        report.append("\n% of all neurons of the model.\n\n")
-        report.append(table(["model", "language", "related", "shared", "exclusive", "strictly unique"], rows))
-        report.append("\n" + table(["model", "total neurons", "shared", "shared ratio"],
-                                   [[t, str(s.get("total_neurons", "–")), str(set_value(s, "shared", "size")),
-                                     fmt(s.get("shared_ratio"))] for t, (s, _) in neuron_models.items()]))
-    else:
-        report.append("_Skipped: no model has neurons/stats.json._\n")
+Emit = Callable[[Figure, str], str]  # writes a figure, returns its markdown link
 
-    # ---------------------------------------------------------------- Fig. 4: deactivation
-    report.append("\n## Perplexity increase after deactivation (paper Fig. 4)\n")
-    if not deacts:
-        report.append("_Skipped: no model has deactivation.json._\n")
-    for tag, (deact, langs) in deacts.items():
-        report.append(f"\n### {tag}\n\n" + emit(fig_deactivation(tag, deact, langs), f"deactivation_{tag}.png"))
+
+def neuron_models(tags: list[TagResults]) -> dict[str, tuple[dict, list[str]]]:
+    return {t.tag: (t.stats, t.langs) for t in tags if t.stats is not None}
+
+
+def report_distribution(tags: list[TagResults], emit: Emit) -> str:
+    text = "\n## Shared and exclusive neurons per language (paper Fig. 2)\n"
+    models = neuron_models(tags)
+    if not models:
+        return text + "_Skipped: no model has neurons/stats.json._\n"
+    rows = [[tag, lang_name(l), pct(set_value(stats, f"related_{l}", "fraction")),
+             pct(set_value(stats, "shared", "fraction")), pct(set_value(stats, f"exclusive_{l}", "fraction")),
+             pct(set_value(stats, f"unique_{l}", "fraction"))] for tag, (stats, langs) in models.items() for l in langs]
+    return (text + emit(fig_distribution(models), "neuron_distribution.png") + "\n% of all neurons of the model.\n\n"
+            + table(["model", "language", "related", "shared", "exclusive", "strictly unique"], rows) + "\n"
+            + table(["model", "total neurons", "shared", "shared ratio"],
+                    [[t, str(s.get("total_neurons", "–")), str(set_value(s, "shared", "size")),
+                      fmt(s.get("shared_ratio"))] for t, (s, _) in models.items()]))
+
+
+def report_deactivation(tags: list[TagResults], emit: Emit) -> str:
+    text = "\n## Perplexity increase after deactivation (paper Fig. 4)\n"
+    done = [t for t in tags if t.deact is not None]
+    if not done:
+        return text + "_Skipped: no model has deactivation.json._\n"
+    for t in done:
+        deact, langs = t.deact, t.deact_langs
         base = (deact.get("results") or {}).get("ppl", {})
         rows = [["base", "–"] + [fmt((base.get(l) or {}).get("ppl")) for l in langs]]
         for name, s in deact["sets"].items():
             rows.append([name, str(s.get("size", "–"))]
                         + [f"{fmt(((s.get('ppl') or {}).get(l) or {}).get('ppl'))} ({fmt((s.get('dppl') or {}).get(l), '+.3f')})"
                            for l in langs])
-        report.append("\nPPL per language, ΔPPL in brackets.\n\n"
-                      + table(["set", "size"] + [lang_name(l) for l in langs], rows))
         imp = deact.get("importance") or {}
-        report.append("\n" + table(["", *[lang_name(l) for l in imp], "LAS"],
-                                   [["Imp", *[fmt(v, ".4g") for v in imp.values()],
-                                     fmt(deact.get("language_agnostic_score"), ".4f")]]))
+        text += (f"\n### {t.tag}\n\n" + emit(fig_deactivation(t.tag, deact, langs), f"deactivation_{t.tag}.png")
+                 + "\nPPL per language, ΔPPL in brackets.\n\n" + table(["set", "size"] + [lang_name(l) for l in langs], rows)
+                 + "\n" + table(["", *[lang_name(l) for l in imp], "LAS"],
+                                [["Imp", *[fmt(v, ".4g") for v in imp.values()],
+                                  fmt(deact.get("language_agnostic_score"), ".4f")]]))
+    return text
 
-    # ---------------------------------------------------------------- Fig. 6/7: layers
-    report.append("\n## Shared and exclusive neurons per layer (paper Fig. 6/7)\n")
-    if not neuron_models:
-        report.append("_Skipped: no model has neurons/stats.json._\n")
-    for tag, (stats, langs) in neuron_models.items():
-        report.append(f"\n### {tag}\n\n" + emit(fig_layers(tag, stats, langs), f"layers_{tag}.png"))
+
+def report_layers(tags: list[TagResults], emit: Emit) -> str:
+    text = "\n## Shared and exclusive neurons per layer (paper Fig. 6/7)\n"
+    models = neuron_models(tags)
+    if not models:
+        return text + "_Skipped: no model has neurons/stats.json._\n"
+    for tag, (stats, langs) in models.items():
         shared = set_value(stats, "shared", "layers") or []
         excl = {l: set_value(stats, f"exclusive_{l}", "layers") or [] for l in langs}
-        rows = [[str(i), str(shared[i]) if i < len(shared) else "–"]
-                + [str(excl[l][i]) if i < len(excl[l]) else "–" for l in langs] for i in range(len(shared))]
-        report.append("\n" + table(["layer", "shared"] + [f"exclusive {lang_name(l)}" for l in langs], rows))
+        rows = [[str(i), str(shared[i])] + [str(excl[l][i]) if i < len(excl[l]) else "–" for l in langs]
+                for i in range(len(shared))]
+        text += (f"\n### {tag}\n\n" + emit(fig_layers(tag, stats, langs), f"layers_{tag}.png") + "\n"
+                 + table(["layer", "shared"] + [f"exclusive {lang_name(l)}" for l in langs], rows))
+    return text
 
-    # ---------------------------------------------------------------- Table 2: components
-    report.append("\n## QK / VO / FFN split (paper Table 2)\n")
-    if neuron_models:
-        report.append(emit(fig_components(neuron_models), "components.png"))
-        rows = [[tag, label] + [pct(s.get("component_shares", {}).get(c)) for c in ("QK", "VO", "FFN")]
-                + [str(s.get("size", "–"))]
-                for tag, (stats, langs) in neuron_models.items() for label, s in component_rows(stats, langs)]
-        report.append("\nShare of each set's neurons (the paper, Llama-3.1-8B: shared 92.5 / 2.9 / 4.6, "
-                      "exclusive 59.5 / 23.8 / 16.7).\n\n" + table(["model", "set", "QK", "VO", "FFN", "size"], rows))
-    else:
-        report.append("_Skipped: no model has neurons/stats.json._\n")
 
-    # ---------------------------------------------------------------- Fig. 3/5: across models
-    report.append("\n## Shared ratio and LAS against multilingual ability (paper Fig. 3 and 5)\n")
-    points = []
-    for tag in tags:
-        acc = eval_accuracy(evals.get(tag, {}).get(tag))  # the base model's evaluation is eval/<tag>.json
-        p = {"tag": tag, "mgsm": mean_acc(acc, "mgsm"), "mmmlu": mean_acc(acc, "mmmlu"),
-             "shared_ratio": num(neuron_models[tag][0].get("shared_ratio")) if tag in neuron_models else None,
-             "las": num(deacts[tag][0].get("language_agnostic_score")) if tag in deacts else None}
-        points.append(p)
+def report_components(tags: list[TagResults], emit: Emit) -> str:
+    text = "\n## QK / VO / FFN split (paper Table 2)\n"
+    models = neuron_models(tags)
+    if not models:
+        return text + "_Skipped: no model has neurons/stats.json._\n"
+    rows = [[tag, label] + [pct(s.get("component_shares", {}).get(c)) for c in ("QK", "VO", "FFN")]
+            + [str(s.get("size", "–"))] for tag, (stats, langs) in models.items() for label, s in component_rows(stats, langs)]
+    return (text + emit(fig_components(models), "components.png")
+            + "\nShare of each set's neurons (the paper, Llama-3.1-8B: shared 92.5 / 2.9 / 4.6, exclusive 59.5 / 23.8 / "
+              "16.7).\n\n" + table(["model", "set", "QK", "VO", "FFN", "size"], rows))
+
+
+def report_ability(tags: list[TagResults], emit: Emit) -> str:
+    text = "\n## Shared ratio and LAS against multilingual ability (paper Fig. 3 and 5)\n"
+    points = [{"tag": t.tag, "mgsm": mean_acc(t.base_eval, "mgsm"), "mmmlu": mean_acc(t.base_eval, "mmmlu"),
+               "eval": t.file(t.outputs.evaluation(t.base_evals[0])) if t.base_evals else "–",
+               "shared_ratio": num(t.stats.get("shared_ratio")) if t.stats else None,
+               "las": num(t.deact.get("language_agnostic_score")) if t.deact else None} for t in tags]
     usable = [p for p in points if (p["mgsm"] is not None or p["mmmlu"] is not None)
               and (p["shared_ratio"] is not None or p["las"] is not None)]
     if len(usable) >= 2:
-        report.append(emit(fig_ability(usable), "ability.png"))
+        text += emit(fig_ability(usable), "ability.png")
     else:
-        report.append(f"_Figure skipped: needs at least two models with eval/<tag>.json (MGSM or MMMLU) and "
-                      f"stats.json or deactivation.json; have {len(usable)}._\n")
-    if points:
-        report.append("\n" + table(["model", "shared ratio", "LAS", "mean MGSM", "mean MMMLU"],
-                                   [[p["tag"], fmt(p["shared_ratio"]), fmt(p["las"], ".4f"), fmt(p["mgsm"]),
-                                     fmt(p["mmmlu"])] for p in points]))
-        for key, label in (("shared_ratio", "shared ratio"), ("las", "LAS")):
-            for m in ("mgsm", "mmmlu"):
-                pts = [(p[m], p[key]) for p in points if p[m] is not None and p[key] is not None]
-                r, rho = pearson(*zip(*pts)) if len(pts) >= 3 else None, spearman(*zip(*pts)) if len(pts) >= 3 else None
-                if r is not None or rho is not None:
-                    report.append(f"\n{label} vs mean {m.upper()}: Pearson {fmt(r, '.2f')}, Spearman {fmt(rho, '.2f')} "
-                                  f"({len(pts)} models; the paper: 0.92 / 0.88 within a family)\n")
+        text += (f"_Figure skipped: needs at least two models with an evaluation of the base model (MGSM or MMMLU) "
+                 f"and stats.json or deactivation.json; have {len(usable)}._\n")
+    if not points:
+        return text
+    text += ("\nAccuracy from the evaluation of each base model (meta.role 'base').\n\n"
+             + table(["model", "shared ratio", "LAS", "mean MGSM", "mean MMMLU", "evaluation"],
+                     [[p["tag"], fmt(p["shared_ratio"]), fmt(p["las"], ".4f"), fmt(p["mgsm"]), fmt(p["mmmlu"]),
+                       p["eval"]] for p in points]))
+    for key, label in (("shared_ratio", "shared ratio"), ("las", "LAS")):
+        for m in TASKS:
+            pts = [(p[m], p[key]) for p in points if p[m] is not None and p[key] is not None]
+            r, rho = (pearson(*zip(*pts)), spearman(*zip(*pts))) if len(pts) >= 3 else (None, None)
+            if r is not None or rho is not None:
+                text += (f"\n{label} vs mean {m.upper()}: Pearson {fmt(r, '.2f')}, Spearman {fmt(rho, '.2f')} "
+                         f"({len(pts)} models; the paper: 0.92 / 0.88 within a family)\n")
+    return text
 
-    # ---------------------------------------------------------------- Table 1: training
-    report.append("\n## Neuron-targeted continued pretraining (paper Table 1)\n")
-    any_runs = False
-    for tag in tags:
-        runs = []
-        for log_file in sorted((out / tag / "trained").glob("*/train_log.json")):
-            log = load(log_file)
-            r = read_train_log(log, log_file.parent.name) if isinstance(log, dict) else None
-            if r is None:
-                notes.append(f"{log_file}: no val_before/val_after numbers: left out of Table 1")
-                continue
-            base = eval_accuracy(evals[tag].get(tag))
-            after = eval_accuracy(evals[tag].get(r["run"]))
-            r["acc_before"] = {m: base.get(m, {}) for m in ("mgsm", "mmmlu")}
-            r["acc_after"] = {m: after.get(m, {}) for m in ("mgsm", "mmmlu")}
-            runs.append(r)
-        if not runs:
-            continue
-        any_runs = True
-        langs = (neuron_models.get(tag) or deacts.get(tag) or (None, []))[1] or \
-            sorted({l for r in runs for l in list(r["before"]) + list(r["after"])})
-        report.append(f"\n### {tag}\n\n" + emit(fig_training(tag, runs, langs), f"training_{tag}.png"))
-        rows = []
-        for r in runs:
-            ls = [l for l in langs if l in r["before"] or l in r["after"]]
-            for l in ls:
-                b, a = r["before"].get(l, {}), r["after"].get(l, {})
-                cells = [r["run"], lang_name(r["lang"]) if r["lang"] else "–", str(r["neurons"] or "–"),
-                         lang_name(l) + (" (target)" if l == r["lang"] else ""), fmt(b.get("loss")),
-                         fmt(a.get("loss")), fmt(b.get("ppl")), fmt(a.get("ppl"))]
-                for m in ("mgsm", "mmmlu"):
-                    cells += [fmt(r["acc_before"][m].get(l)), fmt(r["acc_after"][m].get(l))]
-                rows.append(cells)
-        report.append("\nValidation loss/perplexity from train_log.json; accuracy before = eval/<tag>.json of the "
-                      "base model, after = eval/<run>.json of the trained model.\n\n"
-                      + table(["run", "target", "neurons", "language", "val loss before", "after", "val PPL before",
-                               "after", "MGSM before", "after", "MMMLU before", "after"], rows))
-    if not any_runs:
-        report.append("_Skipped: no trained/<run>/train_log.json with before/after validation numbers._\n")
 
+NOISE_RULE = ("A change counts as an effect only when |Δ| ≥ 2 SE, with SE = √(p₁(1−p₁)/n₁ + p₂(1−p₂)/n₂) the "
+              "standard error of the difference of two accuracies measured on n₁ and n₂ items; a smaller change is "
+              "marked *within noise* (hatched grey in the figure). With 12 MGSM items per language SE is up to "
+              "0.20, so most changes there are within noise.")
+
+
+def noise_verdict(c: dict) -> str:
+    return {True: "within noise", False: "beyond noise", None: "n unknown"}[c["within_noise"]]
+
+
+def report_training(tags: list[TagResults], emit: Emit) -> str:
+    text = "\n## Neuron-targeted continued pretraining (paper Table 1)\n"
+    done = [t for t in tags if t.runs]
+    if not done:
+        return text + "_Skipped: no trained/<run>/train_log.json with before/after validation numbers._\n"
+    for t in done:
+        val_rows = [[r["run"], lang_name(r["lang"]) if r["lang"] else "–", str(r["neurons"] or "–"),
+                     lang_name(l) + (" (target)" if l == r["lang"] else ""),
+                     *[fmt(r[k].get(l, {}).get(v)) for v in ("loss", "ppl") for k in ("before", "after")]]
+                    for r in t.runs for l in r["langs"]]
+        acc_rows = [[r["run"], m.upper(), lang_name(l) + (" (target)" if l == r["lang"] else ""), fmt(c["before"]),
+                     fmt(c["after"]), fmt(100 * c["delta"], "+.1f"), fmt(200 * c["se"] if c["se"] is not None else None, ".1f"),
+                     noise_verdict(c)] for r in t.runs for m in TASKS for l, c in r["acc"][m].items()]
+        used = (f"the base model's evaluation {t.file(t.outputs.evaluation(t.base_evals[0]))}" if t.base_evals
+                else "no evaluation of the base model (none has meta.role 'base')")
+        runs_eval = ", ".join(f"{r['run']}: " + (t.file(t.outputs.evaluation(r["eval"])) if r["eval"] else "none")
+                              for r in t.runs)
+        text += (f"\n### {t.tag}\n\n" + emit(fig_training(t.tag, t.runs), f"training_{t.tag}.png")
+                 + "\nValidation loss and perplexity of every language each run measured, from its train_log.json.\n\n"
+                 + table(["run", "target", "neurons", "language", "val loss before", "after", "val PPL before", "after"],
+                         val_rows)
+                 + f"\nAccuracy before: {used}; after: the run's evaluation (meta.role 'trained', provenance.run_name = "
+                   f"the run; {runs_eval}). {NOISE_RULE}\n\n"
+                 + (table(["run", "task", "language", "before", "after", "Δ (points)", "2 SE (points)", "noise"], acc_rows)
+                    if acc_rows else "_No accuracy to compare._\n"))
+    return text
+
+
+class FigureFolder:
+    """<out>/figures: writes each figure (files.write_bytes: never half a file) and removes, at the end, the
+    figures of models or inputs gone since the last run."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.made = folder, []
+
+    def emit(self, fig: Figure, name: str) -> str:
+        write_bytes(self.folder / name, png(fig))
+        self.made.append(name)
+        return f"![{name}]({name})\n"
+
+    def remove_stale(self) -> None:
+        for stale in set(self.folder.glob("*.png")) - {self.folder / n for n in self.made}:
+            stale.unlink()
+
+
+def main() -> None:
+    args = parse_args()
+    out = Path(args.out)
+    selected = select(out, args.models)
+    figs = FigureFolder(layout.figures_dir(out))
+    check_writable(figs.folder, f"--out {args.out}", folder=True)
+    hold_lock(figs.folder)  # a second run waits for this one
+    remove_temporaries(figs.folder)  # of a killed run
+    notes: list[str] = []
+    tags = [load_tag(o, notes) for o in selected]
+    report = (f"# Language neurons: figures and tables\n\nGenerated by `figures.py` from the files under `{out}` "
+              f"(models: {', '.join(t.tag for t in tags) or 'none'}).\n")
+    for section in (report_distribution, report_deactivation, report_layers, report_components, report_ability,
+                    report_training):
+        report += section(tags, figs.emit)
     if notes:
-        report.append("\n## Notes\n\n" + "".join(f"- {n}\n" for n in notes))
-    write_bytes(fig_dir / "report.md", "".join(report).encode("utf-8"))
-    for stale in set(fig_dir.glob("*.png")) - {fig_dir / n for n in made}:  # of models or figures gone since
-        stale.unlink()
-    print(f"Wrote {len(made)} figures and {fig_dir / 'report.md'}: {', '.join(made) or 'none'}")
+        report += "\n## Notes\n\n" + "".join(f"- {n}\n" for n in notes)
+    write_bytes(figs.folder / layout.REPORT, report.encode("utf-8"))
+    figs.remove_stale()
+    print(f"Wrote {len(figs.made)} figures and {figs.folder / layout.REPORT}: {', '.join(figs.made) or 'none'}")
     for n in notes:
         print(f"note: {n}")
 

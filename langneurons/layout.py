@@ -62,7 +62,11 @@ def model_tag(model: str) -> str:
 
 def model_role(model: str) -> str:
     """What `model` is to its tag: 'base', or the stage that made it ('variant' / 'trained')."""
-    prov = provenance(model)
+    return provenance_role(provenance(model))
+
+
+def provenance_role(prov: dict) -> str:
+    """The role a provenance record gives its model (figures.py reads it from eval files older than 'role')."""
     return "trained" if "trained_lang" in prov else "variant" if "neuron_set" in prov else "base"
 
 
@@ -107,6 +111,15 @@ class Outputs:
 
     def evaluation(self, name: str) -> Path:
         return self.eval / f"{name}.json"
+
+    def evaluations(self) -> list[str]:
+        """The names of every evaluation of this tag, sorted (evaluation(name) is its file)."""
+        return sorted(f.stem for f in self.eval.glob("*.json") if not f.name.startswith("."))
+
+    def runs(self) -> list[str]:
+        """The names of every trained run of this tag, sorted (hidden checkpoints and temporaries left out)."""
+        return sorted(d.name for d in self.trained.iterdir() if d.is_dir() and not d.name.startswith(".")) \
+            if self.trained.is_dir() else []
 
     def has_results(self) -> bool:
         return ((self.neurons / STATS).is_file() or self.deactivation.is_file() or self.eval.is_dir()

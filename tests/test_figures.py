@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from matplotlib.container import BarContainer
 
 from conftest import REPO
 
@@ -15,6 +16,7 @@ sys.path.insert(0, str(REPO))
 import figures  # noqa: E402
 
 LANGS = ["en", "zh", "sw"]
+VAL_LANGS = ["en", "zh", "sw", "fr"]  # train.py measures validation perplexity on languages detection may not have
 GROUPS = ("fwd_up", "fwd_down", "attn_q", "attn_k", "attn_v", "attn_o")
 
 
@@ -56,7 +58,7 @@ def write_model(out: Path, tag: str, shared: int, las: float, mgsm: list[float],
         {"model": tag, "meta": {"langs": LANGS}, "results": {"ppl": base}, "sets": dsets,
          "importance": {l: 1.5 for l in LANGS}, "language_agnostic_score": las}))
     (d / "eval").mkdir()
-    ev = {"model": tag, "meta": {}, "results": {
+    ev = {"model": tag, "meta": {"role": "base", "provenance": {}}, "results": {
         "ppl": base, "mgsm": {l: {"accuracy": a, "n": 250} for l, a in zip(LANGS, mgsm)},
         "mmmlu": {l: {"accuracy": a / 2 + 0.25, "n": 100} for l, a in zip(LANGS, mgsm)}}}
     (d / "eval" / f"{tag}.json").write_text(json.dumps(ev))
@@ -66,9 +68,14 @@ def write_model(out: Path, tag: str, shared: int, las: float, mgsm: list[float],
         (run / "train_log.json").write_text(json.dumps({  # the shape train.py writes
             "trained_lang": "zh", "mode": "neurons", "neurons": {"name": "shared", "size": 12},
             "loss_curve": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}],
-            "val": {"lang": "zh", "lines": 64, "before": {"loss": 2.5, "ppl": 12.18, "tokens": 100},
-                    "after": {"loss": 2.2, "ppl": 9.03, "tokens": 100}}}))
-        trained = {**ev, "results": {"mgsm": {l: {"accuracy": a + 0.04, "n": 250} for l, a in zip(LANGS, mgsm)}}}
+            "val": {"lang": "zh", "langs": VAL_LANGS, "max_length": 512, "lines": {l: 64 for l in VAL_LANGS},
+                    "before": {l: {"loss": 2.5 + i, "ppl": 12.18 + i, "tokens": 100} for i, l in enumerate(VAL_LANGS)},
+                    "after": {l: {"loss": 2.2 + i, "ppl": 9.03 + i, "tokens": 100} for i, l in enumerate(VAL_LANGS)}}}))
+        # MGSM after training: en far beyond the noise, zh within it, sw unchanged (n = 250 each)
+        trained = {"model": str(run), "meta": {"role": "trained", "provenance": {"tag": tag, "run_name": "zh_shared",
+                                                                                  "trained_lang": "zh"}},
+                   "results": {"mgsm": {l: {"accuracy": a + da, "n": 250}
+                                        for l, a, da in zip(LANGS, mgsm, (0.30, 0.04, 0.0))}}}
         (d / "eval" / "zh_shared.json").write_text(json.dumps(trained))
         broken = d / "trained" / "broken"
         broken.mkdir()
@@ -136,12 +143,113 @@ def test_deactivation_figure_uses_log_scale_for_large_dppl(outputs):
 
 def test_train_log_reader_reads_what_train_py_writes():
     log = {"trained_lang": "sw", "mode": "neurons", "neurons": {"name": "exclusive_sw"},
-           "val": {"lang": "sw", "before": {"loss": 5.4, "ppl": 222.9, "tokens": 9}, "after": {"loss": 4.7, "ppl": 109.1}}}
+           "val": {"lang": "sw", "langs": ["en", "sw"], "max_length": 512, "lines": {"en": 9, "sw": 9},
+                   "before": {"en": {"loss": 2.0, "ppl": 7.4, "tokens": 9}, "sw": {"loss": 5.4, "ppl": 222.9, "tokens": 9}},
+                   "after": {"en": {"loss": 2.1, "ppl": 8.2, "tokens": 9}, "sw": {"loss": 4.7, "ppl": 109.1, "tokens": 9}}}}
     r = figures.read_train_log(log, "run")
-    assert r == {"run": "run", "lang": "sw", "neurons": "exclusive_sw",
-                 "before": {"sw": {"loss": 5.4, "ppl": 222.9}}, "after": {"sw": {"loss": 4.7, "ppl": 109.1}}}
+    assert r == {"run": "run", "lang": "sw", "neurons": "exclusive_sw", "langs": ["en", "sw"],
+                 "before": {"en": {"loss": 2.0, "ppl": 7.4}, "sw": {"loss": 5.4, "ppl": 222.9}},
+                 "after": {"en": {"loss": 2.1, "ppl": 8.2}, "sw": {"loss": 4.7, "ppl": 109.1}}}
+    # logs written before train.py measured every language: one {loss, ppl} for the target
+    old = {**log, "val": {"lang": "sw", "lines": 64, "before": {"loss": 5.4, "ppl": 222.9, "tokens": 9},
+                          "after": {"loss": 4.7, "ppl": 109.1}}}
+    assert figures.read_train_log(old, "run") == {"run": "run", "lang": "sw", "neurons": "exclusive_sw", "langs": ["sw"],
+                                                  "before": {"sw": {"loss": 5.4, "ppl": 222.9}},
+                                                  "after": {"sw": {"loss": 4.7, "ppl": 109.1}}}
     assert figures.read_train_log({"loss_curve": []}, "run") is None
     assert figures.read_train_log({**log, "mode": "full", "neurons": None}, "run")["neurons"] == "full"
+
+
+def write_eval(path: Path, role: str | None, provenance: dict, mgsm: float) -> None:
+    meta = {"provenance": provenance} | ({"role": role} if role else {})
+    path.write_text(json.dumps({"model": path.stem, "meta": meta,
+                                "results": {"mgsm": {l: {"accuracy": mgsm, "n": 12} for l in LANGS}}}))
+
+
+def test_evaluations_are_found_by_role_and_run_name_never_by_file_name(outputs, tmp_path):
+    ev = outputs / "small-model" / "eval"
+    (ev / "small-model.json").unlink()
+    (ev / "zh_shared.json").unlink()
+    write_eval(ev / "gemma-3-270m.json", "base", {}, 0.25)  # the base's own name differs from the tag
+    write_eval(ev / "small-model.json", "variant", {"tag": "small-model", "neuron_set": "shared"}, 0.9)
+    write_eval(ev / "zh_shared.json", "trained", {"tag": "small-model", "run_name": "other-run", "trained_lang": "zh"}, 0.9)
+    write_eval(ev / "checkpoint-final.json", "trained",
+               {"tag": "small-model", "run_name": "zh_shared", "trained_lang": "zh"}, 0.5)
+    notes = []
+    t = figures.load_tag(figures.layout.Outputs(outputs / "small-model"), notes)
+    assert t.base_evals == ["gemma-3-270m"]
+    [r] = t.runs
+    assert r["eval"] == "checkpoint-final"
+    assert {l: (c["before"], c["after"]) for l, c in r["acc"]["mgsm"].items()} == {l: (0.25, 0.5) for l in LANGS}
+    # written before evaluate recorded the role: no provenance is the base model, a trained one's is its run
+    write_eval(ev / "gemma-3-270m.json", None, {}, 0.25)
+    write_eval(ev / "checkpoint-final.json", None, {"tag": "small-model", "run_name": "zh_shared", "trained_lang": "zh"},
+               0.5)
+    write_eval(ev / "a-second-base.json", "base", {}, 0.1)  # several: the first in sorted order, named in the report
+    t = figures.load_tag(figures.layout.Outputs(outputs / "small-model"), notes)
+    assert t.base_evals == ["a-second-base", "gemma-3-270m"] and t.runs[0]["eval"] == "checkpoint-final"
+    assert figures.run_evaluation(t.evals, "no-such-run") is None
+    r = run_figures("--out", outputs, "--models", "small-model")
+    assert r.returncode == 0, r.stderr
+    report = (outputs / "figures" / "report.md").read_text()
+    assert "eval/a-second-base.json" in report and "used eval/a-second-base.json" in report
+
+
+def test_layer_axes_show_whole_layer_numbers(outputs):
+    for layers in (4, 7, 18, 36):
+        stats = {"sets": {"shared": set_stats(300, 100_000, layers, 1),
+                          **{f"exclusive_{l}": set_stats(90, 100_000, layers, 2) for l in LANGS}}}
+        fig = figures.fig_layers("m", stats, LANGS)
+        fig.canvas.draw()
+        for ax in fig.axes:
+            labels = [t.get_text().replace("\u2212", "-") for t in ax.get_xticklabels()]
+            assert labels and all(lab.lstrip("-").isdigit() for lab in labels), (layers, labels)
+            assert all(float(x).is_integer() for x in ax.get_xticks())
+        figures.plt.close(fig)
+
+
+def test_noise_rule():
+    # n = 12 (MGSM): 0.50 -> 0.75: SE = sqrt(.25/12 + .1875/12) = 0.1909, 2 SE = 0.382 > 0.25: within noise
+    assert figures.difference_se(0.5, 12, 0.75, 12) == pytest.approx(0.190941, abs=1e-6)
+    assert figures.within_noise(0.5, 12, 0.75, 12) is True
+    # n = 250: 0.10 -> 0.30: SE = sqrt(.09/250 + .21/250) = 0.03464, 2 SE = 0.0693 < 0.20: an effect
+    assert figures.difference_se(0.1, 250, 0.3, 250) == pytest.approx(0.034641, abs=1e-6)
+    assert figures.within_noise(0.1, 250, 0.3, 250) is False
+    # either side of the threshold, n = 100: 0.50 -> 0.64 has 2 SE = 0.1386 < 0.14, 0.50 -> 0.63 has 0.1390 > 0.13
+    assert figures.within_noise(0.5, 100, 0.64, 100) is False
+    assert figures.within_noise(0.5, 100, 0.63, 100) is True
+    assert figures.within_noise(0.5, 100, 0.37, 100) is True  # a loss the same
+    assert figures.within_noise(0.0, 12, 0.0, 12) is True  # no change is no effect, even with SE 0
+    assert figures.within_noise(0.0, 12, 0.25, 12) is False  # 2 SE = 2 sqrt(.1875/12) = 0.25: not below
+    assert figures.within_noise(0.5, None, 0.9, 12) is None  # item count unknown: no verdict
+    changes = figures.accuracy_changes({"en": (0.5, 12), "zh": (0.1, 250)}, {"en": (0.75, 12), "zh": (0.3, 250),
+                                                                           "fr": (0.2, 12)})
+    assert {l: c["within_noise"] for l, c in changes.items()} == {"en": True, "zh": False}  # fr: no before
+
+
+def test_training_figure_and_report_show_every_language_and_the_noise(outputs):
+    t = figures.load_tag(figures.layout.Outputs(outputs / "small-model"), [])
+    [r] = t.runs
+    assert r["langs"] == VAL_LANGS
+    fig = figures.fig_training("small-model", t.runs)
+    ppl_ax, mgsm_ax = fig.axes[:2]
+    assert [x.get_text() for x in ppl_ax.get_xticklabels()] == ["English", "Chinese (target)", "Swahili", "French"]
+    assert [x.get_fontweight() for x in ppl_ax.get_xticklabels()] == ["normal", "bold", "normal", "normal"]
+    assert [len(c) for c in ppl_ax.containers] == [len(VAL_LANGS)] * 2  # before, after
+    # MGSM change: en +0.30 beyond the noise (plain bar), zh +0.04 and sw 0 within it (hatched)
+    [bars] = [c for c in mgsm_ax.containers if isinstance(c, BarContainer)]
+    assert [bool(p.get_hatch()) for p in bars] == [False, True, True]
+    assert "within noise (|Δ| < 2 SE)" in [x.get_text() for x in mgsm_ax.get_legend().get_texts()]
+    figures.plt.close(fig)
+    assert run_figures("--out", outputs).returncode == 0
+    report = (outputs / "figures" / "report.md").read_text()
+    for i, l in enumerate(["English", "Chinese (target)", "Swahili", "French"]):
+        assert f"| zh_shared | Chinese | shared | {l} | {2.5 + i:.3f} | {2.2 + i:.3f} | {12.18 + i:.3f} | {9.03 + i:.3f} |" \
+            in report
+    assert "| zh_shared | MGSM | English | 0.100 | 0.400 | +30.0 | 7.3 | beyond noise |" in report
+    assert "| zh_shared | MGSM | Chinese (target) | 0.050 | 0.090 | +4.0 | 4.6 | within noise |" in report
+    assert "| zh_shared | MGSM | Swahili | 0.020 | 0.020 | +0.0 | 2.5 | within noise |" in report
+    assert "|Δ| ≥ 2 SE" in report
 
 
 def test_missing_inputs_skip_with_notes(tmp_path):
