@@ -9,22 +9,23 @@ PPL, dPPL per set, the shared-neuron importance Imp_l and the language-agnostic 
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from langneurons import reuse
+from langneurons import layout, reuse
 from langneurons.cli import InputError, common_parser, int_at_least, parse_langs, run
-from langneurons.files import atomic_dir, json_safe, read_json, write_json
-from langneurons.runinfo import run_meta, seed_everything
-from langneurons.data import lang_file
-from langneurons.metrics import language_agnostic
+from langneurons.data import lang_file, val_texts
+from langneurons.files import atomic_dir, json_safe, safe_name, write_json
+from langneurons.layout import NEURON_FILE_COPY, PROVENANCE_FILE, SCHEMA_VERSION, Outputs
+from langneurons.masking import zero_neurons_streaming, zeroed
+from langneurons.metrics import language_agnostic, perplexity
 from langneurons.model import Geometry, check_model, load_model, local_dir, resolve_model, save_model_dir
-from langneurons.layout import PROVENANCE_FILE, model_tag
-from langneurons.neurons import read_neuron_file, size
+from langneurons.neurons import NeuronSet, load_neuron_set, size
+from langneurons.runinfo import run_meta, seed_everything
 
 # arguments that cannot change the PPL table (they pick which variants are written, and how)
 PPL_IGNORED = ("save_variants", "streaming")
@@ -37,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--neurons", action="append", metavar="[NAME=]FILE",
                    help="neuron file to deactivate (repeatable); the set is named after the file stem, or NAME "
                         "when given as NAME=FILE (e.g. shared=Llama-3.1-8B_shared_neurons_0.05.json, so the "
-                        "authors' files count for Imp/LAS). Default: shared, exclusive_<lang>, random_shared "
-                        "and random_exclusive_<lang> from <out>/<tag>/neurons/")
+                        "authors' files count for Imp/LAS). When not given: shared, exclusive_<lang>, "
+                        "random_shared and random_exclusive_<lang> from <out>/<tag>/neurons/")
     p.add_argument("--legacy-kv-mapping", action="store_true",
                    help="map the authors' query-head attn_k/attn_v indices with their code's i // n_rep instead "
                         "of the correct (i // head_dim // n_rep) * head_dim + i %% head_dim")
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write variants without building the model: copy each safetensors shard and zero only "
                         "the affected tensors in it (needs a local safetensors model directory; memory stays at "
                         "one projection matrix; tensors keep their stored dtype)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="texts per forward pass for perplexity")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="sequences per forward pass (perplexity)")
     p.add_argument("--max-length", type=int_at_least(2), default=512,
                    help="tokens per text for perplexity (truncated; one token is predicted from another)")
     p.add_argument("--limit", type=int_at_least(0), default=0,
@@ -60,8 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def neuron_specs(args: argparse.Namespace, tag: str, langs: list[str]) -> list[tuple[str, Path]]:
-    """(set name, file) for every set to deactivate."""
+# ---------------------------------------------------------------- inputs (all checked before any output)
+
+def neuron_specs(args: argparse.Namespace, out: Outputs, langs: list[str]) -> list[tuple[str, Path]]:
+    """(set name, file) for every set to deactivate: --neurons, else detection's sets of this model."""
     if args.neurons:
         specs = []
         for spec in args.neurons:
@@ -72,24 +75,43 @@ def neuron_specs(args: argparse.Namespace, tag: str, langs: list[str]) -> list[t
                 raise InputError(f"--neurons {file}: no such file")
             specs.append((name, Path(file)))
     else:
-        folder = Path(args.out) / tag / "neurons"
         names = (["shared"] + [f"exclusive_{l}" for l in langs] + ["random_shared"]
                  + [f"random_exclusive_{l}" for l in langs])
-        specs = [(n, folder / f"{n}.json") for n in names if (folder / f"{n}.json").is_file()]
+        specs = [(n, out.neuron_set(n)) for n in names if out.neuron_set(n).is_file()]
         if not specs:
-            raise InputError(f"no neuron files found in {folder} (run detection.py first, or pass --neurons FILE)")
-        missing = [n for n in names if not (folder / f"{n}.json").is_file()]
+            raise InputError(f"no neuron files found in {out.neurons} (run detection.py first, or pass --neurons FILE)")
+        missing = [n for n in names if not out.neuron_set(n).is_file()]
         if missing:
-            print(f"warning: {folder} has no {', '.join(missing)}; deactivating the other sets", file=sys.stderr)
+            print(f"warning: {out.neurons} has no {', '.join(missing)}; deactivating the other sets", file=sys.stderr)
     for name, file in specs:
-        # the set name becomes a directory name
-        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
+        if safe_name(name) != name:  # the set name becomes a directory name
             raise InputError(f"--neurons {file}: set name '{name}' is not a safe directory name; use NAME=FILE")
     seen = [n for n, _ in specs]
-    dup = sorted({n for n in seen if seen.count(n) > 1})
-    if dup:
+    if dup := sorted({n for n in seen if seen.count(n) > 1}):
         raise InputError(f"--neurons: set name {dup[0]} given twice; use NAME=FILE to tell them apart")
     return specs
+
+
+def read_sets(specs: list[tuple[str, Path]], geom: Geometry,
+              legacy_kv: bool) -> tuple[dict[str, NeuronSet], dict[str, dict]]:
+    """Every set, checked against the model's geometry, and what the outputs record about its file."""
+    sets, files = {}, {}
+    for name, file in specs:
+        sets[name], files[name] = load_neuron_set(file, geom, legacy_kv=legacy_kv)
+    return sets, files
+
+
+def variants_to_save(args: argparse.Namespace, sets: dict[str, NeuronSet]) -> list[str]:
+    """The sets whose deactivated model --save-variants asks for."""
+    if args.save_variants in ("all", "none"):
+        to_save = list(sets) if args.save_variants == "all" else []
+    else:
+        to_save = [s.strip() for s in args.save_variants.split(",") if s.strip()]
+        if unknown := [s for s in to_save if s not in sets]:
+            raise InputError(f"--save-variants: no set named {unknown[0]} (sets: {', '.join(sets)})")
+    if not to_save and not args.measure_ppl:
+        raise InputError("--save-variants none without --measure-ppl: nothing to do")
+    return to_save
 
 
 def local_safetensors_dir(path: str, gguf: str | None, model: str) -> Path:
@@ -105,139 +127,160 @@ def local_safetensors_dir(path: str, gguf: str | None, model: str) -> Path:
     return d
 
 
-def main() -> None:
-    # ---------------------------------------------------------------- arguments (all checked before any output)
-    args = parse_args()
-    langs = parse_langs(args.langs)
-    seed_everything(args.seed)
-    path, gguf = resolve_model(args.model)
-    tag = model_tag(args.model)
-    # the config is enough to check every neuron file against the model before loading it; the tokenizer and
-    # the weight headers are checked too, so that a broken model folder fails here and not after the first set
-    config = check_model(args.model)
-    geom = Geometry.from_config(config)
-    src_dir = local_safetensors_dir(path, gguf, args.model) if args.streaming else None
+# ---------------------------------------------------------------- what is up to date
 
-    specs = neuron_specs(args, tag, langs)
-    sets, meta_sets = {}, {}
-    for name, file in specs:
-        nset, fmeta = read_neuron_file(file, geom, legacy_kv=args.legacy_kv_mapping)
-        sets[name] = nset
-        meta_sets[name] = {"file": str(file.resolve()), "sha256": reuse.file_digest(file), "size": size(nset),
-                           "format": "ours" if "meta" in read_json(file, "neuron file") else "authors",
-                           "kv_index_space": fmeta.get("kv_index_space", "query_heads")}
-    hashes = {n: m["sha256"] for n, m in meta_sets.items()}
+@dataclass
+class Plan:
+    """What this run (re)computes, and the fingerprint each output records."""
+    measure: bool
+    variants: list[str]
+    ppl_fp: dict | None
+    variant_fp: dict[str, dict]
 
-    if args.save_variants == "all":
-        to_save = list(sets)
-    elif args.save_variants == "none":
-        to_save = []
-    else:
-        to_save = [s.strip() for s in args.save_variants.split(",") if s.strip()]
-        unknown = [s for s in to_save if s not in sets]
-        if unknown:
-            raise InputError(f"--save-variants: no set named {unknown[0]} (sets: {', '.join(sets)})")
-    if not to_save and not args.measure_ppl:
-        raise InputError("--save-variants none without --measure-ppl: nothing to do")
-    if args.measure_ppl:
-        from langneurons.data import val_texts
-        texts = {l: val_texts(args.dataset, l)[:args.limit or None] for l in langs}
 
-    out_dir = Path(args.out) / tag
-    result_file = out_dir / "deactivation.json"
-    variant_dir = out_dir / "variants"
-    for unit, folder in [(result_file, False)] * args.measure_ppl + [(variant_dir / n, True) for n in to_save]:
+def plan(args: argparse.Namespace, out: Outputs, specs: list[tuple[str, Path]], to_save: list[str],
+         langs: list[str]) -> Plan:
+    """Lock every output this run may write, then keep only those whose inputs changed since they were written:
+    the PPL table depends on every set, each variant on its own set only."""
+    units = [(out.deactivation, False)] * args.measure_ppl + [(out.variants / n, True) for n in to_save]
+    for unit, folder in units:
         reuse.check_writable(unit, f"--out {args.out}", folder=folder)
-    # what each output is computed from: the PPL table from every set, each variant from its own set only
-    if args.measure_ppl:
-        ppl_fp = reuse.fingerprint(args, __file__, ignore=PPL_IGNORED, models=[args.model], files=[
-            *(file for _, file in specs), *(lang_file(args.dataset, "val", l, ".txt") for l in langs)])
+    ppl_fp = reuse.fingerprint(args, __file__, ignore=PPL_IGNORED, models=[args.model], files=[
+        *(file for _, file in specs), *(lang_file(args.dataset, "val", l, ".txt") for l in langs)]) \
+        if args.measure_ppl else None
     variant_fp = {n: reuse.fingerprint(args, __file__, ignore=VARIANT_IGNORED, models=[args.model],
                                        files=[dict(specs)[n]]) for n in to_save}
     # a second run on the same outputs waits for this one, then reuses them (sorted: no deadlock)
-    for unit in sorted([result_file] * args.measure_ppl + [variant_dir / n for n in to_save]):
+    for unit in sorted(u for u, _ in units):
         reuse.hold_lock(unit)
-    do_ppl = args.measure_ppl and not reuse.up_to_date(result_file, ppl_fp, args.force, result_file)
-    to_save = [n for n in to_save if not reuse.up_to_date(variant_dir / n / PROVENANCE_FILE, variant_fp[n],
-                                                          args.force, variant_dir / n)]
-    if not do_ppl and not to_save:
-        print("Nothing to recompute")
-        return
+    measure = args.measure_ppl and not reuse.up_to_date(out.deactivation, ppl_fp, args.force, out.deactivation)
+    todo = [n for n in to_save if not reuse.up_to_date(out.variants / n / PROVENANCE_FILE, variant_fp[n],
+                                                       args.force, out.variants / n)]
+    return Plan(measure, todo, ppl_fp, variant_fp)
 
-    # ---------------------------------------------------------------- load
-    model = tok = None
-    if do_ppl or (to_save and not args.streaming):
-        # --device auto spreads a model too large for one GPU over all of them
-        model, tok = load_model(args.model, args.device, args.dtype, device_map_auto=True)
-    from langneurons.masking import zero_neurons_streaming, zeroed
 
-    # ---------------------------------------------------------------- perplexity, in memory
-    # Each set is zeroed in place and restored exactly afterwards: no model copy, no save/reload per set.
-    if do_ppl:
-        from langneurons.metrics import perplexity
+# ---------------------------------------------------------------- perplexity
 
-        def ppl_all(label: str) -> dict[str, dict]:
-            res = {}
-            for l in langs:
-                r = perplexity(model, tok, texts[l], args.max_length, args.batch_size, desc=f"{label}/{l}")
-                res[l] = {"ppl": json_safe(r["ppl"]), "tokens": r["tokens"]}
-            return res
+def perplexities(model, tok, texts: dict[str, list[str]], args: argparse.Namespace, label: str) -> dict[str, dict]:
+    """PPL and scored tokens per language, of the model as it is now."""
+    res = {}
+    for l, lines in texts.items():
+        r = perplexity(model, tok, lines, args.max_length, args.batch_size, desc=f"{label}/{l}")
+        res[l] = {"ppl": json_safe(r["ppl"]), "tokens": r["tokens"]}
+    return res
 
-        base = ppl_all("base")
-        results = {}
-        for name in tqdm(sets, desc="sets (ppl)"):
-            with zeroed(model, sets[name]):
-                ppl = ppl_all(name)
-            dppl = {l: (ppl[l]["ppl"] - base[l]["ppl"] if ppl[l]["ppl"] is not None and base[l]["ppl"] is not None
-                        else None) for l in langs}
-            results[name] = {"size": size(sets[name]), "ppl": ppl, "dppl": dppl}
-        importance, las = language_agnostic(results, langs)
-        write_json(result_file, {
-            "model": args.model,
-            "meta": {"tag": tag, "base_model": path, "gguf_file": gguf, "geometry": vars(geom),
-                     "langs": langs, "dataset": str(args.dataset), "batch_size": args.batch_size,
-                     "max_length": args.max_length, "legacy_kv_mapping": args.legacy_kv_mapping,
-                     "neuron_files": meta_sets, "neuron_sha256": hashes, "run": run_meta(args),
-                     "fingerprint": ppl_fp},
-            "results": {"ppl": base},
-            "sets": results,
-            "importance": importance,
-            "language_agnostic_score": las})
 
-        # the table: PPL per language, dPPL in brackets
-        w = max(len(n) for n in ["base", *sets])
-        print(f"\n{'set':<{w}} {'size':>8} " + " ".join(f"{l:>18}" for l in langs))
-        print(f"{'base':<{w}} {'':>8} " + " ".join(f"{base[l]['ppl'] or float('nan'):>18.3f}" for l in langs))
-        for name, r in results.items():
-            cells = [f"{(r['ppl'][l]['ppl'] or float('nan')):.3f} ({(r['dppl'][l] if r['dppl'][l] is not None else float('nan')):+.3f})"
-                     for l in langs]
-            print(f"{name:<{w}} {r['size']:>8} " + " ".join(f"{c:>18}" for c in cells))
-        if importance:
-            print("Imp: " + ", ".join(f"{l} {v:.4g}" if v is not None else f"{l} n/a" for l, v in importance.items()))
-        print(f"LAS: {las:.4f}" if las is not None else "LAS: n/a (needs the shared and exclusive_<lang> sets)")
-        print(f"Wrote {result_file}")
+def measure(model, tok, sets: dict[str, NeuronSet], texts: dict[str, list[str]],
+            args: argparse.Namespace) -> tuple[dict, dict]:
+    """Base perplexity, then each set's and its dPPL. Each set is zeroed in place and restored exactly
+    afterwards: no model copy, no save/reload per set."""
+    base = perplexities(model, tok, texts, args, "base")
+    results = {}
+    for name in tqdm(sets, desc="sets (ppl)"):
+        with zeroed(model, sets[name]):
+            ppl = perplexities(model, tok, texts, args, name)
+        dppl = {l: (ppl[l]["ppl"] - base[l]["ppl"] if ppl[l]["ppl"] is not None and base[l]["ppl"] is not None
+                    else None) for l in texts}
+        results[name] = {"size": size(sets[name]), "ppl": ppl, "dppl": dppl}
+    return base, results
 
-    # ---------------------------------------------------------------- variants on disk
+
+def print_table(base: dict, results: dict, importance: dict, las: float | None, langs: list[str]) -> None:
+    """PPL per language, dPPL in brackets, then Imp and LAS."""
+    w = max(len(n) for n in ["base", *results])
+    print(f"\n{'set':<{w}} {'size':>8} " + " ".join(f"{l:>18}" for l in langs))
+    print(f"{'base':<{w}} {'':>8} " + " ".join(f"{base[l]['ppl'] or float('nan'):>18.3f}" for l in langs))
+    for name, r in results.items():
+        cells = [f"{(r['ppl'][l]['ppl'] or float('nan')):.3f} ({(r['dppl'][l] if r['dppl'][l] is not None else float('nan')):+.3f})"
+                 for l in langs]
+        print(f"{name:<{w}} {r['size']:>8} " + " ".join(f"{c:>18}" for c in cells))
+    if importance:
+        print("Imp: " + ", ".join(f"{l} {v:.4g}" if v is not None else f"{l} n/a" for l, v in importance.items()))
+    print(f"LAS: {las:.4f}" if las is not None else "LAS: n/a (needs the shared and exclusive_<lang> sets)")
+
+
+# ---------------------------------------------------------------- outputs
+
+def write_deactivation(out: Outputs, args: argparse.Namespace, langs: list[str], geom: Geometry, files: dict,
+                       base: dict, results: dict, fp: dict) -> None:
+    """deactivation.json: PPL of the base model and of every set, dPPL, Imp_l and LAS."""
+    path, gguf = resolve_model(args.model)
+    importance, las = language_agnostic(results, langs)
+    write_json(out.deactivation, {
+        "model": args.model,
+        "meta": {"schema_version": SCHEMA_VERSION, "tag": out.tag, "base_model": path, "gguf_file": gguf,
+                 "geometry": vars(geom), "langs": langs, "dataset": str(args.dataset),
+                 "batch_size": args.batch_size, "max_length": args.max_length,
+                 "legacy_kv_mapping": args.legacy_kv_mapping, "neuron_files": files,
+                 "neuron_sha256": {n: f["sha256"] for n, f in files.items()}, "run": run_meta(args),
+                 "fingerprint": fp},
+        "results": {"ppl": base},
+        "sets": results,
+        "importance": importance,
+        "language_agnostic_score": las})
+    print_table(base, results, importance, las, langs)
+    print(f"Wrote {out.deactivation}")
+
+
+def write_variants(out: Outputs, args: argparse.Namespace, model, tok, config, geom: Geometry,
+                   sets: dict[str, NeuronSet], files: dict, todo: Plan) -> None:
+    """One model folder per set: the base model's files with the set zeroed, a copy of the neuron file and
+    the provenance that gives the variant its base's tag."""
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if to_save and not args.streaming and stored is not None and str(stored).replace("torch.", "") != \
+    if not args.streaming and stored is not None and str(stored).replace("torch.", "") != \
             str(model.dtype).replace("torch.", ""):
         # then every weight of the variant differs from the base, not only the zeroed neurons
         print(f"warning: saving variants in {model.dtype} while the model is stored in {stored}; "
               "--dtype or --streaming keeps the stored precision", file=sys.stderr)
-    for name in tqdm(to_save, desc="variants", disable=not to_save):
-        file = Path(meta_sets[name]["file"])
-        with atomic_dir(variant_dir / name) as tmp:
+    src_dir = local_safetensors_dir(*resolve_model(args.model), args.model) if args.streaming else None
+    for name in tqdm(todo.variants, desc="variants"):
+        file = Path(files[name]["file"])
+        with atomic_dir(out.variants / name) as tmp:
             if args.streaming:
                 zero_neurons_streaming(src_dir, tmp, sets[name], geom)
             else:
                 with zeroed(model, sets[name]):
                     save_model_dir(model, tok, args.model, tmp)
-            shutil.copy2(file, tmp / "neurons.json")
+            shutil.copy2(file, tmp / NEURON_FILE_COPY)
             write_json(tmp / PROVENANCE_FILE, {
-                "tag": tag, "base_model": args.model, "neuron_set": name, "neuron_file": str(file),
-                "size": size(sets[name]), "neuron_sha256": {name: hashes[name]},
-                "streaming": args.streaming, "run": run_meta(args), "fingerprint": variant_fp[name]})
-        print(f"Wrote {variant_dir / name}")
+                "schema_version": SCHEMA_VERSION, "tag": out.tag, "base_model": args.model, "neuron_set": name,
+                "neuron_file": str(file), "size": size(sets[name]),
+                "neuron_sha256": {name: files[name]["sha256"]}, "streaming": args.streaming,
+                "run": run_meta(args), "fingerprint": todo.variant_fp[name]})
+        print(f"Wrote {out.variants / name}")
+
+
+def main() -> None:
+    args = parse_args()
+    langs = parse_langs(args.langs)
+    seed_everything(args.seed)
+    out = layout.outputs(args.out, args.model)
+    # the config is enough to check every neuron file against the model before loading it; the tokenizer and
+    # the weight headers are checked too, so that a broken model folder fails here and not after the first set
+    config = check_model(args.model)
+    geom = Geometry.from_config(config)
+    if args.streaming:
+        local_safetensors_dir(*resolve_model(args.model), args.model)
+
+    specs = neuron_specs(args, out, langs)
+    sets, files = read_sets(specs, geom, args.legacy_kv_mapping)
+    to_save = variants_to_save(args, sets)
+    texts = {l: val_texts(args.dataset, l)[:args.limit or None] for l in langs} if args.measure_ppl else {}
+
+    todo = plan(args, out, specs, to_save, langs)
+    if not todo.measure and not todo.variants:
+        print("Nothing to recompute")
+        return
+
+    model = tok = None
+    if todo.measure or (todo.variants and not args.streaming):
+        # --device auto spreads a model too large for one GPU over all of them
+        model, tok = load_model(args.model, args.device, args.dtype, device_map_auto=True)
+    if todo.measure:
+        base, results = measure(model, tok, sets, texts, args)
+        write_deactivation(out, args, langs, geom, files, base, results, todo.ppl_fp)
+    if todo.variants:
+        write_variants(out, args, model, tok, config, geom, sets, files, todo)
 
 
 if __name__ == "__main__":

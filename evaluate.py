@@ -20,18 +20,19 @@ import argparse
 import math
 from pathlib import Path
 
+from langneurons import layout, metrics, reuse
 from langneurons.cli import InputError, choice_list, common_parser, int_at_least, parse_langs, run, split_list
-from langneurons.files import json_safe, safe_name, write_json
-from langneurons.runinfo import run_meta, seed_everything
-from langneurons import metrics, reuse
 from langneurons.data import lang_file, mgsm_file, mmlu_file, read_mgsm, read_mmlu, val_texts
+from langneurons.files import json_safe, safe_name, write_json
+from langneurons.layout import SCHEMA_VERSION
 from langneurons.model import check_model, load_model
-from langneurons.layout import model_name, model_tag, provenance
-from langneurons.reuse import check_writable
+from langneurons.runinfo import run_meta, seed_everything
 
 TASKS = ("ppl", "mgsm", "mmmlu")
 # arguments that do not change a task's numbers (so they do not stop reuse)
 NOT_RESULT_ARGS = {"tasks", "force", "name", "out", "batch_size"}
+TASK_FILES = {"ppl": lambda d, l: lang_file(d, "val", l, ".txt"), "mgsm": mgsm_file, "mmmlu": mmlu_file}
+READERS = {"ppl": val_texts, "mgsm": read_mgsm, "mmmlu": read_mmlu}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int_at_least(8), default=512,
                    help="tokens per text (perplexity: truncated at the end; MMMLU/MGSM prompts: cut at the start)")
     p.add_argument("--name", default=None, help="model name for the results file <out>/<tag>/eval/<name>.json "
-                   "(default: the basename of --model, or the embedded model's name)")
+                   "(when not given: the basename of --model, or the embedded model's name)")
     return p.parse_args(argv)
 
 
@@ -61,117 +62,150 @@ def mean(values: list[float]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def main() -> None:
-    # ---------------------------------------------------------------- arguments and data (checked before loading)
-    args = parse_args()
-    langs = parse_langs(args.langs)
-    tasks = split_list(args.tasks)
-    seed_everything(args.seed)
-    tag = model_tag(args.model)
-    name = safe_name(args.name) if args.name else model_name(args.model)
+# ---------------------------------------------------------------- inputs and what is already there
+
+def results_name(args: argparse.Namespace) -> str:
+    """<name> of eval/<name>.json: --name made file-safe, else the model's own name."""
+    name = safe_name(args.name) if args.name else layout.model_name(args.model)
     if not name:
         raise InputError(f"--name {args.name}: not usable as a file name")
+    return name
 
-    def cut(items: list) -> list:
-        return items[:args.limit] if args.limit else items
 
-    data = {}  # task -> lang -> items; every file is read (and checked) before any model is loaded
-    for task in tasks:
-        read = {"ppl": val_texts, "mgsm": read_mgsm, "mmmlu": read_mmlu}[task]
-        data[task] = {l: cut(read(args.dataset, l)) for l in langs}
+def read_tasks(args: argparse.Namespace, tasks: list[str], langs: list[str]) -> dict[str, dict[str, list]]:
+    """task -> lang -> the first --limit items; every file is read (and checked) before any model is loaded."""
+    return {t: {l: READERS[t](args.dataset, l)[:args.limit or None] for l in langs} for t in tasks}
 
-    # ---------------------------------------------------------------- what is already there
-    out_file = Path(args.out) / tag / "eval" / f"{name}.json"
-    check_writable(out_file, f"--out {args.out}", folder=False)
-    task_file = {"ppl": lambda d, l: lang_file(d, "val", l, ".txt"), "mgsm": mgsm_file, "mmmlu": mmlu_file}
-    fps = {t: reuse.fingerprint(args, __file__, ignore=ignored_args(t), models=[args.model],
-                                files=[task_file[t](args.dataset, l) for l in langs]) for t in tasks}
-    model_fp = fps[tasks[0]]["model"]
 
-    def stored() -> tuple[dict, dict]:
-        """Results and per-task metadata in the results file, the tasks not asked for only when measured on
-        the same model files (with --force a damaged file counts as empty)."""
-        try:
-            old = reuse.read_stored(out_file) or {}
-        except InputError:
-            if args.force:
-                return {}, {}
-            raise
-        res, meta = old.get("results"), (old.get("meta") or {}).get("tasks")
-        if not isinstance(res, dict) or not isinstance(meta, dict):
+def stored(out_file: Path, tasks: list[str], model_fp: dict, force: bool) -> tuple[dict, dict]:
+    """Results and per-task metadata in the results file, the tasks not asked for only when measured on
+    the same model files (with --force a damaged file counts as empty)."""
+    try:
+        old = reuse.read_stored(out_file) or {}
+    except InputError:
+        if force:
             return {}, {}
-        keep = [t for t in TASKS if t in res and isinstance(meta.get(t), dict)
-                and (t in tasks or (meta[t].get("fingerprint") or {}).get("model") == model_fp)]
-        return {t: res[t] for t in keep}, {t: meta[t] for t in keep}
+        raise
+    res, meta = old.get("results"), (old.get("meta") or {}).get("tasks")
+    if not isinstance(res, dict) or not isinstance(meta, dict):
+        return {}, {}
+    keep = [t for t in TASKS if t in res and isinstance(meta.get(t), dict)
+            and (t in tasks or (meta[t].get("fingerprint") or {}).get("model") == model_fp)]
+    return {t: res[t] for t in keep}, {t: meta[t] for t in keep}
 
-    results, task_meta = stored()
+
+def to_compute(tasks: list[str], results: dict, task_meta: dict, fps: dict, force: bool, out_file: Path) -> list[str]:
+    """The tasks asked for whose stored result is missing or was computed from other arguments, files or code."""
     todo = []
     for t in tasks:
-        if args.force or t not in results or not isinstance(task_meta.get(t), dict):
+        if force or t not in results or not isinstance(task_meta.get(t), dict):
             todo.append(t)
         elif diffs := reuse.changes(task_meta[t].get("fingerprint"), fps[t]):
             print(reuse.recompute_line(diffs, f"{t} in {out_file}"))
             todo.append(t)
         else:
             print(f"Reusing {t} from {out_file} (nothing it was computed from changed; --force recomputes)")
+    return todo
 
-    # ---------------------------------------------------------------- evaluate
+
+# ---------------------------------------------------------------- the tasks (METHOD.md section 7)
+
+def eval_ppl(model, tok, data: dict[str, list[str]], args: argparse.Namespace) -> dict[str, dict]:
+    """Perplexity of every validation line scored on its own."""
+    res = {}
+    for l, texts in data.items():
+        r = metrics.perplexity(model, tok, texts, args.max_length, args.batch_size, desc=f"ppl/{l}")
+        res[l] = {"ppl": json_safe(r["ppl"]), "tokens": r["tokens"]}
+    return res
+
+
+def eval_mgsm(model, tok, data: dict[str, list[tuple[str, float]]], args: argparse.Namespace) -> dict[str, dict]:
+    """Zero-shot greedy answers; correct when the last number equals the gold number."""
+    res = {}
+    for l, items in data.items():
+        outputs = metrics.generate_greedy(model, tok, [metrics.MGSM_PROMPT.format(question=q) for q, _ in items],
+                                          args.max_new_tokens, args.batch_size, args.max_length, desc=f"mgsm/{l}")
+        preds = [metrics.extract_answer(o, l) for o in outputs]  # numbers as language l writes them
+        correct = [metrics.answer_correct(p, gold) for p, (_, gold) in zip(preds, items)]
+        res[l] = {"accuracy": sum(correct) / len(items), "n": len(items),
+                  "examples": [{"question": q, "gold": gold, "output": o, "pred": p}
+                               for (q, gold), o, p in list(zip(items, outputs, preds))[:3]]}
+    return res
+
+
+def eval_mmmlu(model, tok, data: dict[str, list[dict]], args: argparse.Namespace) -> dict[str, dict]:
+    """The option letter with the highest next-token log-likelihood."""
+    res = {}
+    for l, items in data.items():
+        scores = metrics.score_choices(model, tok, [metrics.mmlu_prompt(r) for r in items],
+                                       batch_size=args.batch_size, max_length=args.max_length, desc=f"mmmlu/{l}")
+        preds = [metrics.CHOICES[i] for i in scores.argmax(1).tolist()]
+        res[l] = {"accuracy": sum(p == r["Answer"] for p, r in zip(preds, items)) / len(items), "n": len(items)}
+    return res
+
+
+EVALUATE = {"ppl": eval_ppl, "mgsm": eval_mgsm, "mmmlu": eval_mmmlu}
+
+
+# ---------------------------------------------------------------- outputs
+
+def write_merged(out_file: Path, args: argparse.Namespace, name: str, tasks: list[str], results: dict,
+                 task_meta: dict, model_fp: dict) -> dict:
+    """Read-modify-write under the file's lock: a run evaluating other tasks of this model at the same time
+    keeps its results, and its other tasks stay when measured on the same model files. Returns all results."""
+    with reuse.locked(out_file):
+        now, now_meta = stored(out_file, tasks, model_fp, args.force)
+        for t in tasks:
+            now[t], now_meta[t] = results[t], task_meta[t]
+        ordered = {t: now[t] for t in TASKS if t in now}
+        meta = {**run_meta(args), "schema_version": SCHEMA_VERSION, "tag": layout.model_tag(args.model),
+                "name": name, "role": layout.model_role(args.model), "provenance": layout.provenance(args.model),
+                "prompts": {"mgsm": metrics.MGSM_PROMPT, "mgsm_scoring": "zero-shot, greedy, last number",
+                            "mmmlu": metrics.mmlu_prompt({"Question": "{question}",
+                                                          **{c: "{" + c + "}" for c in "ABCD"}}),
+                            "mmmlu_scoring": "highest next-token log-likelihood of ' A'..' D'"},
+                "tasks": {t: now_meta[t] for t in ordered}}
+        write_json(out_file, {"model": args.model, "meta": meta, "results": ordered})
+    return ordered
+
+
+def print_table(name: str, model: str, results: dict, langs: list[str]) -> None:
+    """One row per task: PPL or accuracy per language and their mean."""
+    print(f"\n{name} ({model})")
+    print(f"{'task':<8}" + "".join(f"{l:>10}" for l in langs) + f"{'mean':>10}")
+    for task in (t for t in TASKS if t in results):
+        key = "ppl" if task == "ppl" else "accuracy"
+        vals = [results[task].get(l, {}).get(key) for l in langs]
+        cells = [f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in vals]
+        m = mean(vals)
+        print(f"{task:<8}" + "".join(cells) + (f"{m:>10.3f}" if m is not None else f"{'-':>10}"))
+
+
+def main() -> None:
+    args = parse_args()
+    langs = parse_langs(args.langs)
+    tasks = split_list(args.tasks)
+    seed_everything(args.seed)
+    name = results_name(args)
+    data = read_tasks(args, tasks, langs)
+
+    out_file = layout.outputs(args.out, args.model).evaluation(name)
+    reuse.check_writable(out_file, f"--out {args.out}", folder=False)
+    fps = {t: reuse.fingerprint(args, __file__, ignore=ignored_args(t), models=[args.model],
+                                files=[TASK_FILES[t](args.dataset, l) for l in langs]) for t in tasks}
+    model_fp = fps[tasks[0]]["model"]
+    results, task_meta = stored(out_file, tasks, model_fp, args.force)
+    todo = to_compute(tasks, results, task_meta, fps, args.force, out_file)
+
     if todo:
         check_model(args.model)  # config, tokenizer, weight headers: seconds, before loading
         model, tok = load_model(args.model, args.device, args.dtype, device_map_auto=True)
         for task in todo:
-            res = {}
-            for l in langs:
-                items = data[task][l]
-                if task == "ppl":
-                    r = metrics.perplexity(model, tok, items, args.max_length, args.batch_size, desc=f"ppl/{l}")
-                    res[l] = {"ppl": json_safe(r["ppl"]), "tokens": r["tokens"]}
-                elif task == "mgsm":
-                    outputs = metrics.generate_greedy(
-                        model, tok, [metrics.MGSM_PROMPT.format(question=q) for q, _ in items],
-                        args.max_new_tokens, args.batch_size, args.max_length, desc=f"mgsm/{l}")
-                    preds = [metrics.extract_answer(o, l) for o in outputs]  # numbers as language l writes them
-                    correct = [metrics.answer_correct(p, gold) for p, (_, gold) in zip(preds, items)]
-                    res[l] = {"accuracy": sum(correct) / len(items), "n": len(items),
-                              "examples": [{"question": q, "gold": gold, "output": o, "pred": p}
-                                           for (q, gold), o, p in list(zip(items, outputs, preds))[:3]]}
-                else:
-                    scores = metrics.score_choices(model, tok, [metrics.mmlu_prompt(r) for r in items],
-                                                   batch_size=args.batch_size, max_length=args.max_length,
-                                                   desc=f"mmmlu/{l}")
-                    preds = [metrics.CHOICES[i] for i in scores.argmax(1).tolist()]
-                    res[l] = {"accuracy": sum(p == r["Answer"] for p, r in zip(preds, items)) / len(items),
-                              "n": len(items)}
-            results[task] = res
+            results[task] = EVALUATE[task](model, tok, data[task], args)
             task_meta[task] = {"args": result_args(args, task), "fingerprint": fps[task]}
+        results = write_merged(out_file, args, name, tasks, results, task_meta, model_fp)
 
-    # ---------------------------------------------------------------- write and print
-    if todo:
-        # read-modify-write under the file's lock: a run evaluating other tasks of this model at the same
-        # time keeps its results. Its other tasks stay when measured on the same model files.
-        with reuse.locked(out_file):
-            now, now_meta = stored()
-            for t in tasks:
-                now[t], now_meta[t] = results[t], task_meta[t]
-            results, task_meta = now, now_meta
-            ordered = {t: results[t] for t in TASKS if t in results}
-            meta = {**run_meta(args), "tag": tag, "name": name, "provenance": provenance(args.model),
-                    "prompts": {"mgsm": metrics.MGSM_PROMPT, "mgsm_scoring": "zero-shot, greedy, last number",
-                                "mmmlu": metrics.mmlu_prompt({"Question": "{question}",
-                                                              **{c: "{" + c + "}" for c in "ABCD"}}),
-                                "mmmlu_scoring": "highest next-token log-likelihood of ' A'..' D'"},
-                    "tasks": {t: task_meta[t] for t in ordered}}
-            write_json(out_file, {"model": args.model, "meta": meta, "results": ordered})
-    ordered = {t: results[t] for t in TASKS if t in results}
-
-    print(f"\n{name} ({args.model})")
-    print(f"{'task':<8}" + "".join(f"{l:>10}" for l in langs) + f"{'mean':>10}")
-    for task, res in ordered.items():
-        key = "ppl" if task == "ppl" else "accuracy"
-        vals = [res.get(l, {}).get(key) for l in langs]
-        cells = [f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in vals]
-        m = mean(vals)
-        print(f"{task:<8}" + "".join(cells) + (f"{m:>10.3f}" if m is not None else f"{'-':>10}"))
+    print_table(name, args.model, results, langs)
     if todo:
         print(f"Wrote {out_file}")
 

@@ -1,32 +1,26 @@
 #!/usr/bin/env bash
-# Evaluation stage (METHOD.md section 7) for a list of models: MGSM and MMMLU accuracy and perplexity per
-# language. Results go to $OUT/<tag>/eval/<name>.json (<tag> = the base model's, <name> = the model's
-# basename); each task is one call, and the calls fill the same file (a task already done is reused).
-# Edit the variables below, then: bash evaluate.sh
+# MGSM and MMMLU accuracy and perplexity per language of each model, into <out>/<tag>/eval/<name>.json (docs/method.md section 7). Edit the variables below, then: bash evaluate.sh
 set -euo pipefail
-
-# models: HF hub ids (already in the local cache), model directories or .gguf files, e.g. the base model,
-# its deactivated variants (outputs/<tag>/variants/<set>) and trained models (outputs/<tag>/trained/<run>)
-MODELS=(gemma-3-270m)
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}  # the project's environment
+MODELS=(gemma-3-270m)              # HF hub ids (already in the local cache), model folders or .gguf files; also
+                                   # variants and trained models: `"$PYTHON" -m langneurons.layout variants|trained "$OUT" MODEL`
+                                   # prints the folder that holds them (figures.py draws the results afterwards)
 LANGS=en,zh,th,sw,fr,de
-TASKS=(ppl mmmlu mgsm)               # any of ppl, mgsm, mmmlu
-LIMIT=0                              # items per language and task, 0 = all
 DATASET=./dataset
 OUT=./outputs
 DEVICE=auto
-DTYPE=auto
-BATCH_SIZE=8
-MAX_NEW_TOKENS=256                   # MGSM answer length
-EXTRA_FLAGS=()                       # e.g. (--force) (--max-length 1024)
-
-PYTHON=${PYTHON:-python}
-cd "$(dirname "$0")"
+DTYPE=auto                         # bf16 on GPU, fp32 on CPU
+SEED=0
+TASKS=ppl,mmmlu,mgsm               # any of ppl, mgsm, mmmlu (a task already in the results file is reused)
+LIMIT=0                            # first N items per language and task, 0 = all
+BATCH_SIZE=8                       # sequences per forward pass / generate call
+MAX_LENGTH=512                     # tokens per text (prompts: cut at the start)
+MAX_NEW_TOKENS=256                 # MGSM answer length
+EXTRA_FLAGS=()                     # e.g. (--force)
 for MODEL in "${MODELS[@]}"; do
-    for TASK in "${TASKS[@]}"; do
-        echo "=== evaluation: $MODEL / $TASK"
-        "$PYTHON" evaluate.py --model "$MODEL" --tasks "$TASK" --langs "$LANGS" --limit "$LIMIT" \
-            --dataset "$DATASET" --out "$OUT" --device "$DEVICE" --dtype "$DTYPE" --batch-size "$BATCH_SIZE" \
-            --max-new-tokens "$MAX_NEW_TOKENS" "${EXTRA_FLAGS[@]}"
-    done
+    echo "=== evaluation: $MODEL (results in $("$PYTHON" -m langneurons.layout eval "$OUT" "$MODEL"))"
+    "$PYTHON" evaluate.py --model "$MODEL" --langs "$LANGS" --dataset "$DATASET" --out "$OUT" \
+        --device "$DEVICE" --dtype "$DTYPE" --seed "$SEED" --tasks "$TASKS" --limit "$LIMIT" \
+        --batch-size "$BATCH_SIZE" --max-length "$MAX_LENGTH" --max-new-tokens "$MAX_NEW_TOKENS" "${EXTRA_FLAGS[@]}"
 done
-"$PYTHON" figures.py --out "$OUT"

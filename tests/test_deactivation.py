@@ -21,8 +21,8 @@ from langneurons.data import val_texts
 from langneurons.masking import ablation_hooks, meta_skeleton, zero_neurons, zero_plan, zeroed
 from langneurons.metrics import language_agnostic, perplexity
 from langneurons.model import GROUPS, Geometry
-from langneurons.layout import PROVENANCE_FILE, model_tag
-from langneurons.neurons import empty_set, random_set, read_neuron_file, write_neuron_file
+from langneurons.layout import NEURON_FILE_COPY, PROVENANCE_FILE, SCHEMA_VERSION, model_role, model_tag
+from langneurons.neurons import empty_set, load_neuron_set, random_set, read_neuron_file, write_neuron_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -289,13 +289,18 @@ def test_in_memory_ppl_equals_reloaded_variant(work, tmp_path):
     assert set(res["results"]["ppl"]) == {"en", "fr"}
     assert res["meta"]["run"]["args"]["measure_ppl"] is True
     assert set(res["importance"]) == {"en", "fr"} and res["language_agnostic_score"] is not None
+    assert res["meta"]["schema_version"] == SCHEMA_VERSION
+    for name in sets:  # what load_neuron_set records about each file, e.g. its size and hash
+        info = load_neuron_set(neurons / f"{name}.json", geom)[1]
+        assert res["meta"]["neuron_files"][name] == info and info["size"] == res["sets"][name]["size"]
     for name in ("shared", "exclusive_fr"):
         assert res["sets"][name]["size"] == int(sum(int(m.sum()) for m in sets[name].values()))
         vdir = tmp_path / "out/qwen2/variants" / name
         assert model_tag(str(vdir)) == "qwen2"
         prov = json.loads((vdir / PROVENANCE_FILE).read_text())
         assert prov["neuron_set"] == name and prov["base_model"] == str(model_dir)
-        assert (vdir / "neurons.json").read_bytes() == (neurons / f"{name}.json").read_bytes()
+        assert prov["schema_version"] == SCHEMA_VERSION and model_role(str(vdir)) == "variant"
+        assert (vdir / NEURON_FILE_COPY).read_bytes() == (neurons / f"{name}.json").read_bytes()
         m = AutoModelForCausalLM.from_pretrained(vdir).eval()
         tok = AutoTokenizer.from_pretrained(vdir)
         for lang in ("en", "fr"):

@@ -211,24 +211,6 @@ def test_generate_greedy_batched_equals_single():
     assert all(isinstance(o, str) for o in batched)
 
 
-def test_generate_stops_at_question():
-    model, tok = tiny_model("llama"), tiny_tokenizer()
-    prompts = ["Question: 1\nAnswer:", "Question: 2 + 3 = ?\nAnswer:"]
-    full = metrics.generate_greedy(model, tok, prompts, max_new_tokens=40, stop=None, batch_size=1)
-    # a stop text the model really produces: two printable ASCII characters from the middle of its output
-    # (greedy decoding is deterministic, so a run with that stop must end exactly there)
-    stops = []
-    for text in full:
-        i = next(i for i in range(4, len(text) - 1) if text[i:i + 2].isascii() and text[i:i + 2].isprintable())
-        stops.append(text[i:i + 2])
-    for p, text, stop in zip(prompts, full, stops):
-        stopped = metrics.generate_greedy(model, tok, [p], max_new_tokens=40, stop=(stop, "never seen"))[0]
-        assert stopped == text[:text.index(stop) + 2] and len(stopped) < len(text)
-    # in one batch, each row stops at its own stop text; the rows that stop early do not change the others
-    both = metrics.generate_greedy(model, tok, prompts, max_new_tokens=40, stop=tuple(stops), batch_size=2)
-    assert both == [metrics.cut_at_stop(t, tuple(stops)) for t in full]
-
-
 def word_level_tokenizer():
     """A real word-level tokenizer (tokenizers' WordLevel model): tokens are whole words, decoded with spaces;
     transformers' stop_strings cannot map such a vocabulary back to text."""
@@ -240,6 +222,62 @@ def word_level_tokenizer():
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
                                    unk_token="<unk>")
+
+
+def bigram_model(tok, successor: dict[str, str]):
+    """A real llama whose greedy continuation is scripted: attention and MLP write nothing, so the last
+    position's hidden state is its token's embedding, a one-hot vector; the LM head then gives the token's
+    `successor` the only non-zero logit."""
+    from transformers import AutoModelForCausalLM
+    from tiny import tiny_config
+    cfg = tiny_config("llama")
+    cfg.vocab_size = len(tok)
+    assert cfg.hidden_size >= len(tok)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        model.get_input_embeddings().weight.zero_()
+        model.lm_head.weight.zero_()
+        vocab = tok.get_vocab()
+        for i in range(len(tok)):
+            model.get_input_embeddings().weight[i, i] = 1.0
+        for word, nxt in successor.items():
+            model.lm_head.weight[vocab[nxt], vocab[word]] = 1.0
+    return model
+
+
+def count_generated(model) -> list[int]:
+    """Wrap model.generate to record how many tokens each call generated (stopped rows are padded)."""
+    counts, generate = [], model.generate
+
+    def counting(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        counts.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+    model.generate = counting
+    return counts
+
+
+def test_generate_stops_at_question():
+    tok = word_level_tokenizer()
+    # "... Answer:" -> so the answer is 5 Question: cat has 3 apples -> so ... (a cycle through "Question:")
+    chain = ["Answer:", "so", "the", "answer", "is", "5", "Question:", "cat", "has", "3", "apples", "so"]
+    model = bigram_model(tok, dict(zip(chain, chain[1:])))
+    counts = count_generated(model)
+    prompts = ["Question: 2 + 3 = ?\nAnswer:", "Question: the cat has"]
+    full = metrics.generate_greedy(model, tok, prompts[:1], max_new_tokens=20, stop=None)[0]
+    assert full == "so the answer is 5 Question: cat has 3 apples so the answer is 5 Question: cat has 3 apples"
+    assert counts[-1] == 20
+    # the MGSM stops: the text is cut after "Question:" and generation ended there, 14 tokens early
+    stopped = metrics.generate_greedy(model, tok, prompts[:1], max_new_tokens=20)[0]
+    assert stopped == "so the answer is 5 Question:" and counts[-1] == 6
+    # in one batch each row stops at its own "Question:"; the batch ends when the last row has stopped
+    both = metrics.generate_greedy(model, tok, prompts, max_new_tokens=20, batch_size=2)
+    assert both == ["so the answer is 5 Question:", "3 apples so the answer is 5 Question:"]
+    assert counts[-1] == 8
 
 
 def test_generate_with_a_word_level_tokenizer():
@@ -331,6 +369,33 @@ def test_cli_pipeline_dir_uses_base_tag(tiny_setup, tmp_path):
                  "--device", "cpu", "--tasks", "ppl", "--limit", 1)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "mybase" / "eval" / "shared.json").is_file()
+
+
+def test_cli_records_the_role_of_base_variant_and_trained_models(tiny_setup, tmp_path):
+    from langneurons.layout import PROVENANCE_FILE, SCHEMA_VERSION, outputs
+    from langneurons.model import Geometry
+    from langneurons.neurons import random_set, write_neuron_file
+    from tiny import tiny_config
+    model, dataset, _ = tiny_setup
+    out = tmp_path / "out"
+    # a real variant: deactivation.py writes it (and its provenance) from the tiny model
+    write_neuron_file(tmp_path / "shared.json", random_set(20, Geometry.from_config(tiny_config("llama")), 0, "s"))
+    r = subprocess.run([sys.executable, str(REPO / "deactivation.py"), "--model", str(model), "--out", str(out),
+                        "--neurons", str(tmp_path / "shared.json"), "--device", "cpu"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    variant = outputs(out, str(model)).variants / "shared"
+    # a trained model: train.py's provenance names the language it was trained on
+    trained = save_tiny("llama", tmp_path / "run1")
+    (trained / PROVENANCE_FILE).write_text(json.dumps({"tag": "tinyllama", "trained_lang": "fr", "run_name": "run1"}))
+    for m, role in ((model, "base"), (variant, "variant"), (trained, "trained")):
+        r = evaluate("--model", m, "--langs", "en", "--dataset", dataset, "--out", out, "--device", "cpu",
+                     "--tasks", "ppl", "--limit", 1)
+        assert r.returncode == 0, r.stderr
+        res = json.loads(outputs(out, str(model)).evaluation(m.name).read_text())  # one tag for all three
+        assert res["meta"]["role"] == role and res["meta"]["schema_version"] == SCHEMA_VERSION, m
+    assert res["meta"]["provenance"]["run_name"] == "run1"
+    assert sorted(p.stem for p in outputs(out, str(model)).eval.glob("*.json")) == ["run1", "shared", "tinyllama"]
 
 
 @pytest.mark.parametrize("task,file,content,line", [
