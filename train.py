@@ -4,7 +4,7 @@ language's text in which only the selected neurons change; every other parameter
     python train.py --model gemma-3-270m --lang sw --neurons outputs/gemma-3-270m/neurons/exclusive_sw.json
     python train.py --lang sw --neurons full          # full fine-tuning baseline
     python train.py --lang sw --lora-rank 8           # LoRA baseline, merged into the saved model
-    python train.py --lang sw --neurons full --train-data corpus/sw.parquet --limit 100000 --num-proc 8
+    python train.py --lang sw --neurons full --train-data corpus/sw.parquet --sample-size 100000 --num-proc 8
     torchrun --nproc_per_node 8 train.py ...          # data-parallel, unchanged (or: accelerate launch train.py ...)
 
 Defaults are the paper's: lr 5e-5, 3% linear warmup, 1 epoch, batch 128 (gradient accumulation over
@@ -13,10 +13,11 @@ keep float32 master weights under bf16 autocast unless --pure-bf16). The trainin
 `datasets`: tokenized once, cached in HF_DATASETS_CACHE and memory-mapped by later runs.
 Writes outputs/<tag>/trained/<run-name>/: an ordinary transformers model directory, langneurons.json and
 train_log.json (arguments, neuron set, loss curve, tokens seen, trainable parameters, optimizer-state bytes,
-precision, validation loss/PPL before and after)."""
+precision, validation loss/PPL of every --langs language and the target before and after)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -24,22 +25,24 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
+from accelerate import PartialState
 
-from langneurons import reuse
-from langneurons.cli import InputError, common_parser, float_in, int_at_least, run
+from langneurons import layout, reuse
+from langneurons.cli import InputError, common_parser, float_in, hold, int_at_least, parse_langs, run
+from langneurons.data import PadCollator, lang_file, read_corpus, tokenize_documents, training_documents
 from langneurons.files import atomic_dir, read_json, write_json
-from langneurons.runinfo import run_meta, seed_everything
+from langneurons.metrics import perplexity
 from langneurons.model import (Geometry, check_model, load_model, load_tokenizer, lora_targets, resolve_device,
                                resolve_dtype, save_model_dir)
-from langneurons.layout import PROVENANCE_FILE, model_tag
-from langneurons.neurons import read_neuron_file, size
+from langneurons.neurons import NeuronSet, load_neuron_set
+from langneurons.runinfo import run_meta, seed_everything
 
 CKPT_ARGS_FILE = "run_args.json"  # in the checkpoint folder: what the checkpoints were trained with
-# arguments that cannot change the trained model: where it goes, how checkpoints are kept and resumed, and
-# --langs, which this stage does not use
-NOT_RESULT_ARGS = ("run_name", "resume", "keep_checkpoints", "save_steps", "langs", "num_proc")
+# arguments that cannot change the trained model: where it goes, how checkpoints are kept and resumed
+NOT_RESULT_ARGS = ("run_name", "resume", "keep_checkpoints", "save_steps", "num_proc")
 
 
 def save_steps(text: str) -> float:
@@ -52,8 +55,8 @@ def save_steps(text: str) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = common_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--lang", required=True, help="language whose dataset/train/<lang>.jsonl is trained on "
-                   "(validation on dataset/val/<lang>.txt); --langs is not used by this stage")
+    p.add_argument("--lang", required=True, help="language whose dataset/train/<lang>.jsonl is trained on; the "
+                   "validation perplexity of --langs and of this language is measured before and after training")
     p.add_argument("--train-data", default=None, metavar="PATH|ID",
                    help="training text instead of <dataset>/train/<lang>.jsonl: a json/jsonl/parquet/arrow file, a "
                         "folder of such files, or a hub dataset id owner/name[:config] (from the local cache when "
@@ -62,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-split", default="train", help="split of a --train-data folder or dataset id")
     p.add_argument("--val-data", default=None, metavar="PATH|ID",
                    help="validation text instead of <dataset>/val/<lang>.txt: a text file (one line each), or what "
-                        "--train-data accepts (split 'train'); {lang} is replaced by --lang")
+                        "--train-data accepts (split 'train'); {lang} is replaced by each measured language")
     p.add_argument("--num-proc", type=int_at_least(1), default=1, help="processes that tokenize the training text (first run)")
     p.add_argument("--packing", action="store_true", help="concatenate the documents and cut them into "
                    "--cutoff-len blocks, as transformers' run_clm.py (off: one document per sequence, as the authors)")
@@ -73,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what.add_argument("--lora-rank", type=int_at_least(1), metavar="R",
                       help="train a LoRA adapter of rank R on q/k/v/o/up/gate/down instead, merged into the saved model")
     p.add_argument("--lora-alpha", type=float_in(0, lo_open=True), default=None,
-                   help="LoRA scaling alpha (default: 2 x rank)")
+                   help="LoRA scaling alpha (unset: 2 x rank)")
     p.add_argument("--pure-bf16", action="store_true",
                    help="full fine-tuning / LoRA in bf16: update bf16 weights directly (the authors' setting) "
                         "instead of float32 master weights under bf16 autocast")
@@ -86,21 +89,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float_in(0, lo_open=True), default=1.0, help="passes over the training documents")
     p.add_argument("--max-steps", type=int_at_least(0), default=0,
                    help="stop after N optimizer steps (0: --epochs decides)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=128,
-                   help="documents per optimizer step, over all processes")
+    p.add_argument("--global-batch-size", "--batch-size", dest="global_batch_size", type=int_at_least(1), default=128,
+                   help="documents per optimizer step, over all processes (--batch-size: INTERFACE.md's name)")
     p.add_argument("--micro-batch-size", type=int_at_least(1), default=4, help="documents per forward pass per process "
-                   "(gradient accumulation makes up --batch-size)")
+                   "(gradient accumulation makes up --global-batch-size); also the validation batch")
     p.add_argument("--cutoff-len", type=int_at_least(2), default=1024,
                    help="tokens per document; longer ones are truncated")
-    p.add_argument("--limit", type=int_at_least(0), default=0,
-                   help="train on N documents drawn with the seed (0 = all; the "
-                   "paper: 100000)")
-    p.add_argument("--val-limit", type=int_at_least(0), default=0, help="first N lines of val/<lang>.txt (0 = all)")
+    p.add_argument("--sample-size", type=int_at_least(0), default=0,
+                   help="train on N documents drawn with the seed (0 = all; the paper: 100000)")
+    p.add_argument("--max-length", type=int_at_least(2), default=512,
+                   help="tokens per validation line for the perplexity before/after (as deactivation and evaluate)")
+    p.add_argument("--val-limit", type=int_at_least(0), default=0,
+                   help="first N lines of each language's validation text (0 = all)")
     p.add_argument("--save-steps", type=save_steps, default=0.1, help="checkpoint every N steps (a value below 1 "
                    "is a fraction of the run)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward "
                    "pass (less memory, ~30%% slower)")
-    p.add_argument("--run-name", default=None, help="output folder name (default: <lang>-<neuron file stem>, "
+    p.add_argument("--run-name", default=None, help="output folder name (unset: <lang>-<neuron file stem>, "
                    "<lang>-full or <lang>-lora<R>)")
     p.add_argument("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
                    help="resume from the last checkpoint of this run (an error when there is none) or from the "
@@ -110,17 +115,118 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class PadCollator:
-    """Right-pads a batch; padding gets attention mask 0 and label -100 (never predicted, never counted).
-    Labels come from the mask, not from the token id, so an EOS that doubles as padding is still learnt."""
+# ---------------------------------------------------------------- steps of main()
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+@contextlib.contextmanager
+def processes(args: argparse.Namespace) -> Iterator[PartialState]:
+    """accelerate's view of the launch (rank, world size, main process); the process group ends with the stage
+    on every process: gloo aborts a process that exits with its group alive ("terminate called without an
+    active exception")."""
+    # cpu=... as TrainingArguments(use_cpu=...) will ask, so that both agree on the backend (gloo / nccl)
+    state = PartialState(cpu=resolve_device(args.device) == "cpu")
+    try:
+        yield state
+    finally:
+        PartialState().destroy_process_group()
 
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        from langneurons.data import pad_batch
-        ids, mask = pad_batch([f["input_ids"] for f in features], self.pad_id, "cpu")
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+def check_args(args: argparse.Namespace, world: int) -> str:
+    """Checks that need several flags (before any output); the mode: 'neurons', 'full' or 'lora'."""
+    if args.micro_batch_size > args.global_batch_size:
+        raise InputError(f"--micro-batch-size {args.micro_batch_size}: larger than --global-batch-size "
+                         f"{args.global_batch_size}")
+    if args.global_batch_size % (args.micro_batch_size * world):
+        raise InputError(f"--global-batch-size {args.global_batch_size}: not a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size} x {world} processes")
+    if args.lora_alpha is not None and args.lora_rank is None:
+        raise InputError("--lora-alpha: needs --lora-rank")
+    mode = "lora" if args.lora_rank is not None else ("full" if args.neurons == "full" else "neurons")
+    if mode == "full" and args.dtype == "float16":
+        raise InputError("--dtype float16 with --neurons full: float16 weights cannot be trained with loss "
+                         "scaling; use bfloat16 or float32")
+    sharded = any(os.environ.get(v, "").lower() in ("1", "true") for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    if sharded and mode != "full":
+        raise InputError(f"FSDP/DeepSpeed launch with --{'lora-rank' if mode == 'lora' else 'neurons FILE'}: "
+                         "not supported; its trainable state is tiny, plain data parallelism (torchrun/accelerate "
+                         "launch without FSDP/DeepSpeed) suffices")
+    return mode
+
+
+def neuron_set(args: argparse.Namespace, mode: str, geom: Geometry) -> tuple[NeuronSet | None, dict | None]:
+    """The neurons to train (checked against the model's config before anything is loaded) and what the
+    outputs record about their file; none for full fine-tuning and LoRA."""
+    if mode != "neurons":
+        return None, None
+    nfile = Path(args.neurons)
+    if not nfile.is_file():
+        raise InputError(f"--neurons {nfile}: no such file (or 'full')")
+    nset, info = load_neuron_set(nfile, geom, legacy_kv=args.legacy_kv_mapping)
+    if info["size"] == 0:
+        raise InputError(f"--neurons {nfile}: the set is empty, nothing to train")
+    return nset, info
+
+
+def run_name(args: argparse.Namespace, mode: str, neuron_info: dict | None) -> tuple[str, str]:
+    """The set's name (neuron file stem, 'full' or 'lora<R>') and the run's folder name."""
+    set_name = {"neurons": neuron_info and neuron_info["name"], "full": "full", "lora": f"lora{args.lora_rank}"}[mode]
+    name = args.run_name or f"{args.lang}-{set_name}"
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
+        raise InputError(f"--run-name: '{name}' is not a safe directory name")
+    return set_name, name
+
+
+def process_device(args: argparse.Namespace, state: PartialState) -> str:
+    """Every process loads the model onto its own device; the Trainer wraps it for data parallelism."""
+    if state.num_processes > 1 and torch.cuda.is_available() and args.device in ("auto", "cuda"):
+        return f"cuda:{state.local_process_index}"
+    return args.device
+
+
+def precision(args: argparse.Namespace, mode: str, device: str) -> tuple[torch.dtype, bool, dict[str, Any]]:
+    """The requested dtype (also the saved model's), whether float32 masters train under its autocast, and
+    the record of both. Full fine-tuning and LoRA train float32 master weights under bf16 autocast (the
+    Trainer's mixed precision for a float32-loaded model): pure bf16 updates of lr-sized steps mostly round
+    away. --pure-bf16 keeps the authors' setting. Neuron runs keep float32 deltas over the weights anyway."""
+    half = resolve_dtype(args.dtype, resolve_device(device))
+    if args.pure_bf16 and (mode == "neurons" or half != torch.bfloat16):
+        raise InputError("--pure-bf16: applies to --neurons full and --lora-rank with --dtype bfloat16 (or auto on a "
+                         f"GPU), not to {'a neuron file' if mode == 'neurons' else str(half).replace('torch.', '')}")
+    mixed = mode != "neurons" and half == torch.bfloat16 and not args.pure_bf16
+    name = str(half).replace("torch.", "")
+    return half, mixed, {"requested_dtype": name, "master_weights": name if args.pure_bf16 else "float32",
+                         "autocast": None if half == torch.float32 else name, "pure_bf16": args.pure_bf16,
+                         "saved_dtype": name}
+
+
+def validation_text(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Where each measured language's validation text comes from, and its first --val-limit lines: the
+    languages of --langs and the target (all read now, before the model loads)."""
+    langs = parse_langs(args.langs)
+    langs = langs if args.lang in langs else [args.lang, *langs]
+    if args.val_data and "{lang}" not in args.val_data and langs != [args.lang]:
+        raise InputError(f"--val-data {args.val_data}: has no {{lang}} but perplexity is measured in "
+                         f"{','.join(langs)}; put {{lang}} in it or pass --langs {args.lang}")
+    specs = {l: args.val_data.replace("{lang}", l) if args.val_data else str(lang_file(args.dataset, "val", l, ".txt"))
+             for l in langs}
+    return specs, {l: read_corpus(s, "validation text", args.text_column)[:args.val_limit or None]
+                   for l, s in specs.items()}
+
+
+def result_fingerprint(args: argparse.Namespace, mode: str, world: int, train_spec: str, docs,
+                       val_specs: dict[str, str], val: dict[str, list[str]]) -> tuple[str, dict]:
+    """What decides the result (a finished run or checkpoints with another one are not reused), and the
+    training text's id: a local file by its content, a folder or hub dataset by datasets' fingerprint of it
+    (and validation text that is not a file by the lines read)."""
+    train_id = reuse.file_digest(train_spec) if Path(train_spec).is_file() else docs._fingerprint
+    context: dict[str, Any] = {"world_size": world}
+    if not Path(train_spec).is_file():
+        context["train_data_fingerprint"] = train_id
+    if not_files := [l for l, s in val_specs.items() if not Path(s).is_file()]:
+        context["val_sha256"] = {l: reuse.text_digest(val[l]) for l in not_files}
+    files = [s for s in (train_spec, *val_specs.values()) if Path(s).is_file()]
+    fp = reuse.fingerprint(args, __file__, ignore=NOT_RESULT_ARGS, models=[args.model], context=context,
+                           files=[*dict.fromkeys(files), *([args.neurons] if mode == "neurons" else [])])
+    return train_id, fp
 
 
 def finished_checkpoint(folder: Path) -> bool:
@@ -147,132 +253,9 @@ def last_checkpoint(ckpt_dir: Path, remove_unfinished: bool) -> tuple[Path | Non
     return (max(finished, key=steps.get) if finished else None), unfinished
 
 
-def training_arguments(args: argparse.Namespace, ckpt_dir: Path, world: int, mode: str, half: torch.dtype,
-                       on_cpu: bool):
-    from transformers import TrainingArguments
-    checkpointing = {}
-    if args.gradient_checkpointing:  # renamed activation_checkpointing in recent transformers
-        key = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
-               else "gradient_checkpointing")
-        checkpointing = {key: True, f"{key}_kwargs": {"use_reentrant": False}}
-    return TrainingArguments(
-        output_dir=str(ckpt_dir), per_device_train_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=args.batch_size // (args.micro_batch_size * world),
-        learning_rate=args.lr, weight_decay=0.0, warmup_steps=args.warmup, lr_scheduler_type="linear",
-        optim="adamw_torch", num_train_epochs=args.epochs, max_steps=args.max_steps or -1,
-        # autocast in the requested half precision; neuron deltas, LoRA adapters and (unless --pure-bf16) the
-        # weights of a full fine-tuning stay float32 masters
-        bf16=half == torch.bfloat16, fp16=half == torch.float16, use_cpu=on_cpu,
-        logging_steps=1, save_strategy="steps", save_steps=args.save_steps, save_total_limit=2,
-        seed=args.seed, data_seed=args.seed, report_to="none", remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding", disable_tqdm=not reuse.main_process(),
-        ddp_find_unused_parameters=False if mode == "neurons" else None, **checkpointing)
-
-
-def main() -> None:
-    # ---------------------------------------------------------------- arguments (all checked before any output)
-    args = parse_args()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank0 = reuse.main_process()
-    if args.micro_batch_size > args.batch_size:
-        raise InputError(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size {args.batch_size}")
-    if args.batch_size % (args.micro_batch_size * world):
-        raise InputError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
-                         f"{args.micro_batch_size} x {world} processes")
-    if args.lora_alpha is not None and args.lora_rank is None:
-        raise InputError("--lora-alpha: needs --lora-rank")
-    mode = "lora" if args.lora_rank is not None else ("full" if args.neurons == "full" else "neurons")
-    if mode == "full" and args.dtype == "float16":
-        raise InputError("--dtype float16 with --neurons full: float16 weights cannot be trained with loss "
-                         "scaling; use bfloat16 or float32")
-
-    sharded = any(os.environ.get(v, "").lower() in ("1", "true") for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
-    if sharded and mode != "full":
-        raise InputError(f"FSDP/DeepSpeed launch with --{'lora-rank' if mode == 'lora' else 'neurons FILE'}: "
-                         "not supported; its trainable state is tiny, plain data parallelism (torchrun/accelerate "
-                         "launch without FSDP/DeepSpeed) suffices")
-
-    seed_everything(args.seed)
-    tag = model_tag(args.model)
-    # the config checks the neuron file against the model before anything is loaded; the tokenizer and the weight
-    # headers are checked too, so that a broken model folder fails now and not after the data is prepared
-    config = check_model(args.model)
-    geom = Geometry.from_config(config)
-
-    neuron_info, nset = None, None
-    if mode == "neurons":
-        nfile = Path(args.neurons)
-        if not nfile.is_file():
-            raise InputError(f"--neurons {nfile}: no such file (or 'full')")
-        nset, fmeta = read_neuron_file(nfile, geom, legacy_kv=args.legacy_kv_mapping)
-        if size(nset) == 0:
-            raise InputError(f"--neurons {nfile}: the set is empty, nothing to train")
-        neuron_info = {"name": nfile.stem, "file": str(nfile.resolve()), "sha256": reuse.file_digest(nfile),
-                       "size": size(nset), "fraction": size(nset) / geom.total_neurons,
-                       "groups": {g: int(m.sum()) for g, m in nset.items()},
-                       "format": "ours" if "meta" in read_json(nfile, "neuron file") else "authors",
-                       "kv_index_space": fmeta.get("kv_index_space", "query_heads"),
-                       "legacy_kv_mapping": args.legacy_kv_mapping}
-    set_name = {"neurons": neuron_info and neuron_info["name"], "full": "full", "lora": f"lora{args.lora_rank}"}[mode]
-    run_name = args.run_name or f"{args.lang}-{set_name}"
-    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", run_name):
-        raise InputError(f"--run-name: '{run_name}' is not a safe directory name")
-
-    # every process loads the model onto its own device; the Trainer wraps it for data parallelism
-    device = args.device
-    if world > 1 and torch.cuda.is_available() and device in ("auto", "cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    half = resolve_dtype(args.dtype, resolve_device(device))  # the requested dtype, also of the saved model
-    # Full fine-tuning and LoRA train float32 master weights under bf16 autocast (the Trainer's mixed precision
-    # for a float32-loaded model): pure bf16 updates of lr-sized steps mostly round away. --pure-bf16 keeps
-    # the authors' setting. Neuron runs keep float32 deltas over the weights in the requested dtype anyway.
-    if args.pure_bf16 and (mode == "neurons" or half != torch.bfloat16):
-        raise InputError("--pure-bf16: applies to --neurons full and --lora-rank with --dtype bfloat16 (or auto on a "
-                         f"GPU), not to {'a neuron file' if mode == 'neurons' else str(half).replace('torch.', '')}")
-    mixed = mode != "neurons" and half == torch.bfloat16 and not args.pure_bf16
-    dtype_name = str(half).replace("torch.", "")
-    precision = {"requested_dtype": dtype_name, "master_weights": dtype_name if args.pure_bf16 else "float32",
-                 "autocast": None if half == torch.float32 else dtype_name, "pure_bf16": args.pure_bf16,
-                 "saved_dtype": dtype_name}
-
-    from langneurons.data import lang_file, read_corpus, training_documents
-    train_spec = args.train_data or str(lang_file(args.dataset, "train", args.lang, ".jsonl"))
-    val_spec = args.val_data or str(lang_file(args.dataset, "val", args.lang, ".txt"))
-    train_spec, val_spec = train_spec.replace("{lang}", args.lang), val_spec.replace("{lang}", args.lang)
-
-    run_dir = Path(args.out) / tag / "trained" / run_name
-    ckpt_dir = run_dir.parent / f".{run_name}.ckpt"
-    reuse.check_writable(run_dir, f"--out {args.out}", folder=True)
-    # what decides the result: a finished run or checkpoints with another fingerprint are not reused
-    targs = training_arguments(args, ckpt_dir, world, mode, half, on_cpu=resolve_device(device) == "cpu")
-
-    # ---------------------------------------------------------------- data (checked before anything is written)
-    # the main process (of each node) loads and tokenizes into datasets' cache first; the others then read it
-    with targs.main_process_first(desc="load the training text"):
-        # --limit: a seeded draw, like the paper's shuffle-then-take-100k; the sampler reshuffles the order anyway
-        docs = training_documents(train_spec, "training file", args.text_column, args.train_split, args.limit,
-                                  args.seed)
-    val = read_corpus(val_spec, "validation text", args.text_column)[:args.val_limit or None]
-    # what decides the result: a finished run or checkpoints with another fingerprint are not reused. A local
-    # file is identified by its content; a folder or hub dataset by datasets' fingerprint of it / the text read
-    train_id = reuse.file_digest(train_spec) if Path(train_spec).is_file() else docs._fingerprint
-    context = {"world_size": world}
-    if not Path(train_spec).is_file():
-        context["train_data_fingerprint"] = train_id
-    if not Path(val_spec).is_file():
-        context["val_sha256"] = reuse.text_digest(val)
-    fingerprint = reuse.fingerprint(
-        args, __file__, ignore=NOT_RESULT_ARGS, models=[args.model], context=context,
-        files=[*(s for s in (train_spec, val_spec) if Path(s).is_file()),
-               *([args.neurons] if mode == "neurons" else [])])
-    reuse.hold_lock(run_dir, enabled=rank0)  # a second run of the same name waits, then reuses this one's
-    if rank0:
-        reuse.remove_temporaries(ckpt_dir)
-    if reuse.up_to_date(run_dir / "train_log.json", fingerprint, args.force, run_dir):
-        if rank0 and not args.keep_checkpoints:  # left by a run killed after its model was in place
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        return
-
+def resume_point(args: argparse.Namespace, ckpt_dir: Path, fingerprint: dict, rank0: bool) -> Path | None:
+    """The checkpoint to resume from: --resume's folder, else the last finished one of this run's checkpoint
+    folder when it was trained with the same fingerprint (another one is an error, not a silent restart)."""
     resume_from, unfinished = None, []
     if args.resume not in (None, "last"):
         resume_from = Path(args.resume)
@@ -293,42 +276,45 @@ def main() -> None:
             print("--resume: no finished checkpoint; training from the start")
     if args.resume == "last" and resume_from is None and not unfinished:
         raise InputError(f"--resume: no checkpoint in {ckpt_dir}" + (" (--force discards them)" if args.force else ""))
+    return resume_from
 
-    # ---------------------------------------------------------------- tokenize
-    # Each document is one sequence: BOS (when the tokenizer adds it) + text + EOS, truncated at the cutoff
-    # (the authors' preprocessing: a document longer than the cutoff loses its tail, EOS included); or, with
-    # --packing, blocks of --cutoff-len tokens cut from the concatenated documents.
-    from langneurons.data import tokenize_documents
-    tok = load_tokenizer(args.model)
+
+def training_set(args: argparse.Namespace, docs, tok, targs, train_spec: str):
+    """Each document is one sequence: BOS (when the tokenizer adds it) + text + EOS, truncated at the cutoff
+    (the authors' preprocessing: a document longer than the cutoff loses its tail, EOS included); or, with
+    --packing, blocks of --cutoff-len tokens cut from the concatenated documents."""
     with targs.main_process_first(desc="tokenize the training text"):
         train_set = tokenize_documents(docs, tok, args.cutoff_len, args.text_column, args.packing,
                                        args.num_proc if args.num_proc > 1 else None)
     if len(train_set) == 0:
         raise InputError(f"training file {train_spec}: no " + ("block of --cutoff-len tokens" if args.packing
                                                                else "document has two tokens"))
+    return train_set
 
-    # ---------------------------------------------------------------- load
-    model, tok = load_model(args.model, device, "float32" if mixed else args.dtype)
-    total_params = sum(p.numel() for p in model.parameters())
 
-    from langneurons.metrics import perplexity
-
-    def val_loss(label: str) -> dict:
+def validation_perplexity(model, tok, val: dict[str, list[str]], args: argparse.Namespace, half: torch.dtype,
+                          mixed: bool, label: str, rank0: bool) -> dict[str, dict[str, float]]:
+    """Loss, PPL and predicted tokens of each language's validation lines (metrics.perplexity, --max-length
+    tokens per line, as deactivation and evaluate measure it)."""
+    out = {}
+    for lang, lines in val.items():
         # float32 masters are measured under the same bf16 autocast that trains them
         with torch.autocast(model.device.type, dtype=half, enabled=mixed and model.dtype != half):
-            r = perplexity(model, tok, val, max_length=args.cutoff_len, batch_size=args.micro_batch_size,
-                           desc=f"val {args.lang} ({label})")
-        return {"loss": math.log(r["ppl"]), "ppl": r["ppl"], "tokens": r["tokens"]}
+            r = perplexity(model, tok, lines, max_length=args.max_length, batch_size=args.micro_batch_size,
+                           desc=f"val {lang} ({label})")
+        out[lang] = {"loss": math.log(r["ppl"]), "ppl": r["ppl"], "tokens": r["tokens"]}
+        if rank0:
+            print(f"validation {lang} {label}: loss {out[lang]['loss']:.4f}, ppl {out[lang]['ppl']:.3f}")
+    return out
 
-    before = val_loss("before")
-    if rank0:
-        print(f"validation {args.lang} before: loss {before['loss']:.4f}, ppl {before['ppl']:.3f}")
 
-    # ---------------------------------------------------------------- what may change
+def make_trainable(model, mode: str, nset: NeuronSet | None, args: argparse.Namespace):
+    """What may change: zero deltas on the selected neurons (everything else frozen), a LoRA adapter, or every
+    parameter. Returns the model to train and the projections that got deltas."""
     touched = {}
     if mode == "neurons":
         from langneurons.sparse import attach_deltas
-        touched = attach_deltas(model, nset)  # everything frozen; zero deltas on the selected rows/columns
+        touched = attach_deltas(model, nset)
     elif mode == "lora":
         from peft import LoraConfig, get_peft_model
         lcfg = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, lora_dropout=0.0,
@@ -338,96 +324,188 @@ def main() -> None:
     else:
         for p_ in model.parameters():
             p_.requires_grad_(True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if args.gradient_checkpointing and mode != "full":
         model.enable_input_require_grads()  # frozen embeddings: the checkpointed blocks still need input grads
     model.config.use_cache = False
+    return model, touched
 
-    # ---------------------------------------------------------------- train
+
+def training_arguments(args: argparse.Namespace, ckpt_dir: Path, state: PartialState, mode: str,
+                       half: torch.dtype, on_cpu: bool):
+    """The Trainer's settings: the paper's schedule, --global-batch-size by gradient accumulation."""
+    from transformers import TrainingArguments
+    checkpointing = {}
+    if args.gradient_checkpointing:  # renamed activation_checkpointing in recent transformers
+        key = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+               else "gradient_checkpointing")
+        checkpointing = {key: True, f"{key}_kwargs": {"use_reentrant": False}}
+    return TrainingArguments(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=args.global_batch_size // (args.micro_batch_size * state.num_processes),
+        learning_rate=args.lr, weight_decay=0.0, warmup_steps=args.warmup, lr_scheduler_type="linear",
+        optim="adamw_torch", num_train_epochs=args.epochs, max_steps=args.max_steps or -1,
+        # autocast in the requested half precision; neuron deltas, LoRA adapters and (unless --pure-bf16) the
+        # weights of a full fine-tuning stay float32 masters
+        bf16=half == torch.bfloat16, fp16=half == torch.float16, use_cpu=on_cpu,
+        logging_steps=1, save_strategy="steps", save_steps=args.save_steps, save_total_limit=2,
+        seed=args.seed, data_seed=args.seed, report_to="none", remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding", disable_tqdm=not state.is_main_process,
+        ddp_find_unused_parameters=False if mode == "neurons" else None, **checkpointing)
+
+
+def prepare_checkpoints(args: argparse.Namespace, ckpt_dir: Path, fingerprint: dict, resume_from: Path | None) -> None:
+    """The checkpoint folder records what its checkpoints are trained with; --force drops older ones."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if args.force and resume_from is None:
+        for old in ckpt_dir.glob("checkpoint-*"):
+            shutil.rmtree(old)
+    write_json(ckpt_dir / CKPT_ARGS_FILE, fingerprint)
+
+
+def make_trainer(model, mode: str, targs, train_set, tok):
+    """transformers' Trainer; for a neuron set, one whose checkpoints hold the deltas only."""
     from transformers import Trainer
-    if rank0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if args.force and resume_from is None:
-            for old in ckpt_dir.glob("checkpoint-*"):
-                shutil.rmtree(old)
-        write_json(ckpt_dir / CKPT_ARGS_FILE, fingerprint)
-    if mode == "neurons":
-        from langneurons.sparse import sparse_trainer_class
-        trainer_cls = sparse_trainer_class()  # checkpoints hold the deltas only
-    else:
-        trainer_cls = Trainer
-    trainer = trainer_cls(model=model, args=targs, train_dataset=train_set, data_collator=PadCollator(tok.pad_token_id))
-    if resume_from and rank0:
-        print(f"Resuming from {resume_from}")
-    t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    runtime = time.time() - t0
+    from langneurons.sparse import sparse_trainer_class
+    cls = sparse_trainer_class() if mode == "neurons" else Trainer
+    return cls(model=model, args=targs, train_dataset=train_set, data_collator=PadCollator(tok.pad_token_id))
 
-    from langneurons.sparse import optimizer_state_bytes
-    opt_bytes = optimizer_state_bytes(trainer.optimizer)
-    state = trainer.state
-    loss_curve = [{"step": h["step"], "loss": h["loss"]} for h in state.log_history if "loss" in h]
 
-    # ---------------------------------------------------------------- back to an ordinary model
-    model = trainer.model
+def plain_model(trainer, mode: str, mixed: bool, half: torch.dtype):
+    """Back to an ordinary model in the requested dtype: deltas merged (every other entry the loaded tensor,
+    untouched) or LoRA merged; under FSDP/DeepSpeed also the gathered full state dict (a collective on every
+    process), else None."""
+    model, state_dict = trainer.model, None
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        # sharded full fine-tuning: gather the full weights (a collective on every process), save on the
-        # first; the validation after training is left to evaluate.py (it would need the sharded forward)
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
         model = trainer.accelerator.unwrap_model(trainer.model)
-        after = None
-    else:
-        state_dict = None
     if mode == "neurons":
         from langneurons.sparse import merge_deltas
-        merge_deltas(model)  # W[selected] += delta; every other entry is the loaded tensor, untouched
+        merge_deltas(model)
     elif mode == "lora":
         model = model.merge_and_unload()
     if mixed:  # the saved model keeps the requested dtype: one rounding of the trained float32 masters
         model.to(half)
         if state_dict is not None:
             state_dict = {k: v.to(half) if v.is_floating_point() else v for k, v in state_dict.items()}
-    if state_dict is None:
-        model.eval()
-        after = val_loss("after")
-    if not rank0:
-        return
-    if after is not None:
-        print(f"validation {args.lang} after:  loss {after['loss']:.4f}, ppl {after['ppl']:.3f}")
-
-    # ---------------------------------------------------------------- write
     model.config.use_cache = True
-    provenance = {"tag": tag, "base_model": args.model, "trained_lang": args.lang,
-                  "neurons": neuron_info["name"] if neuron_info else set_name, "mode": mode,
-                  "neuron_file": neuron_info and neuron_info["file"], "run_name": run_name, "run": run_meta(args)}
-    log = {"run": run_meta(args), "fingerprint": fingerprint, "tag": tag, "base_model": args.model,
-           "trained_lang": args.lang, "mode": mode, "neurons": neuron_info,
-           "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha or 2 * args.lora_rank,
-                    "targets": lora_targets(model)} if mode == "lora" else None,
-           "touched_projections": len(touched) if mode == "neurons" else None,
-           "trainable_parameters": trainable, "total_parameters": total_params,
-           "optimizer_state_bytes": opt_bytes, "optimizer_state_note": "per process (every data-parallel "
-           "process holds a full copy)",
-           "world_size": world, "micro_batch_size": args.micro_batch_size,
-           "gradient_accumulation_steps": targs.gradient_accumulation_steps,
-           "effective_batch_size": args.micro_batch_size * targs.gradient_accumulation_steps * world,
-           "train_data": {"source": train_spec, "split": args.train_split, "text_column": args.text_column,
-                          "id": train_id, "packing": args.packing, "val_source": val_spec},
-           "documents": len(docs), "sequences": len(train_set), "steps": state.global_step, "epochs_done": state.epoch,
-           "tokens_seen": int(state.num_input_tokens_seen), "train_loss": result.training_loss,
-           "train_runtime_s": runtime, "resumed_from": str(resume_from) if resume_from else None,
-           "dtype": str(half).replace("torch.", ""), "precision": precision, "device": str(model.device),
-           "loss_curve": loss_curve, "val": {"lang": args.lang, "lines": len(val), "before": before, "after": after}}
+    return model.eval(), state_dict
+
+
+def train_log(args: argparse.Namespace, *, tag: str, mode: str, neuron_info: dict | None, model, touched: dict,
+              trainable: int, total_params: int, opt_bytes: int, targs, trainer, result, runtime: float,
+              resume_from: Path | None, precision_info: dict, fingerprint: dict, train_spec: str, train_id: str,
+              docs, train_set, val_specs: dict[str, str], val: dict[str, list[str]], before: dict,
+              after: dict | None) -> dict[str, Any]:
+    """train_log.json: what was trained, how, on what, and the validation perplexity before and after."""
+    state, world = trainer.state, targs.world_size
+    return {"schema_version": layout.SCHEMA_VERSION, "run": run_meta(args), "fingerprint": fingerprint, "tag": tag,
+            "base_model": args.model, "trained_lang": args.lang, "mode": mode, "neurons": neuron_info,
+            "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha or 2 * args.lora_rank,
+                     "targets": lora_targets(model)} if mode == "lora" else None,
+            "touched_projections": len(touched) if mode == "neurons" else None,
+            "trainable_parameters": trainable, "total_parameters": total_params,
+            "optimizer_state_bytes": opt_bytes, "optimizer_state_note": "per process (every data-parallel "
+            "process holds a full copy)",
+            "world_size": world, "micro_batch_size": args.micro_batch_size,
+            "gradient_accumulation_steps": targs.gradient_accumulation_steps,
+            "effective_batch_size": args.micro_batch_size * targs.gradient_accumulation_steps * world,
+            "train_data": {"source": train_spec, "split": args.train_split, "text_column": args.text_column,
+                           "id": train_id, "packing": args.packing, "val_source": val_specs},
+            "documents": len(docs), "sequences": len(train_set), "steps": state.global_step,
+            "epochs_done": state.epoch, "tokens_seen": int(state.num_input_tokens_seen),
+            "train_loss": result.training_loss, "train_runtime_s": runtime,
+            "resumed_from": str(resume_from) if resume_from else None,
+            "dtype": precision_info["requested_dtype"], "precision": precision_info, "device": str(model.device),
+            "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in state.log_history if "loss" in h],
+            "val": {"lang": args.lang, "langs": list(val), "max_length": args.max_length,
+                    "lines": {lang: len(lines) for lang, lines in val.items()}, "before": before, "after": after}}
+
+
+def write_run(run_dir: Path, model, tok, state_dict, args: argparse.Namespace, log: dict, set_name: str,
+              run_name: str) -> None:
+    """The trained model folder, all at once: weights, tokenizer, provenance, neuron file copy, train_log."""
+    info = log["neurons"]
+    provenance = {"schema_version": layout.SCHEMA_VERSION, "tag": log["tag"], "base_model": args.model,
+                  "trained_lang": args.lang, "neurons": info["name"] if info else set_name, "mode": log["mode"],
+                  "neuron_file": info and info["file"], "run_name": run_name, "run": log["run"]}
     with atomic_dir(run_dir) as tmp:
         save_model_dir(model, tok, args.model, tmp, state_dict=state_dict)
-        if neuron_info:
-            shutil.copy2(neuron_info["file"], tmp / "neurons.json")
-        write_json(tmp / PROVENANCE_FILE, provenance)
-        write_json(tmp / "train_log.json", log)
+        if info:
+            shutil.copy2(info["file"], tmp / layout.NEURON_FILE_COPY)
+        write_json(tmp / layout.PROVENANCE_FILE, provenance)
+        write_json(tmp / layout.TRAIN_LOG, log)
+
+
+def main() -> None:
+    args = parse_args()
+    state = hold(processes(args))
+    rank0, world = state.is_main_process, state.num_processes
+    mode = check_args(args, world)
+    seed_everything(args.seed)
+    # the config checks the neuron file against the model before anything is loaded; the tokenizer and the
+    # weight headers are checked too, so that a broken model folder fails now and not after the data is prepared
+    geom = Geometry.from_config(check_model(args.model))
+    nset, neuron_info = neuron_set(args, mode, geom)
+    set_name, name = run_name(args, mode, neuron_info)
+    device = process_device(args, state)
+    half, mixed, precision_info = precision(args, mode, device)
+    out = layout.outputs(args.out, args.model)
+    run_dir, ckpt_dir = out.run(name), out.checkpoints(name)
+    reuse.check_writable(run_dir, f"--out {args.out}", folder=True)
+    targs = training_arguments(args, ckpt_dir, state, mode, half, on_cpu=resolve_device(device) == "cpu")
+
+    # ---------------------------------------------------------------- data (checked before anything is written)
+    val_specs, val = validation_text(args)
+    train_spec = (args.train_data or str(lang_file(args.dataset, "train", args.lang, ".jsonl"))).replace("{lang}", args.lang)
+    # the main process (of each node) loads into datasets' cache first, the others then read it; --sample-size
+    # is a seeded draw, like the paper's shuffle-then-take-100k (the sampler reshuffles the order anyway)
+    with targs.main_process_first(desc="load the training text"):
+        docs = training_documents(train_spec, "training file", args.text_column, args.train_split,
+                                  args.sample_size, args.seed)
+    train_id, fingerprint = result_fingerprint(args, mode, world, train_spec, docs, val_specs, val)
+    reuse.hold_lock(run_dir, enabled=rank0)  # a second run of the same name waits, then reuses this one's
+    if rank0:
+        reuse.remove_temporaries(ckpt_dir)
+    if reuse.up_to_date(run_dir / layout.TRAIN_LOG, fingerprint, args.force, run_dir):
+        if rank0 and not args.keep_checkpoints:  # left by a run killed after its model was in place
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return
+    resume_from = resume_point(args, ckpt_dir, fingerprint, rank0)
+    train_set = training_set(args, docs, load_tokenizer(args.model), targs, train_spec)
+
+    # ---------------------------------------------------------------- train
+    model, tok = load_model(args.model, device, "float32" if mixed else args.dtype)
+    total_params = sum(p.numel() for p in model.parameters())
+    before = validation_perplexity(model, tok, val, args, half, mixed, "before", rank0)
+    model, touched = make_trainable(model, mode, nset, args)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if rank0:
+        prepare_checkpoints(args, ckpt_dir, fingerprint, resume_from)
+    trainer = make_trainer(model, mode, targs, train_set, tok)
+    if resume_from and rank0:
+        print(f"Resuming from {resume_from}")
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    runtime = time.time() - t0
+    from langneurons.sparse import optimizer_state_bytes
+    opt_bytes = optimizer_state_bytes(trainer.optimizer)
+    model, state_dict = plain_model(trainer, mode, mixed, half)
+    # under FSDP/DeepSpeed the validation after training is left to evaluate.py (it needs the sharded forward)
+    after = None if state_dict is not None else validation_perplexity(model, tok, val, args, half, mixed, "after", rank0)
+    if not rank0:
+        return
+
+    # ---------------------------------------------------------------- write
+    log = train_log(args, tag=out.tag, mode=mode, neuron_info=neuron_info, model=model, touched=touched,
+                    trainable=trainable, total_params=total_params, opt_bytes=opt_bytes, targs=targs,
+                    trainer=trainer, train_spec=train_spec, train_id=train_id, val_specs=val_specs, docs=docs,
+                    train_set=train_set, result=result, runtime=runtime, resume_from=resume_from,
+                    precision_info=precision_info, fingerprint=fingerprint, val=val, before=before, after=after)
+    write_run(run_dir, model, tok, state_dict, args, log, set_name, name)
     if not args.keep_checkpoints:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     print(f"trained {mode} ({set_name}): {trainable:,} trainable parameters, optimizer state "
-          f"{opt_bytes / 2**20:.2f} MiB, {log['tokens_seen']:,} tokens in {state.global_step} steps")
+          f"{opt_bytes / 2**20:.2f} MiB, {log['tokens_seen']:,} tokens in {log['steps']} steps")
     print(f"Wrote {run_dir}")
 
 

@@ -83,7 +83,7 @@ def child(args: argparse.Namespace) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from langneurons.model import load_tokenizer
-    from train import PadCollator
+    from langneurons.data import PadCollator
     tok = load_tokenizer(args.model)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,

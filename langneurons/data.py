@@ -208,10 +208,10 @@ def _nonblank(texts: list[str]) -> list[bool]:
     return [bool(t.strip()) for t in texts]
 
 
-def training_documents(spec: str, what: str, text_column: str = "text", split: str = "train", limit: int = 0,
+def training_documents(spec: str, what: str, text_column: str = "text", split: str = "train", sample_size: int = 0,
                        seed: int = 0):
-    """The non-blank documents of a corpus (see `load_text_dataset`) as a Dataset; with `limit`, that many
-    drawn with the seed (shuffle then select, through the dataset's cached index mappings)."""
+    """The non-blank documents of a corpus (see `load_text_dataset`) as a Dataset; with `sample_size`, that
+    many drawn with the seed (shuffle then select, through the dataset's cached index mappings)."""
     from datasets.fingerprint import Hasher
     ds = load_text_dataset(spec, what, text_column, split)
     ds_lib = _datasets()
@@ -222,8 +222,8 @@ def training_documents(spec: str, what: str, text_column: str = "text", split: s
                        new_fingerprint=Hasher.hash([ds._fingerprint, "nonblank", text_column]))
         if len(ds) == 0:
             raise InputError(f"{what} {spec}: empty")
-        if 0 < limit < len(ds):
-            ds = ds.shuffle(seed=seed).select(range(limit))
+        if 0 < sample_size < len(ds):
+            ds = ds.shuffle(seed=seed).select(range(sample_size))
     finally:
         if not quiet:
             ds_lib.enable_progress_bars()
@@ -368,6 +368,19 @@ def pad_batch(seqs: list[list[int]], pad_id: int, device, left: bool = False) ->
         ids[i, sl] = torch.tensor(s, dtype=torch.long)
         mask[i, sl] = 1
     return ids.to(device), mask.to(device)
+
+
+class PadCollator:
+    """The Trainer's collator: right-pads a batch; padding gets attention mask 0 and label -100 (never
+    predicted, never counted). Labels come from the mask, not from the token id, so an EOS that doubles as
+    padding is still learnt."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        ids, mask = pad_batch([f["input_ids"] for f in features], self.pad_id, "cpu")
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:

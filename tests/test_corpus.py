@@ -1,6 +1,6 @@
 """langneurons/data.py's corpora through `datasets`: every format gives the same texts, tokenization equals
 the per-document list code it replaced (and run_clm's packing), its cache is reused by a later process and
-invalidated when the data or the tokenizer changes, --limit draws with the seed, bad input is one line naming
+invalidated when the data or the tokenizer changes, --sample-size draws with the seed, bad input is one line naming
 file and line; detection.py --corpus reads files with {lang}. Nothing is downloaded."""
 from __future__ import annotations
 
@@ -91,15 +91,15 @@ def test_tokenization_equals_the_per_document_list(tmp_path, cutoff):
     assert list(tokenize_documents(docs, tok, cutoff, num_proc=2)["input_ids"]) == got
 
 
-def test_limit_draws_with_the_seed(tmp_path):
+def test_sample_size_draws_with_the_seed(tmp_path):
     texts = [f"document number {i}" for i in range(50)]
     jl = str(write_jsonl(tmp_path / "t.jsonl", texts))
-    a = list(training_documents(jl, "training file", limit=10, seed=3)["text"])
+    a = list(training_documents(jl, "training file", sample_size=10, seed=3)["text"])
     assert len(a) == 10 == len(set(a)) and set(a) <= set(texts)
-    assert list(training_documents(jl, "training file", limit=10, seed=3)["text"]) == a
-    assert list(training_documents(jl, "training file", limit=10, seed=4)["text"]) != a
+    assert list(training_documents(jl, "training file", sample_size=10, seed=3)["text"]) == a
+    assert list(training_documents(jl, "training file", sample_size=10, seed=4)["text"]) != a
     assert a != texts[:10]  # a draw, not the head of the file
-    assert list(training_documents(jl, "training file", limit=500, seed=3)["text"]) == texts  # more than there are: all
+    assert list(training_documents(jl, "training file", sample_size=500, seed=3)["text"]) == texts  # more than there are: all
 
 
 CACHE_PROBE = r"""

@@ -264,7 +264,7 @@ def test_deactivation_zeroes_exactly_in_bf16(work, tmp_path):
     assert measured["sets"]["s"]["ppl"]["fr"]["ppl"] != measured["results"]["ppl"]["fr"]["ppl"]
 
 
-TRAIN = ["--lang", "en", "--batch-size", "4", "--micro-batch-size", "2", "--cutoff-len", "64", "--val-limit", "2",
+TRAIN = ["--lang", "en", "--langs", "en", "--global-batch-size", "4", "--micro-batch-size", "2", "--cutoff-len", "64", "--val-limit", "2",
          "--warmup", "0"]
 
 

@@ -317,7 +317,11 @@ TRAIN_FLAGS = [
     (["--lr", "-1e-5"], "--lr"),
     (["--warmup", "1"], "--warmup"),
     (["--max-steps", "-2"], "--max-steps"),
-    (["--batch-size", "4", "--micro-batch-size", "3"], "--batch-size"),
+    (["--global-batch-size", "4", "--micro-batch-size", "3"], "--global-batch-size"),
+    (["--batch-size", "4", "--micro-batch-size", "3"], "--global-batch-size"),  # INTERFACE.md's name, an alias
+    (["--max-length", "1"], "--max-length"),
+    (["--sample-size", "-1"], "--sample-size"),
+    (["--langs", "en,xx"], "'xx'"),
     (["--micro-batch-size", "0"], "--micro-batch-size"),
     (["--cutoff-len", "1"], "--cutoff-len"),
     (["--lora-alpha", "8"], "--lora-alpha"),
@@ -328,7 +332,7 @@ TRAIN_FLAGS = [
 @pytest.mark.parametrize("argv,needle", TRAIN_FLAGS, ids=[" ".join(a) for a, _ in TRAIN_FLAGS])
 def test_train_bad_flags(run, w, tmp_path, argv, needle):
     base = ["--model", w["model"], "--dataset", w["data"], "--out", tmp_path / "out", "--neurons",
-            w["root"] / "good.json", "--batch-size", "2", "--micro-batch-size", "1"]
+            w["root"] / "good.json", "--global-batch-size", "2", "--micro-batch-size", "1", "--langs", "en"]
     if "--lang" not in argv:
         base += ["--lang", "en"]
     assert_fault(run, tmp_path, "train.py", base + argv, needle)
@@ -348,7 +352,8 @@ def test_train_lora_rank_zero_and_no_mode(run, w, tmp_path):
 def test_train_bad_training_file(run, w, tmp_path, content, needle):
     data = dataset_with(w, tmp_path, "train/en.jsonl", content)
     msg = assert_fault(run, tmp_path, "train.py", ["--model", w["model"], "--dataset", data, "--out", tmp_path / "out",
-                                                   "--lang", "en", "--neurons", w["root"] / "good.json"], needle)
+                                                   "--lang", "en", "--langs", "en", "--neurons", w["root"] / "good.json"],
+                       needle)
     assert str(data / "train/en.jsonl") in msg
 
 

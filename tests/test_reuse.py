@@ -119,7 +119,7 @@ def deact(base, model=None, data=None, neurons=None):
 def train(base, model=None, data=None):
     root, m, d = base
     return ["train.py", "--model", model or m, "--dataset", data or d, "--out", "out", "--device", "cpu",
-            "--lang", "en", "--neurons", root / "shared.json", "--max-steps", "2", "--batch-size", "2",
+            "--lang", "en", "--langs", "en", "--neurons", root / "shared.json", "--max-steps", "2", "--global-batch-size", "2",
             "--micro-batch-size", "1", "--cutoff-len", "32", "--save-steps", "1", "--lr", "1e-2", "--val-limit", "3"]
 
 
@@ -229,7 +229,7 @@ def test_train_recomputes_when_val_limit_or_training_text_change(base, tmp_path)
     assert "Reusing" in ok(*argv, "--val-limit", "3", cwd=tmp_path)
     out = ok(*argv, "--val-limit", "2", cwd=tmp_path)  # once ignored: the old log kept 3 lines
     assert "Recomputing: --val-limit changed (3 -> 2)" in out
-    assert json.loads(log_file.read_text())["val"]["lines"] == 2
+    assert json.loads(log_file.read_text())["val"]["lines"] == {"en": 2}
     (data / "train" / "en.jsonl").write_text(json.dumps({"text": "Only one document now."}) + "\n")
     out = ok(*argv, "--val-limit", "2", cwd=tmp_path)
     assert f"{data / 'train' / 'en.jsonl'} changed" in out

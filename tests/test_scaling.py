@@ -171,8 +171,8 @@ def test_ddp_training_through_accelerate_launch_keeps_unselected_entries(tiny, t
     write_neuron_file(tmp_path / "s.json", nset)
     # batch 4 = micro 1 x 2 accumulation steps x 2 processes
     launch((*LAUNCH, "--main_process_port", str(free_port())), "train.py", "--model", model, "--dataset", data,
-           "--out", tmp_path / "out", "--lang", "en", "--neurons", tmp_path / "s.json", "--device", "cpu",
-           "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-2", "--cutoff-len", "64",
+           "--out", tmp_path / "out", "--lang", "en", "--langs", "en", "--neurons", tmp_path / "s.json", "--device", "cpu",
+           "--max-steps", "2", "--global-batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-2", "--cutoff-len", "64",
            "--val-limit", "2")
     trained = tmp_path / "out" / "model" / "trained" / "en-s"
     log = json.loads((trained / "train_log.json").read_text())

@@ -3,6 +3,7 @@ gradient accumulation and two processes; resume = uninterrupted; LoRA/full basel
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from langneurons.masking import meta_skeleton, zero_plan  # noqa: E402
 from langneurons.model import Geometry  # noqa: E402
-from langneurons.layout import model_tag  # noqa: E402
+from langneurons.layout import SCHEMA_VERSION, model_tag  # noqa: E402
 from langneurons.neurons import random_set, read_neuron_file, write_neuron_file  # noqa: E402
 from langneurons.sparse import (attach_deltas, delta_modules, merge_deltas,  # noqa: E402
                                 optimizer_state_bytes)
@@ -29,7 +30,8 @@ from langneurons.sparse import (attach_deltas, delta_modules, merge_deltas,  # n
 PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false"}
-FAST = ["--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2", "--cutoff-len", "64", "--val-limit", "2"]
+FAST = ["--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2", "--cutoff-len", "64", "--val-limit", "2",
+        "--langs", "en"]
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +161,13 @@ def test_only_selected_neurons_change(work, arch, tmp_path):
     # AdamW: two float32 moments per trainable entry, plus one step counter per delta tensor
     assert log["trainable_parameters"] * 8 <= log["optimizer_state_bytes"] <= log["trainable_parameters"] * 8 + 4096
     assert [p["step"] for p in log["loss_curve"]] == [1, 2] and log["tokens_seen"] > 0
-    assert log["val"]["before"]["loss"] > 0 and log["val"]["after"]["ppl"] > 0
+    assert log["val"]["before"]["en"]["loss"] > 0 and log["val"]["after"]["en"]["ppl"] > 0
+    assert log["schema_version"] == SCHEMA_VERSION and log["val"]["max_length"] == 512
     assert log["run"]["args"]["lang"] == "en" and "torch" in log["run"]["versions"]
     assert model_tag(str(d)) == model_tag(str(work["models"][arch])) == arch
     prov = json.loads((d / "langneurons.json").read_text())
-    assert prov["trained_lang"] == "en" and prov["neurons"] == f"set_{arch}"
+    assert prov["trained_lang"] == "en" and prov["neurons"] == f"set_{arch}" and prov["schema_version"] == SCHEMA_VERSION
+    assert (d / "neurons.json").read_bytes() == work["sets"][arch].read_bytes()
     assert not (out / arch / "trained" / f".en-set_{arch}.ckpt").exists()  # checkpoints removed after success
     assert not list((out / arch / "trained").glob(".*tmp"))
     # the same command again reuses the finished run
@@ -233,6 +237,35 @@ def test_full_and_lora_save_a_loadable_model(work, tmp_path, mode):
         assert log["lora"]["rank"] == 2
 
 
+def test_validation_covers_langs_and_the_target_with_max_length_512(work, tmp_path):
+    """--langs en,fr --lang de: perplexity before and after in de (the target, not in --langs), en and fr.
+    Before training it is metrics.perplexity of the base model on the first --val-limit lines, at 512 tokens
+    per line (a line longer than --cutoff-len is not cut at the cutoff)."""
+    from langneurons.data import read_lines
+    from langneurons.metrics import perplexity
+    from langneurons.model import load_model
+    data = Path(shutil.copytree(work["dataset"], tmp_path / "dataset"))
+    long_line = " ".join(["Le chat dort sur le tapis et le chien regarde par la fenêtre."] * 12)
+    (data / "val" / "fr.txt").write_text(long_line + "\nUne phrase courte.\nEt une troisième.\n", encoding="utf-8")
+    out = tmp_path / "out"
+    train(work, out, "--neurons", str(work["sets"]["llama"]), "--max-steps", "1", "--warmup", "0", "--dataset", str(data),
+          "--lang", "de", "--langs", "en,fr", "--device", "cpu", "--dtype", "float32")
+    log = json.loads((run_dir(out, "llama", "de-set_llama") / "train_log.json").read_text())
+    val = log["val"]
+    assert val["lang"] == "de" and sorted(val["langs"]) == ["de", "en", "fr"] and val["max_length"] == 512
+    assert val["lines"] == {"de": 2, "en": 2, "fr": 2}
+    assert set(val["before"]) == set(val["after"]) == {"de", "en", "fr"}
+    assert val["after"]["de"]["ppl"] != val["before"]["de"]["ppl"]  # the target's text was trained on
+    model, tok = load_model(str(work["models"]["llama"]), "cpu", "float32")
+    for lang in ("de", "en", "fr"):
+        lines = read_lines(data / "val" / f"{lang}.txt")[:2]
+        ref = perplexity(model, tok, lines, max_length=512, batch_size=2)  # --micro-batch-size of FAST
+        assert val["before"][lang]["ppl"] == pytest.approx(ref["ppl"], rel=1e-6)
+        assert val["before"][lang]["tokens"] == ref["tokens"]
+        assert val["before"][lang]["loss"] == pytest.approx(math.log(ref["ppl"]), rel=1e-9)
+    assert val["before"]["fr"]["tokens"] > 64  # the long line is measured beyond --cutoff-len
+
+
 def test_bad_inputs_exit_2_and_write_nothing(work, tmp_path):
     empty = tmp_path / "empty_ds"
     shutil.copytree(work["dataset"], empty)
@@ -244,13 +277,17 @@ def test_bad_inputs_exit_2_and_write_nothing(work, tmp_path):
              (("--neurons", str(work["sets"]["llama"]), "--lr", "0"), "--lr"),
              (("--neurons", str(work["sets"]["llama"]), "--micro-batch-size", "8"), "--micro-batch-size"),
              (("--neurons", str(tmp_path / "nope.json")), "no such file"),
+             # every measured language's validation text is checked before the model loads
+             (("--neurons", str(work["sets"]["llama"]), "--langs", "en,fr,zh"), "unknown language 'zh'"),
+             (("--neurons", "full", "--langs", "en,fr", "--val-data", str(work["dataset"] / "val" / "en.txt")),
+              "--val-data"),
              (("--neurons", str(work["sets"]["llama"]), "--dataset", str(empty)), "empty")]
     assert_one_line_errors(work, tmp_path / "out", cases)
 
 
 # ---------------------------------------------------------------- training text through datasets
 
-def test_train_data_parquet_packing_limit_and_val_data(work, tmp_path):
+def test_train_data_parquet_packing_sample_size_and_val_data(work, tmp_path):
     import datasets
     texts = [f"Document {i}: " + " ".join(["the cat sleeps on the mat"] * (1 + i % 5)) for i in range(40)]
     datasets.Dataset.from_dict({"body": texts, "n": list(range(40))}).to_parquet(str(tmp_path / "en.parquet"))
@@ -258,14 +295,14 @@ def test_train_data_parquet_packing_limit_and_val_data(work, tmp_path):
     val.write_text("".join(json.dumps({"body": t}) + "\n" for t in ("A short line.", "Another one.", "Third.")))
     out = tmp_path / "out"
     common = ("--neurons", str(work["sets"]["llama"]), "--train-data", str(tmp_path / "{lang}.parquet"),
-              "--text-column", "body", "--val-data", str(val), "--val-limit", "0", "--limit", "24", "--max-steps", "2")
+              "--text-column", "body", "--val-data", str(val), "--val-limit", "0", "--sample-size", "24", "--max-steps", "2")
     train(work, out, *common, "--packing", "--cutoff-len", "32", "--run-name", "packed")
     log = json.loads((run_dir(out, "llama", "packed") / "train_log.json").read_text())
     assert log["documents"] == 24 and log["train_data"]["packing"]
     assert log["train_data"]["source"].endswith("en.parquet")
     # packed blocks are full: every micro-batch is all tokens, no padding
     assert log["tokens_seen"] == 2 * 4 * 32 and log["sequences"] > 0
-    assert log["val"]["lines"] == 3
+    assert log["val"]["lines"] == {"en": 3}
     # without packing: one sequence per drawn document (all have two tokens), the same draw of 24
     train(work, out, *common, "--run-name", "docs")
     log2 = json.loads((run_dir(out, "llama", "docs") / "train_log.json").read_text())
