@@ -1,4 +1,4 @@
-"""Stage 2, deactivation (METHOD.md section 5): switch neuron sets off, save each deactivated model as
+"""Stage 2, deactivation (docs/method.md section 5): switch neuron sets off, save each deactivated model as
 an ordinary transformers model directory, and measure what it costs in perplexity per language.
 
     python deactivation.py --model gemma-3-270m --langs en,zh,th,sw,fr,de --measure-ppl

@@ -1,8 +1,8 @@
 """Stage 1: find the language-related neurons of a model, and sort them into shared and exclusive.
 
-For every sentence of every language, every neuron's importance (METHOD.md section 2) is computed
+For every sentence of every language, every neuron's importance (docs/method.md section 2) is computed
 from one ordinary forward pass; the top --ratio of each layer and group are 'activated' by that
-sentence. Firing counts per language are stored, and the sets of METHOD.md section 4 are derived
+sentence. Firing counts per language are stored, and the sets of docs/method.md section 4 are derived
 from them at --threshold. A later run that differs only in --threshold re-derives the sets from the
 stored counts without loading the model.
 
@@ -33,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     p = cli.common_parser(__doc__.split("\n\n")[0])
     p.add_argument("--method", choices=["importance", "activation", "authors"], default="importance",
                    help="importance: the paper's parallel neuron detection; activation: LAPE (FFN only); "
-                        "authors: what the authors' released code computes (METHOD.md section 10: their score "
+                        "authors: what the authors' released code computes (docs/method.md section 10: their score "
                         "proxies, swapped per-text top counts, first --max-length tokens, their MGSM prompt); "
                         "its attn_k/attn_v files stay in their query-head index space")
     p.add_argument("--ratio", type=cli.float_in(0, 1, lo_open=True), default=0.01,
@@ -87,7 +87,7 @@ def main() -> None:
         return
     firing, sentences, geom, config = counts
 
-    # ---- sets (METHOD.md section 4) and statistics
+    # ---- sets (docs/method.md section 4) and statistics
     if args.method in ("importance", "authors"):
         related = related_from_counts(firing, sentences, langs, args.threshold, geom)
     else:
@@ -184,7 +184,7 @@ def run_record(args, langs, groups, corpora, mgsm_format, geom: Geometry, config
 def authors_record(args, undo: tuple[str, ...], geom: Geometry) -> dict:
     """--method authors: which definition each group used, and the per-text top counts."""
     defs = authors.definitions(undo)
-    return {"definitions": "the authors' released detect.py (METHOD.md section 10), not the paper's formulas, "
+    return {"definitions": "the authors' released detect.py (docs/method.md section 10), not the paper's formulas, "
                            "except for the pieces undone",
             "undo": list(undo), "attention": args.authors_attention, "group_definitions": defs,
             "top_counts": authors.top_counts(geom, args.ratio, authors.score_sizes(geom, defs), "top_counts" not in undo),

@@ -1,4 +1,4 @@
-"""Stage 4, evaluation (METHOD.md section 7): MGSM accuracy, MMMLU accuracy and perplexity per language of
+"""Stage 4, evaluation (docs/method.md section 7): MGSM accuracy, MMMLU accuracy and perplexity per language of
 any model: the base model, a deactivated variant, a trained model, a hub id or a .gguf file.
 
     python evaluate.py --model gemma-3-270m --tasks ppl,mgsm,mmmlu --limit 0
@@ -10,7 +10,7 @@ MGSM: zero-shot, no chat template, greedy decoding of the prompt "Question: <que
 generation stops at EOS, at "Question:", at a blank line or after --max-new-tokens; the score is whether the
 last number of the answer equals the gold number. MMMLU: "<question>\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:";
 the prediction is the letter " A".." D" with the highest log-likelihood as the next token. Perplexity:
-every line of <dataset>/val/<lang>.txt scored on its own (METHOD.md section 7).
+every line of <dataset>/val/<lang>.txt scored on its own (docs/method.md section 7).
 
 Results of earlier runs on the same model files are kept: evaluating one task at a time fills one file,
 and a task already evaluated with the same arguments is skipped (--force recomputes)."""
@@ -108,7 +108,7 @@ def to_compute(tasks: list[str], results: dict, task_meta: dict, fps: dict, forc
     return todo
 
 
-# ---------------------------------------------------------------- the tasks (METHOD.md section 7)
+# ---------------------------------------------------------------- the tasks (docs/method.md section 7)
 
 def eval_ppl(model, tok, data: dict[str, list[str]], args: argparse.Namespace) -> dict[str, dict]:
     """Perplexity of every validation line scored on its own."""

@@ -1,4 +1,4 @@
-"""Stage 3, neuron-targeted continued pretraining (METHOD.md section 6): next-token training on one
+"""Stage 3, neuron-targeted continued pretraining (docs/method.md section 6): next-token training on one
 language's text in which only the selected neurons change; every other parameter entry stays bit-for-bit.
 
     python train.py --model gemma-3-270m --lang sw --neurons outputs/gemma-3-270m/neurons/exclusive_sw.json
@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int_at_least(0), default=0,
                    help="stop after N optimizer steps (0: --epochs decides)")
     p.add_argument("--global-batch-size", "--batch-size", dest="global_batch_size", type=int_at_least(1), default=128,
-                   help="documents per optimizer step, over all processes (--batch-size: INTERFACE.md's name)")
+                   help="documents per optimizer step, over all processes (--batch-size: the name in docs/outputs.md)")
     p.add_argument("--micro-batch-size", type=int_at_least(1), default=4, help="documents per forward pass per process "
                    "(gradient accumulation makes up --global-batch-size); also the validation batch")
     p.add_argument("--cutoff-len", type=int_at_least(2), default=1024,

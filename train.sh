@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Neuron-targeted continued pretraining, one run per model, trained language and neuron set (METHOD.md section 6). Edit the variables below, then: bash train.sh
+# Neuron-targeted continued pretraining, one run per model, trained language and neuron set
+# (docs/method.md section 6). Edit the variables below, then: bash train.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}  # the project's environment

@@ -1,6 +1,6 @@
 """How well the query/key channel score predicts the effect of zeroing the q_proj/k_proj row itself.
 
-The channel score (METHOD.md section 2, the paper's) measures removing channel d from the queries and
+The channel score (docs/method.md section 2, the paper's) measures removing channel d from the queries and
 keys that attention sees, after rotary embedding and q/k normalisation; deactivation and training
 switch off row d of q_proj/k_proj, before both. Per layer, per sentence, the truth is brute force:
 each row (and its bias entry) zeroed in turn, the attention module replayed alone on that layer's

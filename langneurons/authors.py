@@ -1,4 +1,4 @@
-"""The authors' detection (METHOD.md section 10), as an exact compatibility mode.
+"""The authors' detection (docs/method.md section 10), as an exact compatibility mode.
 
 Their released code does not compute the paper's formulas (section 2); it computes, per text and layer:
   fwd_up = fwd_down = sum_t |X W_up|[t,k]            (the up projection alone, read at up_proj's output)

@@ -1,4 +1,4 @@
-"""Readers for the paper's dataset layout (METHOD.md section 8), strict about bad input."""
+"""Readers for the paper's dataset layout (docs/method.md section 8), strict about bad input."""
 from __future__ import annotations
 
 import csv

@@ -1,4 +1,4 @@
-"""Per-sentence neuron importance (METHOD.md section 2) from the model's own forward pass.
+"""Per-sentence neuron importance (docs/method.md section 2) from the model's own forward pass.
 
 FFN and output-projection importance are read by forward pre-hooks on `down_proj` and `o_proj`:
 removing channel k subtracts the rank-one term H[:,k] W[:,k]^T, whose Frobenius norm is

@@ -1,4 +1,4 @@
-"""Switching neurons off (METHOD.md section 1): in the weights, in place or reversibly, with forward
+"""Switching neurons off (docs/method.md section 1): in the weights, in place or reversibly, with forward
 hooks, or directly in the safetensors shards of a model directory without building the model.
 
 Every path goes through one plan: parameter name -> (dimension, indices) to zero, derived from the

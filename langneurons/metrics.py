@@ -1,4 +1,4 @@
-"""Metrics shared by deactivation, evaluation and the figures (METHOD.md section 7): perplexity, MGSM and
+"""Metrics shared by deactivation, evaluation and the figures (docs/method.md section 7): perplexity, MGSM and
 MMMLU scoring, the language-agnostic score, correlations."""
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 512, batch_
     return {"ppl": math.exp(nll / count) if count else float("nan"), "tokens": count}
 
 
-# ---------------------------------------------------------------- MGSM (METHOD.md section 7)
+# ---------------------------------------------------------------- MGSM (docs/method.md section 7)
 
 MGSM_PROMPT = "Question: {question}\nAnswer:"
 # an answer ends where the model starts the next item or a new paragraph (as lm-evaluation-harness's MGSM)
@@ -147,7 +147,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     return out
 
 
-# ---------------------------------------------------------------- MMMLU (METHOD.md section 7)
+# ---------------------------------------------------------------- MMMLU (docs/method.md section 7)
 
 CHOICES = ("A", "B", "C", "D")
 
@@ -209,7 +209,7 @@ def score_choices(model, tokenizer, prompts: list[str], choices: tuple[str, ...]
     return out
 
 
-# ---------------------------------------------------------------- deactivation: Imp and LAS (METHOD.md section 5)
+# ---------------------------------------------------------------- deactivation: Imp and LAS (docs/method.md section 5)
 
 def language_agnostic(sets: dict[str, dict], langs: list[str]) -> tuple[dict[str, float | None], float | None]:
     """Imp_l = (dPPL_l(shared)/|shared|) / (dPPL_l(exclusive_l)/|exclusive_l|), LAS = log(1 + mean_l Imp_l).

@@ -1,4 +1,4 @@
-"""Neuron sets: files (ours and the authors'), set algebra of METHOD.md section 4, statistics.
+"""Neuron sets: files (ours and the authors'), set algebra of docs/method.md section 4, statistics.
 
 In memory a neuron set is a dict group -> bool tensor [num_layers, group_size]; set algebra is
 then elementwise logic. On disk it is the authors' JSON layout {group: {"layer": [indices]}}."""
@@ -63,7 +63,7 @@ def random_set(n: int, geom: Geometry, seed: int, name: str, sizes: dict[str, in
 
 
 def language_sets(related: dict[str, NeuronSet], geom: Geometry, seed: int) -> dict[str, NeuronSet]:
-    """All sets of INTERFACE.md from the language-related sets N_l (METHOD.md section 4)."""
+    """All sets of docs/outputs.md from the language-related sets N_l (docs/method.md section 4)."""
     langs = list(related)
     sizes = set_sizes(related[langs[0]])  # random controls live in the same index space as the sets
     shared = intersection(list(related.values()))

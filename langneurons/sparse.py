@@ -1,4 +1,4 @@
-"""Training only selected neurons (METHOD.md section 6): every other parameter entry stays bit-for-bit.
+"""Training only selected neurons (docs/method.md section 6): every other parameter entry stays bit-for-bit.
 
 The whole model is frozen. Every projection that holds selected rows or columns (the same plan that
 deactivation zeroes, `masking.zero_plan`) gets a small trainable `NeuronDelta` submodule, initialised
