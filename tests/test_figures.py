@@ -3,16 +3,12 @@ Fig. 2 panel per model, and skipping (never crashing) when inputs are missing.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO))
-import figures  # noqa: E402
+import figures
+from conftest import run_script
 
 LANGS = ["en", "zh", "sw"]
 GROUPS = ("fwd_up", "fwd_down", "attn_q", "attn_k", "attn_v", "attn_o")
@@ -75,11 +71,6 @@ def write_model(out: Path, tag: str, shared: int, las: float, mgsm: list[float],
         (broken / "train_log.json").write_text("{not json")
 
 
-def run_figures(*argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "figures.py"), *map(str, argv)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture()
 def outputs(tmp_path):
     out = tmp_path / "outputs"
@@ -90,7 +81,7 @@ def outputs(tmp_path):
 
 
 def test_all_figures_from_fixture_outputs(outputs):
-    r = run_figures("--out", outputs)
+    r = run_script("figures.py", "--out", outputs)
     assert r.returncode == 0, r.stderr
     figs = outputs / "figures"
     expected = ["neuron_distribution.png", "components.png", "ability.png", "training_small-model.png"] + \
@@ -151,20 +142,20 @@ def test_missing_inputs_skip_with_notes(tmp_path):
         {"model": "x", "meta": {}, "results": {"mgsm": {"en": {"accuracy": 0.2, "n": 3}}}}))
     (out / "corrupt" / "neurons").mkdir(parents=True)
     (out / "corrupt" / "neurons" / "stats.json").write_text("{")
-    r = run_figures("--out", out)
+    r = run_script("figures.py", "--out", out)
     assert r.returncode == 0, r.stderr
     report = (out / "figures" / "report.md").read_text()
     assert "Skipped" in report and "corrupt: no readable neurons/stats.json" in report
     assert not list((out / "figures").glob("*.png"))
     # an empty output root also works (a missing one is an error: tests/test_faults.py)
     (tmp_path / "nothing").mkdir()
-    r = run_figures("--out", tmp_path / "nothing")
+    r = run_script("figures.py", "--out", tmp_path / "nothing")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "nothing" / "figures" / "report.md").is_file()
 
 
 def test_models_flag_selects(outputs):
-    r = run_figures("--out", outputs, "--models", "big-model")
+    r = run_script("figures.py", "--out", outputs, "--models", "big-model")
     assert r.returncode == 0, r.stderr
     figs = outputs / "figures"
     assert (figs / "layers_big-model.png").is_file() and not (figs / "layers_small-model.png").exists()
