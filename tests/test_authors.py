@@ -1,15 +1,12 @@
-"""The authors' detection mode (METHOD.md section 10) against the outputs of their own code, on every
+"""The authors' detection mode (docs/method.md section 10) against the outputs of their own code, on every
 architecture, batched against one text at a time, and through deactivation."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SHARED_DATA
+from conftest import SHARED_DATA, run_script
 from langneurons import authors
 from langneurons.data import mgsm_texts
 from langneurons.importance import ImportanceProbe
@@ -20,14 +17,8 @@ from tiny import ARCHS, SENTENCES, save_tiny, tiny_dataset, tiny_model, tiny_tok
 
 REF = SHARED_DATA / "authors_reference"
 MODES = {"shipped_nomask": "bidirectional", "eager_causal": "causal"}
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
 TOK = tiny_tokenizer()
 needs_ref = pytest.mark.skipif(not REF.is_dir(), reason=f"{REF} absent")
-
-
-def run(script, *args):
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
-                          env=ENV, cwd=REPO)
 
 
 def as_sets(obj):
@@ -84,9 +75,9 @@ def test_scores_and_per_text_top_lists_equal_theirs(reference, mode):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("ratio", ["0.1", "0.05"])
 def test_detection_sets_equal_theirs(tmp_path, mode, ratio):
-    r = run("detection.py", "--method", "authors", "--model", REF / "tiny-llama-gqa", "--dataset", REF / "dataset",
-            "--corpus", "mgsm", "--langs", "en,zh,sw", "--ratio", ratio, "--out", tmp_path,
-            "--authors-attention", MODES[mode], "--device", "cpu")
+    r = run_script("detection.py", "--method", "authors", "--model", REF / "tiny-llama-gqa",
+                   "--dataset", REF / "dataset", "--corpus", "mgsm", "--langs", "en,zh,sw", "--ratio", ratio,
+                   "--out", tmp_path, "--authors-attention", MODES[mode], "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     nd = tmp_path / "tiny-llama-gqa" / "neurons"
     meta = json.loads((nd / "meta.json").read_text())
@@ -210,7 +201,7 @@ def test_neuron_files_map_to_kv_rows_and_deactivate(tiny, tmp_path):
     model, data = tiny
     common = ["--method", "authors", "--model", model, "--dataset", data, "--corpus", "mgsm", "--langs", "en,fr,de",
               "--ratio", "0.3"]
-    r = run("detection.py", *common, "--out", tmp_path / "a", "--authors-undo", "qk")
+    r = run_script("detection.py", *common, "--out", tmp_path / "a", "--authors-undo", "qk")
     assert r.returncode == 0, r.stderr[-3000:]
     nd = tmp_path / "a" / "model" / "neurons"
     meta = json.loads((nd / "meta.json").read_text())
@@ -227,12 +218,12 @@ def test_neuron_files_map_to_kv_rows_and_deactivate(tiny, tmp_path):
         assert torch.nonzero(nset["attn_v"][layer]).flatten().tolist() == mapped
     assert sum(len(v) for v in raw["attn_v"].values()) > 0
     # every set deactivates through deactivation.py
-    r = run("detection.py", *common, "--out", tmp_path / "b")
+    r = run_script("detection.py", *common, "--out", tmp_path / "b")
     assert r.returncode == 0, r.stderr[-3000:]
     nd = tmp_path / "b" / "model" / "neurons"
-    r = run("deactivation.py", "--model", model, "--dataset", data, "--langs", "en,fr", "--out", tmp_path / "b",
-            "--neurons", nd / "related_all.json", "--neurons", nd / "random_shared.json", "--measure-ppl",
-            "--save-variants", "none", "--limit", "2")
+    r = run_script("deactivation.py", "--model", model, "--dataset", data, "--langs", "en,fr", "--out", tmp_path / "b",
+                   "--neurons", nd / "related_all.json", "--neurons", nd / "random_shared.json", "--measure-ppl",
+                   "--save-variants", "none", "--limit", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "b" / "model" / "deactivation.json").read_text())
     related, _ = read_neuron_file(nd / "related_all.json", geom)
@@ -242,8 +233,8 @@ def test_neuron_files_map_to_kv_rows_and_deactivate(tiny, tmp_path):
 
 def test_authors_top_counts_are_swapped(tiny, tmp_path):
     model, data = tiny
-    r = run("detection.py", "--method", "authors", "--model", model, "--dataset", data, "--langs", "en,fr",
-            "--ratio", "0.1", "--out", tmp_path)
+    r = run_script("detection.py", "--method", "authors", "--model", model, "--dataset", data, "--langs", "en,fr",
+                   "--ratio", "0.1", "--out", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     nd = tmp_path / "model" / "neurons"
     firing = load_file(nd / "firing.safetensors")
@@ -264,6 +255,7 @@ def test_authors_top_counts_are_swapped(tiny, tmp_path):
 ])
 def test_bad_authors_flags_are_one_line_exit_2(tiny, tmp_path, extra, message):
     model, data = tiny
-    r = run("detection.py", "--model", model, "--dataset", data, "--langs", "en,fr", "--out", tmp_path / "out", *extra)
+    r = run_script("detection.py", "--model", model, "--dataset", data, "--langs", "en,fr", "--out", tmp_path / "out",
+                   *extra)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()

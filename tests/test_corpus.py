@@ -5,7 +5,6 @@ file and line; detection.py --corpus reads files with {lang}. Nothing is downloa
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,14 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO, run_script, script_env
+from langneurons.cli import InputError
+from langneurons.data import (detection_corpus, external_corpus, load_text_dataset, read_corpus, read_lines,
+                              tokenize_documents, training_documents)
 from tiny import SENTENCES, save_tiny, tiny_dataset, tiny_tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from langneurons.cli import InputError  # noqa: E402
-from langneurons.data import (detection_corpus, external_corpus, load_text_dataset, read_corpus,  # noqa: E402
-                              read_lines, tokenize_documents, training_documents)
 
 DOCS = [a + " " + b for a, b in zip(SENTENCES["en"], SENTENCES["fr"])] + ["   ", "x", "Ein langer Satz. " * 12]
 
@@ -102,6 +98,7 @@ def test_sample_size_draws_with_the_seed(tmp_path):
     assert list(training_documents(jl, "training file", sample_size=500, seed=3)["text"]) == texts  # more than there are: all
 
 
+# A process of its own (not pytest, so without pytest.ini's pythonpath): it finds the package through argv[1].
 CACHE_PROBE = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
@@ -120,7 +117,7 @@ print(json.dumps({"ids": list(ids["input_ids"]), "files": [f["filename"] for f i
 
 def test_tokenization_cache_is_reused_and_invalidated(tmp_path, datasets_cache):
     tok_dir = save_tiny("llama", tmp_path / "model")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(datasets_cache)}
+    env = script_env({"HF_DATASETS_CACHE": datasets_cache})
     jl = write_jsonl(tmp_path / "t.jsonl", DOCS)
 
     def probe(mode: str, tok=tok_dir) -> dict:
@@ -193,21 +190,17 @@ def test_detection_reads_a_corpus_file_per_language(tmp_path):
     for lang in ("en", "fr"):
         write_jsonl(tmp_path / "corpus" / f"{lang}.jsonl", read_lines(ds / "detect" / f"{lang}.txt"))
     assert external_corpus(str(tmp_path / "corpus" / "{lang}.jsonl"), "fr", 3, 0) == detection_corpus(ds, "fr", 3, 0)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     outs = {}
     for name, corpus in (("a", "detect"), ("b", str(tmp_path / "corpus" / "{lang}.jsonl"))):
         outs[name] = tmp_path / name
-        r = subprocess.run([sys.executable, str(REPO / "detection.py"), "--model", str(model), "--dataset", str(ds),
-                            "--langs", "en,fr", "--out", str(outs[name]), "--corpus", corpus, "--ratio", "0.1",
-                            "--sample-size", "4", "--device", "cpu"],
-                           env=env, capture_output=True, text=True, timeout=300)
+        r = run_script("detection.py", "--model", model, "--dataset", ds, "--langs", "en,fr", "--out", outs[name],
+                       "--corpus", corpus, "--ratio", "0.1", "--sample-size", "4", "--device", "cpu",
+                       env={"OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, r.stderr[-2000:]
     a, b = outs["a"] / "llama" / "neurons", outs["b"] / "llama" / "neurons"
     assert (a / "firing.safetensors").read_bytes() == (b / "firing.safetensors").read_bytes()
     assert (a / "shared.json").read_bytes() == (b / "shared.json").read_bytes()
-    r = subprocess.run([sys.executable, str(REPO / "detection.py"), "--model", str(model), "--dataset", str(ds),
-                        "--langs", "en,fr", "--out", str(tmp_path / "c"),
-                        "--corpus", str(tmp_path / "corpus" / "en.jsonl")],
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = run_script("detection.py", "--model", model, "--dataset", ds, "--langs", "en,fr", "--out", tmp_path / "c",
+                   "--corpus", tmp_path / "corpus" / "en.jsonl", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and "{lang}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "c").exists()

@@ -17,36 +17,31 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port
+from bench.random_model import random_config, random_model
+from conftest import REPO, free_port, run_script
+from langneurons.importance import ImportanceProbe, qk_importance
+from langneurons.masking import meta_skeleton, zero_plan
+from langneurons.data import pad_batch
+from langneurons.metrics import perplexity
+from langneurons.model import GROUPS, Geometry, embedded_model_dir, load_model
+from langneurons.neurons import random_set, write_neuron_file
 from tiny import ARCHS, SENTENCES, save_tiny, tiny_config, tiny_dataset, tiny_model, tiny_tokenizer
-
-sys.path.insert(0, str(REPO))
-sys.path.append(str(REPO / "bench"))  # after the repo root: bench/detection.py is not detection.py
-from langneurons.importance import ImportanceProbe, qk_importance  # noqa: E402
-from langneurons.masking import meta_skeleton, zero_plan  # noqa: E402
-from langneurons.data import pad_batch  # noqa: E402
-from langneurons.metrics import perplexity  # noqa: E402
-from langneurons.model import GROUPS, Geometry, embedded_model_dir, load_model  # noqa: E402
-from langneurons.neurons import random_set, write_neuron_file  # noqa: E402
-from random_model import random_config, random_model  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else ("cpu" if os.environ.get("LANGNEURONS_CUDA_TESTS_ON_CPU") else None)
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(DEVICE is None, reason="needs a GPU")]
 needs_cuda = pytest.mark.skipif(not ON_GPU, reason="measures CUDA itself")
 BF16 = torch.bfloat16
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "TRANSFORMERS_VERBOSITY": "error"}
 TOK = tiny_tokenizer()
 TEXTS = [s for lang in SENTENCES for s in SENTENCES[lang]]
 
 
-def run(script: str, *args, launcher=(sys.executable,), cwd=REPO) -> subprocess.CompletedProcess:
-    cmd = [*launcher, str(REPO / script), *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600)
+def run(script: str, *args, **kwargs) -> subprocess.CompletedProcess:
+    """run_script that must succeed, skipped on a GPU box without the datasets package."""
+    r = run_script(script, *args, **kwargs)
     if r.returncode != 0 and "No module named 'datasets'" in r.stderr:
         pytest.skip(f"{script} needs the datasets package, which is not installed here (carry its wheels)")
-    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    assert r.returncode == 0, f"{' '.join(r.args)}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     return r
 
 
@@ -353,7 +348,7 @@ def test_fsdp_full_finetuning_equals_a_plain_run(work, tmp_path):
 def test_device_auto_uses_the_gpus_that_are_here(tmp_path, record_property):
     """load_model as detection, deactivation and evaluation call it: bf16 on the GPU; with several GPUs
     the model is spread over all of them (accelerate's balanced map, as transformers' device_map="auto")."""
-    from random_model import save_random_model
+    from bench.random_model import save_random_model
     path = save_random_model(tmp_path / "random", dtype="float32")
     model, _ = load_model(str(path), "auto", "auto", device_map_auto=True)
     n = torch.cuda.device_count()

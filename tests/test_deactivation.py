@@ -1,13 +1,10 @@
-"""Deactivation (METHOD.md section 5): exactly the selected entries are zeroed, in both file formats;
+"""Deactivation (docs/method.md section 5): exactly the selected entries are zeroed, in both file formats;
 weights, hooks and shard streaming agree; bad neuron files are refused; Imp/LAS arithmetic."""
 from __future__ import annotations
 
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from conftest import SHARED_DATA, run_script
 from tiny import ARCHS, save_tiny, tiny_config, tiny_dataset, tiny_model
 
 from langneurons.data import val_texts
@@ -23,16 +21,6 @@ from langneurons.metrics import language_agnostic, perplexity
 from langneurons.model import GROUPS, Geometry
 from langneurons.layout import NEURON_FILE_COPY, PROVENANCE_FILE, SCHEMA_VERSION, model_role, model_tag
 from langneurons.neurons import empty_set, load_neuron_set, random_set, read_neuron_file, write_neuron_file
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    return subprocess.run([sys.executable, str(REPO / "deactivation.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
-
 
 def tensors(d: Path) -> dict[str, torch.Tensor]:
     out = {}
@@ -174,10 +162,10 @@ def test_streaming_equals_in_memory(work, tmp_path):
     assert len(list(src.glob("*.safetensors"))) > 2 and (src / "model.safetensors.index.json").is_file()
     write_neuron_file(tmp_path / "s.json", dense_set(geom, seed=2))
 
-    a = cli("--model", src, "--dataset", data, "--out", tmp_path / "mem", "--neurons", tmp_path / "s.json",
-            "--device", "cpu")
-    b = cli("--model", src, "--dataset", data, "--out", tmp_path / "stream", "--neurons", tmp_path / "s.json",
-            "--device", "cpu", "--streaming")
+    a = run_script("deactivation.py", "--model", src, "--dataset", data, "--out", tmp_path / "mem",
+                   "--neurons", tmp_path / "s.json", "--device", "cpu")
+    b = run_script("deactivation.py", "--model", src, "--dataset", data, "--out", tmp_path / "stream",
+                   "--neurons", tmp_path / "s.json", "--device", "cpu", "--streaming")
     assert a.returncode == 0, a.stderr
     assert b.returncode == 0, b.stderr
     mem, stream = tmp_path / "mem/sharded/variants/s", tmp_path / "stream/sharded/variants/s"
@@ -234,7 +222,7 @@ def test_refused_with_status_2_and_nothing_written(work, tmp_path, case):
     elif case == "unknown_save":
         write_neuron_file(nfile, random_set(5, geom, 0, "x"))
         args += ["--neurons", nfile, "--save-variants", "shared"]
-    r = cli(*args)
+    r = run_script("deactivation.py", *args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
@@ -281,8 +269,9 @@ def test_in_memory_ppl_equals_reloaded_variant(work, tmp_path):
             "exclusive_fr": dense_set(geom, 5, 0.05), "random_shared": dense_set(geom, 6, 0.05)}
     for n, s in sets.items():
         write_neuron_file(neurons / f"{n}.json", s)
-    r = cli("--model", model_dir, "--dataset", data, "--out", tmp_path / "out", "--langs", "en,fr",
-            "--measure-ppl", "--save-variants", "shared,exclusive_fr", "--batch-size", "4", "--device", "cpu")
+    r = run_script("deactivation.py", "--model", model_dir, "--dataset", data, "--out", tmp_path / "out",
+                   "--langs", "en,fr", "--measure-ppl", "--save-variants", "shared,exclusive_fr", "--batch-size", "4",
+                   "--device", "cpu")
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "out/qwen2/deactivation.json").read_text())
     assert set(res["sets"]) == set(sets)
@@ -313,8 +302,9 @@ def test_in_memory_ppl_equals_reloaded_variant(work, tmp_path):
         assert out.shape[1] > 1
     assert not (tmp_path / "out/qwen2/variants/exclusive_en").exists()  # not asked for
     # a second run with the same arguments and files reuses everything
-    r2 = cli("--model", model_dir, "--dataset", data, "--out", tmp_path / "out", "--langs", "en,fr",
-             "--measure-ppl", "--save-variants", "shared,exclusive_fr", "--batch-size", "4", "--device", "cpu")
+    r2 = run_script("deactivation.py", "--model", model_dir, "--dataset", data, "--out", tmp_path / "out",
+                    "--langs", "en,fr", "--measure-ppl", "--save-variants", "shared,exclusive_fr", "--batch-size", "4",
+                    "--device", "cpu")
     assert r2.returncode == 0 and "Nothing to recompute" in r2.stdout
 
 
@@ -323,8 +313,8 @@ def test_legacy_kv_mapping_flag(work, tmp_path):
     _authors_file(tmp_path / "authors.json")
     for flag, rows in (([], [3, 1, 24, 31]), (["--legacy-kv-mapping"], [1, 8, 20, 31])):
         out = tmp_path / f"out{len(flag)}"
-        r = cli("--model", model_dir, "--dataset", data, "--out", out, "--neurons", f"shared={tmp_path / 'authors.json'}",
-                "--device", "cpu", *flag)
+        r = run_script("deactivation.py", "--model", model_dir, "--dataset", data, "--out", out,
+                       "--neurons", f"shared={tmp_path / 'authors.json'}", "--device", "cpu", *flag)
         assert r.returncode == 0, r.stderr
         t = tensors(out / "qwen2/variants/shared")
         k = t["model.layers.0.self_attn.k_proj.weight"]
@@ -351,5 +341,5 @@ def test_importance_and_las_arithmetic():
 
 
 def test_help():
-    r = cli("--help")
+    r = run_script("deactivation.py", "--help")
     assert r.returncode == 0 and "--legacy-kv-mapping" in r.stdout and "--save-variants" in r.stdout

@@ -1,27 +1,19 @@
 """Detection stage: set algebra, files, re-derivation, reproducibility, multi-process, bad input."""
 import json
-import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, run_script
 from langneurons.model import GROUPS, Geometry
 from langneurons.neurons import (empty_set, language_sets, read_neuron_file, related_from_counts, size, stats,
                                  write_neuron_file)
 from tiny import save_tiny, tiny_dataset
 
 GEOM = Geometry(num_layers=2, intermediate_size=6, num_heads=2, num_kv_heads=1, head_dim=2)
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-
-
-def detect(*args, cwd=REPO):
-    return subprocess.run([sys.executable, str(REPO / "detection.py"), *map(str, args)], capture_output=True,
-                          text=True, env=ENV, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +83,8 @@ def test_neuron_file_round_trip(tmp_path):
 
 def test_detection_writes_every_file_and_rederives_without_the_model(tiny, tmp_path):
     model, data = tiny
-    r = detect("--model", model, "--dataset", data, "--langs", "en,fr,de", "--out", tmp_path, "--ratio", "0.2")
+    r = run_script("detection.py", "--model", model, "--dataset", data, "--langs", "en,fr,de", "--out", tmp_path,
+                   "--ratio", "0.2")
     assert r.returncode == 0, r.stderr
     nd = tmp_path / "model" / "neurons"
     names = {p.name for p in nd.iterdir()}
@@ -107,8 +100,8 @@ def test_detection_writes_every_file_and_rederives_without_the_model(tiny, tmp_p
     shared_at_1 = read_neuron_file(nd / "shared.json", geom)[0]
     # another threshold comes from the stored counts: the model is not run again (its files are still
     # hashed: counts of other weights are never re-derived, tests/test_reuse.py)
-    r = detect("--model", model, "--dataset", data, "--langs", "en,fr,de", "--out", tmp_path, "--ratio", "0.2",
-               "--threshold", "0.5")
+    r = run_script("detection.py", "--model", model, "--dataset", data, "--langs", "en,fr,de", "--out", tmp_path,
+                   "--ratio", "0.2", "--threshold", "0.5")
     assert r.returncode == 0, r.stderr
     assert "stored firing counts" in r.stdout
     shared_at_half = read_neuron_file(nd / "shared.json", geom)[0]
@@ -119,9 +112,9 @@ def test_detection_writes_every_file_and_rederives_without_the_model(tiny, tmp_p
 def test_same_seed_same_files_and_batch_size_does_not_matter(tiny, tmp_path):
     model, data = tiny
     common = ["--model", model, "--dataset", data, "--langs", "en,fr", "--sample-size", "4", "--ratio", "0.1"]
-    a = detect(*common, "--out", tmp_path / "a", "--batch-size", "3")
-    b = detect(*common, "--out", tmp_path / "b", "--batch-size", "1")
-    c = detect(*common, "--out", tmp_path / "c", "--seed", "1")
+    a = run_script("detection.py", *common, "--out", tmp_path / "a", "--batch-size", "3")
+    b = run_script("detection.py", *common, "--out", tmp_path / "b", "--batch-size", "1")
+    c = run_script("detection.py", *common, "--out", tmp_path / "c", "--seed", "1")
     assert a.returncode == b.returncode == c.returncode == 0, a.stderr + b.stderr + c.stderr
     da, db, dc = (tmp_path / x / "model" / "neurons" for x in "abc")
     for f in da.iterdir():
@@ -133,8 +126,8 @@ def test_same_seed_same_files_and_batch_size_does_not_matter(tiny, tmp_path):
 
 def test_activation_method_writes_the_same_files(tiny, tmp_path):
     model, data = tiny
-    r = detect("--model", model, "--dataset", data, "--langs", "en,fr,de", "--out", tmp_path, "--method", "activation",
-               "--ratio", "0.1")
+    r = run_script("detection.py", "--model", model, "--dataset", data, "--langs", "en,fr,de", "--out", tmp_path,
+                   "--method", "activation", "--ratio", "0.1")
     assert r.returncode == 0, r.stderr
     nd = tmp_path / "model" / "neurons"
     assert (nd / "shared.json").is_file() and (nd / "exclusive_fr.json").is_file()
@@ -148,10 +141,9 @@ def test_activation_method_writes_the_same_files(tiny, tmp_path):
 def test_two_processes_give_the_same_files_as_one(tiny, tmp_path):
     model, data = tiny
     common = ["--model", model, "--dataset", data, "--langs", "en,fr", "--ratio", "0.1", "--device", "cpu"]
-    one = detect(*common, "--out", tmp_path / "one")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                          str(REPO / "detection.py"), *map(str, common), "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=ENV, cwd=REPO)
+    one = run_script("detection.py", *common, "--out", tmp_path / "one")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port())
+    two = run_script("detection.py", *common, "--out", tmp_path / "two", launcher=torchrun)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr[-2000:]
     assert "split over 2 processes" in two.stdout  # not two processes that each did everything
     d1, d2 = tmp_path / "one" / "model" / "neurons", tmp_path / "two" / "model" / "neurons"
@@ -184,7 +176,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny, tmp_path, case, 
     if prepare:
         prepare(data_copy)
     args = ["--model", model, "--dataset", data_copy, "--langs", "en,fr", "--out", tmp_path / "out"]
-    r = detect(*args, *extra)
+    r = run_script("detection.py", *args, *extra)
     assert r.returncode == 2, (case, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], (case, r.stderr)
@@ -193,7 +185,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny, tmp_path, case, 
 
 @pytest.mark.e2e
 def test_embedded_model_end_to_end(tmp_path):
-    r = detect("--langs", "en,fr", "--sample-size", "3", "--out", tmp_path, "--dataset", REPO / "dataset")
+    r = run_script("detection.py", "--langs", "en,fr", "--sample-size", "3", "--out", tmp_path,
+                   "--dataset", REPO / "dataset")
     assert r.returncode == 0, r.stderr[-3000:]
     nd = tmp_path / "gemma-3-270m" / "neurons"
     meta = json.loads((nd / "meta.json").read_text())

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import run_script
 from tiny import save_tiny, tiny_dataset, tiny_model, tiny_tokenizer
 
 from langneurons import metrics
@@ -316,11 +314,6 @@ def test_generate_long_prompt_keeps_its_end():
 
 # ---------------------------------------------------------------- the CLI
 
-def evaluate(*argv, cwd=REPO):
-    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *map(str, argv)], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
@@ -330,8 +323,8 @@ def tiny_setup(tmp_path_factory):
 def test_cli_writes_results_and_reuses(tiny_setup):
     model, dataset, root = tiny_setup
     out = root / "out"
-    r = evaluate("--model", model, "--langs", "en,fr", "--dataset", dataset, "--out", out, "--device", "cpu",
-                 "--tasks", "ppl,mmmlu", "--limit", 2, "--batch-size", 2)
+    r = run_script("evaluate.py", "--model", model, "--langs", "en,fr", "--dataset", dataset, "--out", out,
+                   "--device", "cpu", "--tasks", "ppl,mmmlu", "--limit", 2, "--batch-size", 2)
     assert r.returncode == 0, r.stderr
     f = out / "tinyllama" / "eval" / "tinyllama.json"
     res = json.loads(f.read_text())
@@ -345,8 +338,8 @@ def test_cli_writes_results_and_reuses(tiny_setup):
     assert "mmmlu" in r.stdout and "en" in r.stdout
 
     # a second task fills the same file; the earlier ones are reused, not recomputed
-    r = evaluate("--model", model, "--langs", "en,fr", "--dataset", dataset, "--out", out, "--device", "cpu",
-                 "--tasks", "mgsm,ppl", "--limit", 2, "--max-new-tokens", 4)
+    r = run_script("evaluate.py", "--model", model, "--langs", "en,fr", "--dataset", dataset, "--out", out,
+                   "--device", "cpu", "--tasks", "mgsm,ppl", "--limit", 2, "--max-new-tokens", 4)
     assert r.returncode == 0, r.stderr
     assert "Reusing ppl" in r.stdout
     res2 = json.loads(f.read_text())
@@ -355,8 +348,8 @@ def test_cli_writes_results_and_reuses(tiny_setup):
     assert res2["results"]["mgsm"]["en"]["n"] == 2
 
     # --name chooses the file
-    r = evaluate("--model", model, "--langs", "en", "--dataset", dataset, "--out", out, "--device", "cpu",
-                 "--tasks", "ppl", "--limit", 1, "--name", "base model")
+    r = run_script("evaluate.py", "--model", model, "--langs", "en", "--dataset", dataset, "--out", out,
+                   "--device", "cpu", "--tasks", "ppl", "--limit", 1, "--name", "base model")
     assert r.returncode == 0, r.stderr
     assert (out / "tinyllama" / "eval" / "base_model.json").is_file()
 
@@ -365,8 +358,8 @@ def test_cli_pipeline_dir_uses_base_tag(tiny_setup, tmp_path):
     model, dataset, _ = tiny_setup
     variant = save_tiny("llama", tmp_path / "shared")
     (variant / "langneurons.json").write_text(json.dumps({"tag": "mybase", "neuron_set": "shared"}))
-    r = evaluate("--model", variant, "--langs", "en", "--dataset", dataset, "--out", tmp_path / "out",
-                 "--device", "cpu", "--tasks", "ppl", "--limit", 1)
+    r = run_script("evaluate.py", "--model", variant, "--langs", "en", "--dataset", dataset, "--out", tmp_path / "out",
+                   "--device", "cpu", "--tasks", "ppl", "--limit", 1)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "mybase" / "eval" / "shared.json").is_file()
 
@@ -380,16 +373,14 @@ def test_cli_records_the_role_of_base_variant_and_trained_models(tiny_setup, tmp
     out = tmp_path / "out"
     # a real variant: deactivation.py writes it (and its provenance) from the tiny model
     write_neuron_file(tmp_path / "shared.json", random_set(20, Geometry.from_config(tiny_config("llama")), 0, "s"))
-    r = subprocess.run([sys.executable, str(REPO / "deactivation.py"), "--model", str(model), "--out", str(out),
-                        "--neurons", str(tmp_path / "shared.json"), "--device", "cpu"],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+    run_script("deactivation.py", "--model", model, "--out", out, "--neurons", tmp_path / "shared.json",
+               "--device", "cpu", check=True)
     variant = outputs(out, str(model)).variants / "shared"
     # a trained model: train.py's provenance names the language it was trained on
     trained = save_tiny("llama", tmp_path / "run1")
     (trained / PROVENANCE_FILE).write_text(json.dumps({"tag": "tinyllama", "trained_lang": "fr", "run_name": "run1"}))
     for m, role in ((model, "base"), (variant, "variant"), (trained, "trained")):
-        r = evaluate("--model", m, "--langs", "en", "--dataset", dataset, "--out", out, "--device", "cpu",
+        r = run_script("evaluate.py", "--model", m, "--langs", "en", "--dataset", dataset, "--out", out, "--device", "cpu",
                      "--tasks", "ppl", "--limit", 1)
         assert r.returncode == 0, r.stderr
         res = json.loads(outputs(out, str(model)).evaluation(m.name).read_text())  # one tag for all three
@@ -407,8 +398,8 @@ def test_cli_malformed_task_file(tiny_setup, tmp_path, task, file, content, line
     model, _, _ = tiny_setup
     dataset = tiny_dataset(tmp_path / "dataset", langs=("en",))
     (dataset / file).write_text(content, encoding="utf-8")
-    r = evaluate("--model", model, "--langs", "en", "--dataset", dataset, "--out", tmp_path / "out",
-                 "--device", "cpu", "--tasks", task)
+    r = run_script("evaluate.py", "--model", model, "--langs", "en", "--dataset", dataset, "--out", tmp_path / "out",
+                   "--device", "cpu", "--tasks", task)
     assert r.returncode == 2
     msg = r.stderr.strip().splitlines()
     assert len(msg) == 1, r.stderr
@@ -420,7 +411,7 @@ def test_cli_bad_flags(tiny_setup, tmp_path):
     model, dataset, _ = tiny_setup
     for argv, needle in ((["--tasks", "ppl,bleu"], "--tasks"), (["--limit", "-1"], "--limit"),
                          (["--langs", "en,xx"], "xx")):
-        r = evaluate("--model", model, "--dataset", dataset, "--out", tmp_path / "out", *argv)
+        r = run_script("evaluate.py", "--model", model, "--dataset", dataset, "--out", tmp_path / "out", *argv)
         assert r.returncode == 2, r.stderr
         assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

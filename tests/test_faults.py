@@ -6,7 +6,6 @@ torch and transformers once, so the catalogue stays fast."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, script_env
 from tiny import save_tiny, tiny_dataset
 
 from langneurons.model import Geometry
@@ -59,8 +58,8 @@ for line in sys.stdin:
 class Runner:
     def __init__(self, root: Path):
         self.root = root
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO),
-               "OMP_NUM_THREADS": "1"}
+        # PYTHONPATH: the runner imports the package before any case puts its script's folder on sys.path
+        env = script_env({"PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
         self.proc = subprocess.Popen([sys.executable, "-c", RUNNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env, cwd=REPO)
         self.n = 0

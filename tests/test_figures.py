@@ -3,17 +3,13 @@ Fig. 2 panel per model, and skipping (never crashing) when inputs are missing.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from matplotlib.container import BarContainer
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO))
-import figures  # noqa: E402
+import figures
+from conftest import run_script
 
 LANGS = ["en", "zh", "sw"]
 VAL_LANGS = ["en", "zh", "sw", "fr"]  # train.py measures validation perplexity on languages detection may not have
@@ -82,11 +78,6 @@ def write_model(out: Path, tag: str, shared: int, las: float, mgsm: list[float],
         (broken / "train_log.json").write_text("{not json")
 
 
-def run_figures(*argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "figures.py"), *map(str, argv)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture()
 def outputs(tmp_path):
     out = tmp_path / "outputs"
@@ -97,7 +88,7 @@ def outputs(tmp_path):
 
 
 def test_all_figures_from_fixture_outputs(outputs):
-    r = run_figures("--out", outputs)
+    r = run_script("figures.py", "--out", outputs)
     assert r.returncode == 0, r.stderr
     figs = outputs / "figures"
     expected = ["neuron_distribution.png", "components.png", "ability.png", "training_small-model.png"] + \
@@ -189,7 +180,7 @@ def test_evaluations_are_found_by_role_and_run_name_never_by_file_name(outputs, 
     t = figures.load_tag(figures.layout.Outputs(outputs / "small-model"), notes)
     assert t.base_evals == ["a-second-base", "gemma-3-270m"] and t.runs[0]["eval"] == "checkpoint-final"
     assert figures.run_evaluation(t.evals, "no-such-run") is None
-    r = run_figures("--out", outputs, "--models", "small-model")
+    r = run_script("figures.py", "--out", outputs, "--models", "small-model")
     assert r.returncode == 0, r.stderr
     report = (outputs / "figures" / "report.md").read_text()
     assert "eval/a-second-base.json" in report and "used eval/a-second-base.json" in report
@@ -241,7 +232,7 @@ def test_training_figure_and_report_show_every_language_and_the_noise(outputs):
     assert [bool(p.get_hatch()) for p in bars] == [False, True, True]
     assert "within noise (|Δ| < 2 SE)" in [x.get_text() for x in mgsm_ax.get_legend().get_texts()]
     figures.plt.close(fig)
-    assert run_figures("--out", outputs).returncode == 0
+    assert run_script("figures.py", "--out", outputs).returncode == 0
     report = (outputs / "figures" / "report.md").read_text()
     for i, l in enumerate(["English", "Chinese (target)", "Swahili", "French"]):
         assert f"| zh_shared | Chinese | shared | {l} | {2.5 + i:.3f} | {2.2 + i:.3f} | {12.18 + i:.3f} | {9.03 + i:.3f} |" \
@@ -259,20 +250,20 @@ def test_missing_inputs_skip_with_notes(tmp_path):
         {"model": "x", "meta": {}, "results": {"mgsm": {"en": {"accuracy": 0.2, "n": 3}}}}))
     (out / "corrupt" / "neurons").mkdir(parents=True)
     (out / "corrupt" / "neurons" / "stats.json").write_text("{")
-    r = run_figures("--out", out)
+    r = run_script("figures.py", "--out", out)
     assert r.returncode == 0, r.stderr
     report = (out / "figures" / "report.md").read_text()
     assert "Skipped" in report and "corrupt: no readable neurons/stats.json" in report
     assert not list((out / "figures").glob("*.png"))
     # an empty output root also works (a missing one is an error: tests/test_faults.py)
     (tmp_path / "nothing").mkdir()
-    r = run_figures("--out", tmp_path / "nothing")
+    r = run_script("figures.py", "--out", tmp_path / "nothing")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "nothing" / "figures" / "report.md").is_file()
 
 
 def test_models_flag_selects(outputs):
-    r = run_figures("--out", outputs, "--models", "big-model")
+    r = run_script("figures.py", "--out", outputs, "--models", "big-model")
     assert r.returncode == 0, r.stderr
     figs = outputs / "figures"
     assert (figs / "layers_big-model.png").is_file() and not (figs / "layers_small-model.png").exists()

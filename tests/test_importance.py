@@ -1,4 +1,4 @@
-"""Closed-form importance (METHOD.md section 2) against brute-force ablation, padding, and probing."""
+"""Closed-form importance (docs/method.md section 2) against brute-force ablation, padding, and probing."""
 import pytest
 import torch
 
@@ -157,7 +157,7 @@ def test_batched_equals_unbatched(arch, left):
 
 
 def naive_qk_importance(q, k, v, keep, valid, scaling, softcap):
-    """One channel at a time, full softmax over all keys, full V: METHOD.md section 2 as written."""
+    """One channel at a time, full softmax over all keys, full V: docs/method.md section 2 as written."""
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
 

@@ -1,22 +1,10 @@
 """All four stages and the figures through their command lines on a tiny model: files only."""
 import json
-import os
-import subprocess
-import sys
 
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import run_script
 from tiny import save_tiny, tiny_dataset
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-
-
-def stage(script, *args):
-    r = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
-                       env=ENV, cwd=REPO)
-    assert r.returncode == 0, f"{script}: {r.stderr[-3000:]}"
-    return r
 
 
 def test_four_stages_and_figures_through_their_command_lines(tmp_path):
@@ -26,13 +14,13 @@ def test_four_stages_and_figures_through_their_command_lines(tmp_path):
     common = ["--langs", "en,fr,de", "--dataset", data, "--out", out]
     tag_dir = out / "tiny-qwen2"
 
-    stage("detection.py", "--model", model, *common, "--ratio", "0.2", "--threshold", "0.5")
+    run_script("detection.py", "--model", model, *common, "--ratio", "0.2", "--threshold", "0.5", check=True)
     neurons = tag_dir / "neurons"
     shared = json.loads((neurons / "shared.json").read_text())
     assert shared["meta"]["kv_index_space"] == "kv_rows"
     assert json.loads((neurons / "stats.json").read_text())["sets"]["shared"]["size"] > 0
 
-    stage("deactivation.py", "--model", model, *common, "--measure-ppl", "--save-variants", "shared")
+    run_script("deactivation.py", "--model", model, *common, "--measure-ppl", "--save-variants", "shared", check=True)
     deact = json.loads((tag_dir / "deactivation.json").read_text())
     assert set(deact["results"]["ppl"]) == {"en", "fr", "de"}
     assert {"shared", "exclusive_fr", "random_shared"} <= set(deact["sets"])
@@ -40,8 +28,9 @@ def test_four_stages_and_figures_through_their_command_lines(tmp_path):
     variant = tag_dir / "variants" / "shared"
     assert (variant / "config.json").is_file() and (variant / "neurons.json").is_file()
 
-    stage("train.py", "--model", model, *common, "--lang", "fr", "--neurons", neurons / "exclusive_fr.json",
-          "--max-steps", "2", "--batch-size", "2", "--micro-batch-size", "1", "--cutoff-len", "32", "--lr", "1e-2")
+    run_script("train.py", "--model", model, *common, "--lang", "fr", "--neurons", neurons / "exclusive_fr.json",
+               "--max-steps", "2", "--batch-size", "2", "--micro-batch-size", "1", "--cutoff-len", "32", "--lr", "1e-2",
+               check=True)
     runs = [p for p in (tag_dir / "trained").iterdir() if not p.name.startswith(".")]
     assert len(runs) == 1
     trained = runs[0]
@@ -53,7 +42,7 @@ def test_four_stages_and_figures_through_their_command_lines(tmp_path):
     assert all((base_w[k] == new_w[k]).all() for k in base_w if "embed" in k or "norm" in k)  # ...not these
 
     for m in (model, variant, trained):
-        stage("evaluate.py", "--model", m, *common, "--tasks", "ppl,mgsm,mmmlu", "--max-new-tokens", "8")
+        run_script("evaluate.py", "--model", m, *common, "--tasks", "ppl,mgsm,mmmlu", "--max-new-tokens", "8", check=True)
     evals = {p.stem: json.loads(p.read_text()) for p in (tag_dir / "eval").glob("*.json")}
     assert set(evals) == {"tiny-qwen2", "shared", trained.name}  # variants report under their base's tag
     for e in evals.values():
@@ -61,11 +50,11 @@ def test_four_stages_and_figures_through_their_command_lines(tmp_path):
         assert e["results"]["mmmlu"]["fr"]["n"] == 3 and 0 <= e["results"]["mgsm"]["de"]["accuracy"] <= 1
     assert evals["shared"]["results"]["ppl"]["en"]["ppl"] == deact["sets"]["shared"]["ppl"]["en"]["ppl"]
 
-    stage("figures.py", "--out", out)
+    run_script("figures.py", "--out", out, check=True)
     figures = out / "figures"
     assert (figures / "report.md").is_file()
     pngs = list(figures.glob("*.png"))
     assert len(pngs) >= 4 and all(p.stat().st_size > 1000 for p in pngs)
 
-    again = stage("detection.py", "--model", model, *common, "--ratio", "0.2", "--threshold", "0.5")
+    again = run_script("detection.py", "--model", model, *common, "--ratio", "0.2", "--threshold", "0.5", check=True)
     assert "Reusing" in again.stdout

@@ -4,13 +4,13 @@ import json
 import pytest
 import torch
 
+from conftest import run_script
 from langneurons.cli import InputError
 from langneurons.importance import ImportanceProbe, rotary_partner
 from langneurons.masking import ablation_hooks, zeroed
 from langneurons.data import pad_batch
 from langneurons.model import Geometry, decoder_layers, projections
 from langneurons.neurons import empty_set
-from test_detection import detect
 from tiny import SENTENCES, save_tiny, tiny_dataset, tiny_model, tiny_tokenizer
 
 TOK = tiny_tokenizer()
@@ -127,10 +127,10 @@ def test_detection_records_and_refuses_the_row_score(tmp_path):
     data = tiny_dataset(tmp_path / "data")
     llama, qwen3 = save_tiny("llama", tmp_path / "llama"), save_tiny("qwen3", tmp_path / "qwen3")
     common = ["--dataset", data, "--langs", "en,fr", "--ratio", "0.1", "--device", "cpu", "--dtype", "float32"]
-    r = detect("--model", llama, "--out", tmp_path / "out", "--qk-score", "row", *common)
+    r = run_script("detection.py", "--model", llama, "--out", tmp_path / "out", "--qk-score", "row", *common)
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "out" / "llama" / "neurons" / "meta.json").read_text())
     assert meta["qk_score"] == "row"
-    r = detect("--model", qwen3, "--out", tmp_path / "out", "--qk-score", "row", *common)
+    r = run_script("detection.py", "--model", qwen3, "--out", tmp_path / "out", "--qk-score", "row", *common)
     assert r.returncode == 2 and "q/k normalisation" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out" / "qwen3").exists()

@@ -19,20 +19,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, run_script, script_command, script_env
 from kill_at import fs_changes
 from langneurons import reuse
 from langneurons.model import Geometry
 from langneurons.neurons import random_set, write_neuron_file
 from tiny import save_tiny, tiny_config, tiny_dataset
-
-PY = sys.executable
-
-
-def env() -> dict[str, str]:
-    # the thread settings are this process's own, so that in-process and subprocess runs give the same bits
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-
 
 @pytest.fixture(scope="module", autouse=True)
 def own_cache(tmp_path_factory):
@@ -80,8 +72,11 @@ def error_line(script: str, *args, cwd: Path) -> str:
 
 
 def process(script: str, *args, cwd: Path, kill_at: int | str = 0) -> subprocess.Popen:
-    pre = [str(REPO / "tests" / "kill_at.py"), str(kill_at)] if kill_at else []
-    return subprocess.Popen([PY, *pre, str(REPO / script), *map(str, args)], cwd=cwd, env=env(),
+    """The stage started in the background (optionally under tests/kill_at.py), its output piped. The thread
+    settings are this process's own (script_env leaves them), so that in-process and subprocess runs give the
+    same bits."""
+    pre = [REPO / "tests" / "kill_at.py", kill_at] if kill_at else []
+    return subprocess.Popen(script_command(script, *args, launcher=(sys.executable, *pre)), cwd=cwd, env=script_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -456,10 +451,8 @@ def test_an_output_folder_that_cannot_be_written(base, tmp_path):
     readonly.mkdir()
     os.chmod(readonly, 0o555)
     try:
-        r = subprocess.run([PY, str(REPO / "detection.py"), "--model", base[1], "--dataset", base[2], "--langs", "en",
-                            "--out", readonly / "out"],
-                           cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300,
-                           preexec_fn=without_root_privilege)
+        r = run_script("detection.py", "--model", base[1], "--dataset", base[2], "--langs", "en",
+                       "--out", readonly / "out", cwd=tmp_path, preexec_fn=without_root_privilege)
     except (subprocess.SubprocessError, OSError) as e:
         pytest.skip(f"cannot take away the right to write here ({e})")
     finally:

@@ -8,27 +8,21 @@ and DeepSpeed is not installed here: both are covered by tests/test_cuda.py on a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SHARED_DATA, free_port
+import langneurons.model as lm
+from bench.random_model import random_config
+from conftest import REPO, SHARED_DATA, free_port, run_script
+from langneurons.masking import meta_skeleton, zero_plan
+from langneurons.model import Geometry, auto_device_map
+from langneurons.neurons import random_set, read_neuron_file, write_neuron_file
 from tiny import save_tiny, tiny_config, tiny_dataset
 
-sys.path.insert(0, str(REPO))
-sys.path.append(str(REPO / "bench"))  # after the repo root: bench/detection.py is not detection.py
-import langneurons.model as lm  # noqa: E402
-from langneurons.masking import meta_skeleton, zero_plan  # noqa: E402
-from langneurons.model import Geometry, auto_device_map  # noqa: E402
-from langneurons.neurons import random_set, read_neuron_file, write_neuron_file  # noqa: E402
-from random_model import random_config  # noqa: E402
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
-       "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two processes on the CPU share its cores
 LAUNCH = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2")
 GiB = 2 ** 30
 
@@ -145,18 +139,13 @@ def tiny(tmp_path_factory):
     return save_tiny("qwen2", root / "model"), tiny_dataset(root / "data"), root
 
 
-def launch(launcher, script, *args):
-    r = subprocess.run([*launcher, str(REPO / script), *map(str, args)], capture_output=True, text=True, env=ENV,
-                       cwd=REPO, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return r
-
-
 def test_detection_through_accelerate_launch_gives_the_files_of_one_process(tiny, tmp_path):
     model, data, _ = tiny
     common = ["--model", model, "--dataset", data, "--langs", "en,fr", "--ratio", "0.1", "--device", "cpu"]
-    launch((sys.executable,), "detection.py", *common, "--out", tmp_path / "one")
-    two = launch((*LAUNCH, "--main_process_port", str(free_port())), "detection.py", *common, "--out", tmp_path / "two")
+    run_script("detection.py", *common, "--out", tmp_path / "one", env=ONE_THREAD, check=True)
+    accelerate = (*LAUNCH, "--main_process_port", free_port())
+    two = run_script("detection.py", *common, "--out", tmp_path / "two", launcher=accelerate, env=ONE_THREAD,
+                     check=True)
     assert "split over 2 processes" in two.stdout
     d1, d2 = tmp_path / "one" / "model" / "neurons", tmp_path / "two" / "model" / "neurons"
     for f in d1.iterdir():
@@ -170,10 +159,10 @@ def test_ddp_training_through_accelerate_launch_keeps_unselected_entries(tiny, t
     nset = random_set(30, Geometry.from_config(config), 2, "ddp")
     write_neuron_file(tmp_path / "s.json", nset)
     # batch 4 = micro 1 x 2 accumulation steps x 2 processes
-    launch((*LAUNCH, "--main_process_port", str(free_port())), "train.py", "--model", model, "--dataset", data,
-           "--out", tmp_path / "out", "--lang", "en", "--langs", "en", "--neurons", tmp_path / "s.json", "--device", "cpu",
-           "--max-steps", "2", "--global-batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-2", "--cutoff-len", "64",
-           "--val-limit", "2")
+    run_script("train.py", "--model", model, "--dataset", data, "--out", tmp_path / "out", "--lang", "en",
+               "--langs", "en", "--neurons", tmp_path / "s.json", "--device", "cpu", "--max-steps", "2",
+               "--global-batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-2", "--cutoff-len", "64",
+               "--val-limit", "2", launcher=(*LAUNCH, "--main_process_port", free_port()), env=ONE_THREAD, check=True)
     trained = tmp_path / "out" / "model" / "trained" / "en-s"
     log = json.loads((trained / "train_log.json").read_text())
     assert log["world_size"] == 2 and log["gradient_accumulation_steps"] == 2

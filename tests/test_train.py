@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,22 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import free_port
+from conftest import free_port, run_script
 from tiny import save_tiny, tiny_config, tiny_dataset, tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from langneurons.masking import meta_skeleton, zero_plan  # noqa: E402
-from langneurons.model import Geometry  # noqa: E402
-from langneurons.layout import SCHEMA_VERSION, model_tag  # noqa: E402
-from langneurons.neurons import random_set, read_neuron_file, write_neuron_file  # noqa: E402
-from langneurons.sparse import (attach_deltas, delta_modules, merge_deltas,  # noqa: E402
+from langneurons.masking import meta_skeleton, zero_plan
+from langneurons.model import Geometry
+from langneurons.layout import SCHEMA_VERSION, model_tag
+from langneurons.neurons import random_set, read_neuron_file, write_neuron_file
+from langneurons.sparse import (attach_deltas, delta_modules, merge_deltas,
                                 optimizer_state_bytes)
 
-PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
 FAST = ["--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2", "--cutoff-len", "64", "--val-limit", "2",
         "--langs", "en"]
 
@@ -50,15 +42,14 @@ def work(tmp_path_factory):
     return {"root": root, "dataset": ds, "models": models, "sets": sets}
 
 
-def train(work, out, *extra, arch="llama", launcher=(PY,), check=True, cache=None):
-    """Run train.py; datasets' cache goes to `cache` (default: one folder of this module's work tree)."""
-    cmd = [*launcher, str(REPO / "train.py"), "--model", str(work["models"][arch]), "--dataset",
-           str(work["dataset"]), "--out", str(out), "--lang", "en", *FAST, *extra]
-    env = {**ENV, "HF_DATASETS_CACHE": str(cache or work["root"] / "hf_datasets")}
-    r = subprocess.run(cmd, cwd=work["root"], env=env, capture_output=True, text=True, timeout=300)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)}\nexit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
+def train(work, out, *extra, arch="llama", launcher=(sys.executable,), check=True, cache=None):
+    """Run train.py in the work folder; datasets' cache goes to `cache` (default: one folder of this module's work
+    tree). One thread per process, and progress bars on: a test counts them."""
+    env = {"HF_DATASETS_CACHE": cache or work["root"] / "hf_datasets", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": None}
+    return run_script("train.py", "--model", work["models"][arch], "--dataset", work["dataset"], "--out", out,
+                      "--lang", "en", *FAST, *extra, launcher=launcher, cwd=work["root"], env=env, timeout=300,
+                      check=check)
+
 
 def assert_one_line_errors(work, out: Path, cases) -> None:
     """Each (extra arguments, message) case exits 2 with one error line holding the message, writing nothing."""
@@ -68,7 +59,6 @@ def assert_one_line_errors(work, out: Path, cases) -> None:
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (extra, r.stderr)
         assert not out.exists(), extra
-
 
 
 def run_dir(out, arch, name):
@@ -177,9 +167,7 @@ def test_only_selected_neurons_change(work, arch, tmp_path):
 
 def test_two_processes_keep_unselected_entries(work, tmp_path):
     out = tmp_path / "out"
-    torchrun = str(Path(PY).parent / "torchrun")
-    launcher = (torchrun, "--nproc_per_node", "2", "--master_port", str(free_port())) if Path(torchrun).exists() else \
-        (PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port())
     # batch 4 = micro 1 x 2 accumulation steps x 2 processes
     r = train(work, out, "--neurons", str(work["sets"]["qwen2"]), "--max-steps", "2", "--micro-batch-size", "1",
               "--device", "cpu", arch="qwen2", launcher=launcher, cache=tmp_path / "hf_datasets")
