@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Zero the neuron sets detection.sh wrote, measure perplexity per language, save the deactivated models (docs/method.md section 5). Edit the variables below, then: bash deactivation.sh
+# Zero the neuron sets detection.sh wrote, measure perplexity per language, save the deactivated models
+# (docs/method.md section 5). Edit the variables below, then: bash deactivation.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}  # the project's environment

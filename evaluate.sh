@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# MGSM and MMMLU accuracy and perplexity per language of each model, into <out>/<tag>/eval/<name>.json (docs/method.md section 7). Edit the variables below, then: bash evaluate.sh
+# MGSM and MMMLU accuracy and perplexity per language of each model, into <out>/<tag>/eval/<name>.json
+# (docs/method.md section 7). Edit the variables below, then: bash evaluate.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}  # the project's environment

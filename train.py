@@ -33,7 +33,7 @@ from accelerate import PartialState
 from langneurons import layout, reuse
 from langneurons.cli import InputError, common_parser, float_in, hold, int_at_least, parse_langs, run
 from langneurons.data import PadCollator, lang_file, read_corpus, tokenize_documents, training_documents
-from langneurons.files import atomic_dir, read_json, write_json
+from langneurons.files import atomic_dir, read_json, safe_name, write_json
 from langneurons.metrics import perplexity
 from langneurons.model import (Geometry, check_model, load_model, load_tokenizer, lora_targets, resolve_device,
                                resolve_dtype, save_model_dir)
@@ -170,7 +170,7 @@ def run_name(args: argparse.Namespace, mode: str, neuron_info: dict | None) -> t
     """The set's name (neuron file stem, 'full' or 'lora<R>') and the run's folder name."""
     set_name = {"neurons": neuron_info and neuron_info["name"], "full": "full", "lora": f"lora{args.lora_rank}"}[mode]
     name = args.run_name or f"{args.lang}-{set_name}"
-    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
+    if safe_name(name) != name:
         raise InputError(f"--run-name: '{name}' is not a safe directory name")
     return set_name, name
 

@@ -117,6 +117,7 @@ def test_every_stage_that_loads_a_model_asks_for_the_map(stage, wants_map, tmp_p
     import importlib.util
     spec = importlib.util.spec_from_file_location(f"stage_{stage}", REPO / f"{stage}.py")
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # as an import would: dataclasses look their module up
     spec.loader.exec_module(module)
     calls = []
 
