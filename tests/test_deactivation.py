@@ -199,7 +199,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", [*BAD, "corrupt", "missing", "no_default", "streaming_bin", "unknown_save"])
-def test_refused_with_status_2_and_nothing_written(work, tmp_path, case):
+def test_refused_with_status_2_and_nothing_written(forked, work, tmp_path, case):
     root, model_dir, data, geom = work
     out = tmp_path / "out"
     nfile = tmp_path / "bad.json"
@@ -222,7 +222,7 @@ def test_refused_with_status_2_and_nothing_written(work, tmp_path, case):
     elif case == "unknown_save":
         write_neuron_file(nfile, random_set(5, geom, 0, "x"))
         args += ["--neurons", nfile, "--save-variants", "shared"]
-    r = run_script("deactivation.py", *args)
+    r = forked("deactivation.py", *args)  # a real process, forked from conftest's fork server
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr

@@ -407,11 +407,11 @@ def test_cli_malformed_task_file(tiny_setup, tmp_path, task, file, content, line
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_bad_flags(tiny_setup, tmp_path):
+def test_cli_bad_flags(forked, tiny_setup, tmp_path):
     model, dataset, _ = tiny_setup
     for argv, needle in ((["--tasks", "ppl,bleu"], "--tasks"), (["--limit", "-1"], "--limit"),
                          (["--langs", "en,xx"], "xx")):
-        r = run_script("evaluate.py", "--model", model, "--dataset", dataset, "--out", tmp_path / "out", *argv)
+        r = forked("evaluate.py", "--model", model, "--dataset", dataset, "--out", tmp_path / "out", *argv)
         assert r.returncode == 2, r.stderr
         assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

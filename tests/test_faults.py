@@ -1,89 +1,28 @@
 """A catalogue of hostile inputs: each must give exit status 2 and one line on stderr that names the culprit
 (the flag or the file), before the expensive part, leaving nothing partial behind.
 
-Every case is a real process (its own exit status and stderr), forked from one runner that has imported
-torch and transformers once, so the catalogue stays fast."""
+Every case is a real process (its own exit status and stderr), forked from one server that has imported
+torch and transformers once (conftest.ForkServer), so the catalogue stays fast."""
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, script_env
 from tiny import save_tiny, tiny_dataset
 
 from langneurons.model import Geometry
 from langneurons.neurons import empty_set, write_neuron_file
 
-# Reads one case per line ({"argv", "cwd", "stdout", "stderr"}) and answers with the forked child's exit status.
-RUNNER = r"""
-import json, os, runpy, sys, traceback
-import torch, transformers, accelerate, safetensors.torch, matplotlib, tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
-import langneurons.cli, langneurons.data, langneurons.importance, langneurons.masking, langneurons.metrics
-import langneurons.model, langneurons.neurons, langneurons.sparse
-for line in sys.stdin:
-    case = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        out = os.open(case["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        err = os.open(case["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(out, 1)
-        os.dup2(err, 2)
-        os.chdir(case["cwd"])
-        sys.argv = case["argv"]
-        sys.path[0] = os.path.dirname(case["argv"][0])
-        code = 0
-        try:
-            runpy.run_path(case["argv"][0], run_name="__main__")
-        except SystemExit as e:
-            if e.code is not None and not isinstance(e.code, int):
-                print(e.code, file=sys.stderr)
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print(os.waitstatus_to_exitcode(status), flush=True)
-"""
-
-
-class Runner:
-    def __init__(self, root: Path):
-        self.root = root
-        # PYTHONPATH: the runner imports the package before any case puts its script's folder on sys.path
-        env = script_env({"PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
-        self.proc = subprocess.Popen([sys.executable, "-c", RUNNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env, cwd=REPO)
-        self.n = 0
-
-    def __call__(self, script: str, *argv, cwd: Path) -> tuple[int, str, str]:
-        self.n += 1
-        out, err = self.root / f"{self.n}.out", self.root / f"{self.n}.err"
-        case = {"argv": [str(REPO / script), *map(str, argv)], "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
-        self.proc.stdin.write(json.dumps(case) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "the case runner died"
-        return int(line), out.read_text(errors="replace"), err.read_text(errors="replace")
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    r = Runner(tmp_path_factory.mktemp("runner"))
-    yield r
-    r.close()
+def run(forked):
+    """(exit status, stdout, stderr) of a script run as a forked child of conftest's fork server."""
+    def case(script: str, *argv, cwd: Path) -> tuple[int, str, str]:
+        r = forked(script, *argv, cwd=cwd)
+        return r.returncode, r.stdout, r.stderr
+    return case
 
 
 # ---------------------------------------------------------------- the material: a tiny model, a dataset, broken copies

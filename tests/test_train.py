@@ -51,10 +51,12 @@ def train(work, out, *extra, arch="llama", launcher=(sys.executable,), check=Tru
                       check=check)
 
 
-def assert_one_line_errors(work, out: Path, cases) -> None:
-    """Each (extra arguments, message) case exits 2 with one error line holding the message, writing nothing."""
+def assert_one_line_errors(forked, work, out: Path, cases, arch="llama") -> None:
+    """Each (extra arguments, message) case exits 2 with one error line holding the message, writing nothing
+    (each case a process forked from conftest's fork server: the same run without seconds of imports)."""
     for extra, msg in cases:
-        r = train(work, out, *extra, check=False)
+        r = forked("train.py", "--model", work["models"][arch], "--dataset", work["dataset"], "--out", out,
+                   "--lang", "en", *FAST, *extra, cwd=work["root"])
         assert r.returncode == 2, (extra, r.stderr[-2000:])
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (extra, r.stderr)
@@ -254,7 +256,7 @@ def test_validation_covers_langs_and_the_target_with_max_length_512(work, tmp_pa
     assert val["before"]["fr"]["tokens"] > 64  # the long line is measured beyond --cutoff-len
 
 
-def test_bad_inputs_exit_2_and_write_nothing(work, tmp_path):
+def test_bad_inputs_exit_2_and_write_nothing(forked, work, tmp_path):
     empty = tmp_path / "empty_ds"
     shutil.copytree(work["dataset"], empty)
     (empty / "train" / "en.jsonl").write_text("\n")
@@ -270,7 +272,7 @@ def test_bad_inputs_exit_2_and_write_nothing(work, tmp_path):
              (("--neurons", "full", "--langs", "en,fr", "--val-data", str(work["dataset"] / "val" / "en.txt")),
               "--val-data"),
              (("--neurons", str(work["sets"]["llama"]), "--dataset", str(empty)), "empty")]
-    assert_one_line_errors(work, tmp_path / "out", cases)
+    assert_one_line_errors(forked, work, tmp_path / "out", cases)
 
 
 # ---------------------------------------------------------------- training text through datasets
@@ -299,7 +301,7 @@ def test_train_data_parquet_packing_sample_size_and_val_data(work, tmp_path):
     assert log["val"]["before"] == log2["val"]["before"]  # same model, same validation text
 
 
-def test_bad_training_text_exits_2_naming_the_line(work, tmp_path):
+def test_bad_training_text_exits_2_naming_the_line(forked, work, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine document"}\n{"text": "broken\n')
     nocol = tmp_path / "nocol.jsonl"
@@ -312,7 +314,7 @@ def test_bad_training_text_exits_2_naming_the_line(work, tmp_path):
              ((*s, "--pure-bf16", "--dtype", "bfloat16"), "--pure-bf16"),
              (("--neurons", "full", "--pure-bf16", "--dtype", "float32"), "--pure-bf16"),
              ((*s, "--num-proc", "0"), "--num-proc")]
-    assert_one_line_errors(work, tmp_path / "out", cases)
+    assert_one_line_errors(forked, work, tmp_path / "out", cases)
 
 
 # ---------------------------------------------------------------- precision of the full fine-tuning baseline
