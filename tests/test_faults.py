@@ -256,7 +256,7 @@ TRAIN_FLAGS = [
     (["--warmup", "1"], "--warmup"),
     (["--max-steps", "-2"], "--max-steps"),
     (["--global-batch-size", "4", "--micro-batch-size", "3"], "--global-batch-size"),
-    (["--batch-size", "4", "--micro-batch-size", "3"], "--global-batch-size"),  # INTERFACE.md's name, an alias
+    (["--batch-size", "4", "--micro-batch-size", "3"], "--global-batch-size"),  # the original contract's name (docs/outputs.md), an alias
     (["--max-length", "1"], "--max-length"),
     (["--sample-size", "-1"], "--sample-size"),
     (["--langs", "en,xx"], "'xx'"),
