@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 from langneurons import layout, reuse
 from langneurons.cli import InputError, common_parser, int_at_least, parse_langs, run
 from langneurons.data import lang_file, val_texts
-from langneurons.files import atomic_dir, json_safe, safe_name, write_json
+from langneurons.files import atomic_dir, safe_name, write_json
 from langneurons.layout import NEURON_FILE_COPY, PROVENANCE_FILE, SCHEMA_VERSION, Outputs
 from langneurons.masking import zero_neurons_streaming, zeroed
-from langneurons.metrics import language_agnostic, perplexity
+from langneurons.metrics import language_agnostic, perplexity_by_lang
 from langneurons.model import Geometry, check_model, load_model, local_dir, resolve_model, save_model_dir
 from langneurons.neurons import NeuronSet, load_neuron_set, size
 from langneurons.runinfo import run_meta, seed_everything
@@ -161,24 +161,15 @@ def plan(args: argparse.Namespace, out: Outputs, specs: list[tuple[str, Path]], 
 
 # ---------------------------------------------------------------- perplexity
 
-def perplexities(model, tok, texts: dict[str, list[str]], args: argparse.Namespace, label: str) -> dict[str, dict]:
-    """PPL and scored tokens per language, of the model as it is now."""
-    res = {}
-    for l, lines in texts.items():
-        r = perplexity(model, tok, lines, args.max_length, args.batch_size, desc=f"{label}/{l}")
-        res[l] = {"ppl": json_safe(r["ppl"]), "tokens": r["tokens"]}
-    return res
-
-
 def measure(model, tok, sets: dict[str, NeuronSet], texts: dict[str, list[str]],
             args: argparse.Namespace) -> tuple[dict, dict]:
     """Base perplexity, then each set's and its dPPL. Each set is zeroed in place and restored exactly
     afterwards: no model copy, no save/reload per set."""
-    base = perplexities(model, tok, texts, args, "base")
+    base = perplexity_by_lang(model, tok, texts, args.max_length, args.batch_size, "base")
     results = {}
     for name in tqdm(sets, desc="sets (ppl)"):
         with zeroed(model, sets[name]):
-            ppl = perplexities(model, tok, texts, args, name)
+            ppl = perplexity_by_lang(model, tok, texts, args.max_length, args.batch_size, name)
         dppl = {l: (ppl[l]["ppl"] - base[l]["ppl"] if ppl[l]["ppl"] is not None and base[l]["ppl"] is not None
                     else None) for l in texts}
         results[name] = {"size": size(sets[name]), "ppl": ppl, "dppl": dppl}
@@ -223,16 +214,15 @@ def write_deactivation(out: Outputs, args: argparse.Namespace, langs: list[str],
 
 
 def write_variants(out: Outputs, args: argparse.Namespace, model, tok, config, geom: Geometry,
-                   sets: dict[str, NeuronSet], files: dict, todo: Plan) -> None:
-    """One model folder per set: the base model's files with the set zeroed, a copy of the neuron file and
-    the provenance that gives the variant its base's tag."""
+                   sets: dict[str, NeuronSet], files: dict, todo: Plan, src_dir: Path | None) -> None:
+    """One model folder per set: the base model's files (--streaming: the shards in src_dir) with the set
+    zeroed, a copy of the neuron file and the provenance that gives the variant its base's tag."""
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if not args.streaming and stored is not None and str(stored).replace("torch.", "") != \
             str(model.dtype).replace("torch.", ""):
         # then every weight of the variant differs from the base, not only the zeroed neurons
         print(f"warning: saving variants in {model.dtype} while the model is stored in {stored}; "
               "--dtype or --streaming keeps the stored precision", file=sys.stderr)
-    src_dir = local_safetensors_dir(*resolve_model(args.model), args.model) if args.streaming else None
     for name in tqdm(todo.variants, desc="variants"):
         file = Path(files[name]["file"])
         with atomic_dir(out.variants / name) as tmp:
@@ -259,8 +249,7 @@ def main() -> None:
     # the weight headers are checked too, so that a broken model folder fails here and not after the first set
     config = check_model(args.model)
     geom = Geometry.from_config(config)
-    if args.streaming:
-        local_safetensors_dir(*resolve_model(args.model), args.model)
+    src_dir = local_safetensors_dir(*resolve_model(args.model), args.model) if args.streaming else None
 
     specs = neuron_specs(args, out, langs)
     sets, files = read_sets(specs, geom, args.legacy_kv_mapping)
@@ -280,7 +269,7 @@ def main() -> None:
         base, results = measure(model, tok, sets, texts, args)
         write_deactivation(out, args, langs, geom, files, base, results, todo.ppl_fp)
     if todo.variants:
-        write_variants(out, args, model, tok, config, geom, sets, files, todo)
+        write_variants(out, args, model, tok, config, geom, sets, files, todo, src_dir)
 
 
 if __name__ == "__main__":

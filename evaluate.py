@@ -23,7 +23,7 @@ from pathlib import Path
 from langneurons import layout, metrics, reuse
 from langneurons.cli import InputError, choice_list, common_parser, int_at_least, parse_langs, run, split_list
 from langneurons.data import lang_file, mgsm_file, mmlu_file, read_mgsm, read_mmlu, val_texts
-from langneurons.files import json_safe, safe_name, write_json
+from langneurons.files import safe_name, write_json
 from langneurons.layout import SCHEMA_VERSION
 from langneurons.model import check_model, load_model
 from langneurons.runinfo import run_meta, seed_everything
@@ -112,11 +112,7 @@ def to_compute(tasks: list[str], results: dict, task_meta: dict, fps: dict, forc
 
 def eval_ppl(model, tok, data: dict[str, list[str]], args: argparse.Namespace) -> dict[str, dict]:
     """Perplexity of every validation line scored on its own."""
-    res = {}
-    for l, texts in data.items():
-        r = metrics.perplexity(model, tok, texts, args.max_length, args.batch_size, desc=f"ppl/{l}")
-        res[l] = {"ppl": json_safe(r["ppl"]), "tokens": r["tokens"]}
-    return res
+    return metrics.perplexity_by_lang(model, tok, data, args.max_length, args.batch_size, "ppl")
 
 
 def eval_mgsm(model, tok, data: dict[str, list[tuple[str, float]]], args: argparse.Namespace) -> dict[str, dict]:
@@ -158,8 +154,9 @@ def write_merged(out_file: Path, args: argparse.Namespace, name: str, tasks: lis
         for t in tasks:
             now[t], now_meta[t] = results[t], task_meta[t]
         ordered = {t: now[t] for t in TASKS if t in now}
-        meta = {**run_meta(args), "schema_version": SCHEMA_VERSION, "tag": layout.model_tag(args.model),
-                "name": name, "role": layout.model_role(args.model), "provenance": layout.provenance(args.model),
+        prov = layout.provenance(args.model)
+        meta = {**run_meta(args), "schema_version": SCHEMA_VERSION, "tag": out_file.parent.parent.name,
+                "name": name, "role": layout.provenance_role(prov), "provenance": prov,
                 "prompts": {"mgsm": metrics.MGSM_PROMPT, "mgsm_scoring": "zero-shot, greedy, last number",
                             "mmmlu": metrics.mmlu_prompt({"Question": "{question}",
                                                           **{c: "{" + c + "}" for c in "ABCD"}}),

@@ -34,7 +34,7 @@ from langneurons import layout, reuse
 from langneurons.cli import InputError, common_parser, float_in, hold, int_at_least, parse_langs, run
 from langneurons.data import PadCollator, lang_file, read_corpus, tokenize_documents, training_documents
 from langneurons.files import atomic_dir, read_json, safe_name, write_json
-from langneurons.metrics import perplexity
+from langneurons.metrics import perplexity_by_lang
 from langneurons.model import (Geometry, check_model, load_model, load_tokenizer, lora_targets, resolve_device,
                                resolve_dtype, save_model_dir)
 from langneurons.neurons import NeuronSet, load_neuron_set
@@ -296,15 +296,14 @@ def validation_perplexity(model, tok, val: dict[str, list[str]], args: argparse.
                           mixed: bool, label: str, rank0: bool) -> dict[str, dict[str, float]]:
     """Loss, PPL and predicted tokens of each language's validation lines (metrics.perplexity, --max-length
     tokens per line, as deactivation and evaluate measure it)."""
-    out = {}
-    for lang, lines in val.items():
-        # float32 masters are measured under the same bf16 autocast that trains them
-        with torch.autocast(model.device.type, dtype=half, enabled=mixed and model.dtype != half):
-            r = perplexity(model, tok, lines, max_length=args.max_length, batch_size=args.micro_batch_size,
-                           desc=f"val {lang} ({label})")
-        out[lang] = {"loss": math.log(r["ppl"]), "ppl": r["ppl"], "tokens": r["tokens"]}
-        if rank0:
-            print(f"validation {lang} {label}: loss {out[lang]['loss']:.4f}, ppl {out[lang]['ppl']:.3f}")
+    # float32 masters are measured under the same bf16 autocast that trains them
+    with torch.autocast(model.device.type, dtype=half, enabled=mixed and model.dtype != half):
+        out = perplexity_by_lang(model, tok, val, args.max_length, args.micro_batch_size, f"val {label}")
+    out = {lang: {"loss": math.log(r["ppl"]) if r["ppl"] is not None else None, **r} for lang, r in out.items()}
+    if rank0:
+        for lang, r in out.items():
+            loss, ppl = (float("nan") if v is None else v for v in (r["loss"], r["ppl"]))
+            print(f"validation {lang} {label}: loss {loss:.4f}, ppl {ppl:.3f}")
     return out
 
 

@@ -35,6 +35,17 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 512, batch_
     return {"ppl": math.exp(nll / count) if count else float("nan"), "tokens": count}
 
 
+def perplexity_by_lang(model, tokenizer, texts: dict[str, list[str]], max_length: int, batch_size: int,
+                       label: str) -> dict[str, dict]:
+    """{lang: {"ppl", "tokens"}} of each language's lines (perplexity; null PPL when no token is predicted):
+    how deactivation, evaluation and training's validation all measure it."""
+    res = {}
+    for lang, lines in texts.items():
+        r = perplexity(model, tokenizer, lines, max_length, batch_size, desc=f"{label}/{lang}")
+        res[lang] = {"ppl": json_safe(r["ppl"]), "tokens": r["tokens"]}
+    return res
+
+
 # ---------------------------------------------------------------- MGSM (docs/method.md section 7)
 
 MGSM_PROMPT = "Question: {question}\nAnswer:"
