@@ -28,7 +28,8 @@ def read_text(path: str | Path, what: str) -> str:
         raise InputError(f"{what} {path}: no such file")
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        # utf-8-sig: a byte-order mark (Windows tools, spreadsheets) is not part of the first line
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise InputError(f"{what} {path}: line {line} is not UTF-8") from None

@@ -67,7 +67,7 @@ def read_json(path: str | Path, what: str = "file") -> Any:
     if not path.is_file():
         raise InputError(f"{what} {path}: no such file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is not JSON
     except UnicodeDecodeError as e:
         raise InputError(f"{what} {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:

@@ -204,3 +204,29 @@ def test_detection_reads_a_corpus_file_per_language(tmp_path):
                    "--corpus", tmp_path / "corpus" / "en.jsonl", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and "{lang}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "c").exists()
+
+
+def test_a_byte_order_mark_is_not_part_of_any_text(tmp_path):
+    """Files saved by Windows tools or spreadsheets start with a UTF-8 byte-order mark: every reader gives what it
+    gives for the same file without one (the first detection sentence, the first MGSM prompt, the MMMLU columns,
+    JSON and JSON Lines). Without the stripping the first text keeps U+FEFF and the MMMLU file lacks 'Question'."""
+    import shutil
+    from langneurons.data import mgsm_texts, read_mgsm, read_mmlu, read_text, val_texts
+    from langneurons.files import read_json
+    plain, bom = tmp_path / "plain", tmp_path / "bom"
+    shutil.copytree(REPO / "dataset", plain)
+    shutil.copytree(REPO / "dataset", bom)
+    for f in [p for p in bom.rglob("*") if p.is_file() and p.suffix in (".txt", ".tsv", ".csv", ".jsonl")]:
+        f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
+    assert detection_corpus(bom, "en", 0, 0) == detection_corpus(plain, "en", 0, 0)
+    assert val_texts(bom, "fr") == val_texts(plain, "fr")
+    assert read_mgsm(bom, "de") == read_mgsm(plain, "de")
+    assert mgsm_texts(bom, "de", "authors")[0] == mgsm_texts(plain, "de", "authors")[0]
+    assert read_mmlu(bom, "en") == read_mmlu(plain, "en")
+    jsonl = next((bom / "train").glob("*.jsonl"))
+    assert read_corpus(jsonl, "train") == read_corpus(plain / "train" / jsonl.name, "train")
+    assert not any(t.startswith("\ufeff") for t in detection_corpus(bom, "en", 0, 0))
+    obj = {"fwd_up": {"0": [1, 2]}, "meta": {"kv_index_space": "kv_rows"}}
+    (tmp_path / "set.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(obj).encode())
+    assert read_json(tmp_path / "set.json") == obj
+    assert read_text(jsonl, "x") == (plain / "train" / jsonl.name).read_text(encoding="utf-8")
