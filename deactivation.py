@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from langneurons import layout, reuse
-from langneurons.cli import InputError, common_parser, int_at_least, parse_langs, run
+from langneurons.cli import InputError, common_parser, int_at_least, parse_langs, run, split_list
 from langneurons.data import lang_file, val_texts
 from langneurons.files import atomic_dir, safe_name, write_json
 from langneurons.layout import NEURON_FILE_COPY, PROVENANCE_FILE, SCHEMA_VERSION, Outputs
@@ -106,7 +106,7 @@ def variants_to_save(args: argparse.Namespace, sets: dict[str, NeuronSet]) -> li
     if args.save_variants in ("all", "none"):
         to_save = list(sets) if args.save_variants == "all" else []
     else:
-        to_save = [s.strip() for s in args.save_variants.split(",") if s.strip()]
+        to_save = split_list(args.save_variants, "--save-variants")
         if unknown := [s for s in to_save if s not in sets]:
             raise InputError(f"--save-variants: no set named {unknown[0]} (sets: {', '.join(sets)})")
     if not to_save and not args.measure_ppl:

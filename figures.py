@@ -459,7 +459,7 @@ def select(out: Path, models: str | None) -> list[layout.Outputs]:
     found = {o.tag: o for o in layout.tagged(out)}
     if models is None:
         return list(found.values())
-    only = split_list(models)
+    only = split_list(models, "--models")
     if not only:
         raise InputError(f"--models '{models}': no model tag given")
     if missing := [t for t in only if t not in found]:

@@ -72,8 +72,13 @@ def choice_list(choices: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
-def split_list(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
+def split_list(text: str, flag: str | None = None) -> list[str]:
+    """The items of a comma list; with `flag`, an item named twice is an error naming the flag (a repeated
+    output name would otherwise wait on its own lock)."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if flag and (twice := next((s for i, s in enumerate(items) if s in items[:i]), None)) is not None:
+        raise InputError(f"{flag}: '{twice}' is named twice")
+    return items
 
 
 def common_parser(description: str) -> argparse.ArgumentParser:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
+import os
 import random
 import re
 from pathlib import Path
@@ -22,10 +24,21 @@ MMLU_LOCALES = {"en": "EN-EN", "zh": "ZH-CN", "th": "TH-TH", "sw": "SW-KE", "fr"
                 "it": "IT-IT", "ko": "KO-KR", "pt": "PT-BR", "yo": "YO-NG"}
 
 
+def not_a_file(path: Path) -> str:
+    """Why `path` cannot be read as a file, in words: a folder, a symlink loop, a dangling link or nothing."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        return "a link to a missing file" if path.is_symlink() else "no such file"
+    return "a folder, not a file" if path.is_dir() else "not a regular file"
+
+
 def read_text(path: str | Path, what: str) -> str:
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{what} {path}: no such file")
+        raise InputError(f"{what} {path}: {not_a_file(path)}")
     raw = path.read_bytes()
     try:
         # utf-8-sig: a byte-order mark (Windows tools, spreadsheets) is not part of the first line
@@ -46,8 +59,10 @@ def read_lines(path: str | Path, what: str = "text file") -> list[str]:
 
 def lang_file(dataset: str | Path, sub: str, lang: str, suffix: str) -> Path:
     path = Path(dataset) / sub / f"{lang}{suffix}"
+    if os.path.lexists(path) and not path.is_file():  # there, but unreadable: say why, not "unknown language"
+        raise InputError(f"{path}: {not_a_file(path)}")
     if not path.is_file():
-        known = sorted(p.stem for p in (Path(dataset) / sub).glob(f"*{suffix}"))
+        known = sorted(p.stem for p in (Path(dataset) / sub).glob(f"*{suffix}") if p.is_file())
         raise InputError(f"unknown language '{lang}': no {path} (have: {', '.join(known) or 'none'})")
     return path
 

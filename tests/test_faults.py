@@ -180,6 +180,24 @@ def test_detection_bad_corpus(run, w, tmp_path, file, content, needle):
     assert str(data / file) in msg
 
 
+@pytest.mark.parametrize("kind,needle", [("folder", "a folder, not a file"), ("loop", "a symlink loop"),
+                                         ("dangling", "a link to a missing file")])
+def test_detection_dataset_file_that_is_no_file(run, w, tmp_path, kind, needle):
+    """The message names what is wrong with the file that is there, not 'unknown language' (which it is not)."""
+    data = tiny_dataset(tmp_path / "data")
+    target = data / "detect" / "en.txt"
+    target.unlink()
+    if kind == "folder":
+        target.mkdir()
+    elif kind == "loop":
+        target.symlink_to(target)
+    else:
+        target.symlink_to(tmp_path / "gone.txt")
+    msg = assert_fault(run, tmp_path, "detection.py", ["--model", w["model"], "--dataset", data, "--langs", "en",
+                                                       "--out", tmp_path / "out"], needle)
+    assert str(target) in msg and "unknown language" not in msg
+
+
 def test_detection_missing_dataset(run, w, tmp_path):
     assert_fault(run, tmp_path, "detection.py", ["--model", w["model"], "--dataset", tmp_path / "nodata",
                                                  "--langs", "en", "--out", tmp_path / "out"], "nodata")
@@ -222,7 +240,8 @@ def test_deactivation_bad_neuron_file(run, w, tmp_path, name, needle):
     (["--batch-size", "0"], "--batch-size"),
     (["--limit", "-3"], "--limit"),
     (["--neurons", "bad name!=GOOD"], "set name"),
-], ids=["missing", "unknown-variant", "nothing-to-do", "batch", "limit", "unsafe-name"])
+    (["--save-variants", "good,good", "--measure-ppl"], "--save-variants: 'good' is named twice"),
+], ids=["missing", "unknown-variant", "nothing-to-do", "batch", "limit", "unsafe-name", "variant-twice"])
 def test_deactivation_bad_flags(run, w, tmp_path, argv, needle):
     argv = [a.replace("GOOD", str(w["root"] / "good.json")) for a in argv]
     if "--neurons" not in argv:
@@ -312,7 +331,8 @@ def test_train_empty_neuron_set_and_broken_model(run, w, tmp_path):
     (["--limit", "1.5"], "--limit"),
     (["--max-length", "4"], "--max-length"),
     (["--name", "..."], "--name"),
-], ids=["no-task", "unknown-task", "max-new-tokens", "limit", "max-length", "name"])
+    (["--tasks", "ppl,ppl"], "twice"),
+], ids=["no-task", "unknown-task", "max-new-tokens", "limit", "max-length", "name", "task-twice"])
 def test_evaluate_bad_flags(run, w, tmp_path, argv, needle):
     assert_fault(run, tmp_path, "evaluate.py", ["--model", w["model"], "--dataset", w["data"], "--langs", "en",
                                                 "--out", tmp_path / "out", *argv], needle)
