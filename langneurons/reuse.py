@@ -8,7 +8,7 @@ into the output's metadata; a rerun compares it with its own and says in one lin
 Each output unit (a folder: neurons/, a variant, a trained run, figures/; or a file: deactivation.json,
 eval/<name>.json) has a lock (filelock) in <cache_root>/locks, named after its resolved path: a second run on
 the same unit waits for the first, and a run that stops early leaves nothing in the output folder. Temporaries
-are `.<name>.<random>.tmp` (langneurons.cli.temp_name); whoever takes a lock removes the temporaries of
+are `.<name>.<random>.tmp` (langneurons.files.temp_name); whoever takes a lock removes the temporaries of
 every unit in that folder whose lock no live run holds, i.e. those of killed runs."""
 from __future__ import annotations
 
