@@ -223,9 +223,12 @@ def write_variants(out: Outputs, args: argparse.Namespace, model, tok, config, g
         # then every weight of the variant differs from the base, not only the zeroed neurons
         print(f"warning: saving variants in {model.dtype} while the model is stored in {stored}; "
               "--dtype or --streaming keeps the stored precision", file=sys.stderr)
+    # what one variant takes on disk, for the message of a full disk
+    needed = (sum(f.stat().st_size for f in src_dir.iterdir() if f.is_file()) if args.streaming
+              else model.get_memory_footprint())
     for name in tqdm(todo.variants, desc="variants"):
         file = Path(files[name]["file"])
-        with atomic_dir(out.variants / name) as tmp:
+        with atomic_dir(out.variants / name, needed) as tmp:
             if args.streaming:
                 zero_neurons_streaming(src_dir, tmp, sets[name], geom)
             else:

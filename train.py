@@ -33,7 +33,7 @@ from accelerate import PartialState
 from langneurons import layout, reuse
 from langneurons.cli import InputError, common_parser, float_in, hold, int_at_least, parse_langs, run
 from langneurons.data import PadCollator, lang_file, read_corpus, tokenize_documents, training_documents
-from langneurons.files import atomic_dir, read_json, safe_name, write_json
+from langneurons.files import atomic_dir, read_json, remove_empty, safe_name, write_json, writing
 from langneurons.metrics import perplexity_by_lang
 from langneurons.model import (Geometry, check_model, load_model, load_tokenizer, lora_targets, resolve_device,
                                resolve_dtype, save_model_dir)
@@ -251,6 +251,15 @@ def last_checkpoint(ckpt_dir: Path, remove_unfinished: bool) -> tuple[Path | Non
             shutil.rmtree(d, ignore_errors=True)
     finished = [d for d in steps if d not in unfinished]
     return (max(finished, key=steps.get) if finished else None), unfinished
+
+
+def keep_finished_checkpoints(ckpt_dir: Path) -> None:
+    """After a stopped run: its unfinished checkpoint goes; with no finished one left, so does the checkpoint
+    folder, and the `trained/` and `<tag>/` folders when that leaves them empty."""
+    last, _ = last_checkpoint(ckpt_dir, remove_unfinished=True)
+    if last is None:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        remove_empty([ckpt_dir.parent, ckpt_dir.parent.parent])
 
 
 def resume_point(args: argparse.Namespace, ckpt_dir: Path, fingerprint: dict, rank0: bool) -> Path | None:
@@ -484,7 +493,13 @@ def main() -> None:
     if resume_from and rank0:
         print(f"Resuming from {resume_from}")
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        with writing(ckpt_dir):  # the Trainer's checkpoints: a full disk is one line, not torch.save's trace
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except BaseException:  # stopped (Ctrl-C, a full disk, ...): keep what a rerun resumes from, nothing else
+        if rank0:
+            keep_finished_checkpoints(ckpt_dir)
+        raise
     runtime = time.time() - t0
     from langneurons.sparse import optimizer_state_bytes
     opt_bytes = optimizer_state_bytes(trainer.optimizer)

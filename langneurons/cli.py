@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
 DEFAULT_LANGS = "en,zh,th,sw,fr,de"
@@ -15,6 +18,19 @@ EMBEDDED_MODEL = "gemma-3-270m"
 
 class InputError(Exception):
     """Bad input from the user: reported as one line, exit status 2, nothing written."""
+
+
+class OutOfSpace(Exception):
+    """The disk (or quota) filled while writing an output: one line, exit status 74 (sysexits' EX_IOERR)."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM, raised where the stage is, so that it unwinds like Ctrl-C (temporaries removed, locks freed)."""
+
+
+# exit statuses of docs/outputs.md section 10: 128 + the signal, as a shell reports a process it stopped
+EXIT_INPUT, EXIT_NO_SPACE, EXIT_SIGPIPE = 2, 74, 128 + signal.SIGPIPE
+EXIT_SIGNAL = {signal.SIGINT: 128 + signal.SIGINT, signal.SIGTERM: 128 + signal.SIGTERM}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -111,17 +127,44 @@ def parse_langs(spec: str) -> list[str]:
 _held = contextlib.ExitStack()
 
 
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's main(); bad input becomes one line on stderr and exit status 2. Whatever main() took
-    with hold() (its output locks) is released when it ends, however it ends."""
+    """Run a stage's main(). Whatever main() took with hold() (its output locks) is released when it ends,
+    however it ends; an ordinary fault ends in one line on stderr and a documented exit status instead of a
+    traceback: bad input (2), a full disk (74), Ctrl-C or SIGTERM (130 / 143), a closed stdout (141).
+    Outputs appear only by rename, so whatever stops a stage leaves the completed ones and nothing partial."""
     global _held
-    with contextlib.ExitStack() as held:
-        _held = held
-        try:
+    stage = os.path.basename(sys.argv[0]) or "the stage"
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupted) if on_main_thread else None
+    try:
+        with contextlib.ExitStack() as held:
+            _held = held
             main()
-        except InputError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_INPUT)
+    except OutOfSpace as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_NO_SPACE)
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = e.args[0] if isinstance(e, Interrupted) else signal.SIGINT
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"error: {stage} interrupted ({name}); completed outputs are kept and nothing partial: "
+              "the same command resumes", file=sys.stderr)
+        sys.exit(EXIT_SIGNAL[signum])
+    except BrokenPipeError:
+        # the reader of stdout went away (`| head`): say nothing more there, and stop as the shell expects
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"error: {stage}: its output pipe was closed; stopped", file=sys.stderr)
+        sys.exit(EXIT_SIGPIPE)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 def hold(context: contextlib.AbstractContextManager) -> Any:

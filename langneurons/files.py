@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from .cli import InputError
+from .cli import InputError, OutOfSpace
 
 
 def safe_name(text: str, fallback: str = "") -> str:
@@ -40,20 +40,79 @@ def temp_name(path: str | Path) -> Path:
     return path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
 
 
+def _no_space(e: BaseException, path: Path) -> bool:
+    """Whether `e`, raised while writing under `path`, means the disk or the quota is full. Python and
+    safetensors say so (errno 28 / 122); torch.save only reports that its writer failed, so that counts when
+    the file system is nearly full."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    if any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")):
+        return True
+    return isinstance(e, RuntimeError) and "inline_container" in text and free_space(path) < 64 * 2**20
+
+
+def free_space(path: str | Path) -> int:
+    """Bytes free on the file system that holds `path` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, needed: int | None = None) -> Iterator[None]:
+    """A full disk while the block writes `path` becomes one line naming the path, what is free there and,
+    when the caller knows it (`needed` bytes), what it needs (cli.OutOfSpace, exit status 74)."""
+    try:
+        yield
+    except OutOfSpace:
+        raise
+    except Exception as e:
+        if not _no_space(e, Path(path)):
+            raise
+        need = f", about {_size(needed)} needed" if needed else ""
+        raise OutOfSpace(f"no space left on the device writing {path} ({_size(free_space(path))} free{need}); "
+                         "free some and run the same command again") from None
+
+
+def make_parents(folder: Path) -> list[Path]:
+    """mkdir -p `folder`; the folders it made, deepest first (remove_empty takes them back on failure, so that
+    a run that writes nothing leaves no empty `<tag>/` behind)."""
+    made, p = [], Path(folder)
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def remove_empty(folders: list[Path]) -> None:
+    for f in folders:
+        with contextlib.suppress(OSError):  # not empty: another write put something there
+            f.rmdir()
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Write under a temporary name, then rename, so readers never see half a file. The file gets the mode
     open() would give it (0666 narrowed by the umask), not mkstemp's 0600."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = make_parents(path.parent)
     tmp = temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        with writing(path, len(data)):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        remove_empty(made)
         raise
 
 
@@ -75,16 +134,19 @@ def read_json(path: str | Path, what: str = "file") -> Any:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` whole, on error it vanishes."""
+def atomic_dir(path: str | Path, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `path` whole, on error it vanishes (with
+    the parents it made). `needed`: the bytes it will hold, if known, for the message of a full disk."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = make_parents(path.parent)
     tmp = temp_name(path)
-    os.mkdir(tmp)  # 0777 narrowed by the umask, like any folder (mkdtemp would make it 0700)
     try:
-        yield tmp
+        with writing(path, needed):
+            os.mkdir(tmp)  # 0777 narrowed by the umask, like any folder (mkdtemp would make it 0700)
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(made)
         raise
     follow_umask(tmp)
     replace_dir(tmp, path)

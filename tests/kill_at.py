@@ -4,7 +4,9 @@ writing, a folder made, a rename, a deletion): a kill at a chosen point of the r
     python tests/kill_at.py K detection.py --model ...
     python tests/kill_at.py K@TEXT detection.py ...   # the K-th change counting from the first that names TEXT
 
-(fs_changes() with no kill counts and names the changes, as in "rename out/tiny/neurons".)"""
+(fs_changes() with no kill counts and names the changes, as in "rename out/tiny/neurons".) With
+KILL_AT_SIGNAL=SIGINT or SIGTERM in the environment, that signal is sent instead of SIGKILL (Ctrl-C or a
+polite stop at that point)."""
 from __future__ import annotations
 
 import builtins
@@ -32,7 +34,7 @@ def fs_changes(kill_at: int = 0, start: str = "") -> Iterator[list[str]]:
         if not first and what == start:
             first.append(len(seen) - 1)
         if first and len(seen) - first[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_AT_SIGNAL", "SIGKILL")))
 
     originals = {}
 

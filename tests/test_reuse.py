@@ -71,13 +71,14 @@ def error_line(script: str, *args, cwd: Path) -> str:
     return lines[0]
 
 
-def process(script: str, *args, cwd: Path, kill_at: int | str = 0) -> subprocess.Popen:
-    """The stage started in the background (optionally under tests/kill_at.py), its output piped. The thread
-    settings are this process's own (script_env leaves them), so that in-process and subprocess runs give the
-    same bits."""
+def process(script: str, *args, cwd: Path, kill_at: int | str = 0, sig: str = "SIGKILL") -> subprocess.Popen:
+    """The stage started in the background (optionally under tests/kill_at.py, which sends `sig`), its output
+    piped. The thread settings are this process's own (script_env leaves them), so that in-process and
+    subprocess runs give the same bits."""
     pre = [REPO / "tests" / "kill_at.py", kill_at] if kill_at else []
-    return subprocess.Popen(script_command(script, *args, launcher=(sys.executable, *pre)), cwd=cwd, env=script_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(script_command(script, *args, launcher=(sys.executable, *pre)), cwd=cwd,
+                            env=script_env({"KILL_AT_SIGNAL": sig}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +297,83 @@ def test_a_run_killed_at_a_random_point_then_rerun_leaves_the_files_of_an_uninte
     assert killed.returncode == -signal.SIGKILL, (k, changes[k - 1], err[-2000:])
     ok(*argv, cwd=b)
     assert_same_outputs(a / "out", b / "out")
+
+
+def last_line(err: str) -> str:
+    """The last line of stderr, past the progress bars that tqdm redraws with carriage returns."""
+    return err.replace("\r", "\n").strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name,sig", [("detection", "SIGINT"), ("deactivation", "SIGTERM"), ("train", "SIGINT"),
+                                      ("evaluate", "SIGTERM"), ("figures", "SIGINT")])
+def test_ctrl_c_or_sigterm_is_one_line_exit_130_or_143_and_the_same_command_resumes(base, detected, tmp_path, name,
+                                                                                      sig):
+    argv = STAGES[name](base)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        if name == "figures":
+            shutil.copytree(detected / "out", d / "out")
+    with fs_changes() as changes:
+        ok(*argv, cwd=a)
+    k = random.Random(name + sig).randint(1, len(changes))
+    # counted from the stage's own first change: imports in a fresh process make some of their own
+    stopped = process(*argv, cwd=b, kill_at=f"{k}@{changes[0]}", sig=sig)
+    _, err = stopped.communicate(timeout=600)
+    assert stopped.returncode == 128 + getattr(signal, sig), (k, changes[k - 1], err[-2000:])
+    assert "Traceback" not in err and last_line(err) == (
+        f"error: {argv[0]} interrupted ({'Ctrl-C' if sig == 'SIGINT' else sig}); completed outputs are kept and "
+        "nothing partial: the same command resumes"), err[-2000:]
+    # nothing partial: no temporary and no empty folder left behind (train's checkpoints are kept to resume)
+    leftovers = [p for p in b.rglob("*") if p.name.endswith(".tmp") or (p.is_dir() and not any(p.iterdir()))]
+    assert not leftovers, (k, changes[k - 1], leftovers)
+    ok(*argv, cwd=b)
+    assert_same_outputs(a / "out", b / "out")
+
+
+def full_disk_command(folder: Path, listing: Path, argv: list) -> list[str] | None:
+    """`argv` run with a 4 KiB file system mounted on `folder` (a private mount namespace: no root needed
+    where user namespaces are allowed), what it holds afterwards listed in `listing`; None where this machine
+    cannot make one."""
+    if shutil.which("unshare") is None:
+        return None
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=4k tmpfs {folder}"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        return None
+    script = f'mount -t tmpfs -o size=4k tmpfs "$0" || exit 99; "$@"; rc=$?; find "$0" -mindepth 1 > {listing}; exit $rc'
+    return ["unshare", "-rm", "sh", "-c", script, str(folder), *script_command(*argv)]
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_a_full_disk_is_one_line_exit_74_naming_the_path_and_leaves_no_empty_folder(base, detected, tmp_path, name):
+    argv = STAGES[name](base)
+    if name == "figures":
+        shutil.copytree(detected / "out", tmp_path / "out")
+    full = tmp_path / "out" / ("figures" if name == "figures" else "")
+    full.mkdir(parents=True, exist_ok=True)
+    command = full_disk_command(full, tmp_path / "listing", argv)
+    if command is None:
+        pytest.skip("cannot mount a small file system here (no unshare or no user namespaces)")
+    r = subprocess.run(command, cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=600)
+    line = last_line(r.stderr)
+    assert r.returncode == 74 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert line.startswith("error: no space left on the device writing out/") and " free" in line, line
+    # what the full file system held when the stage had stopped: nothing (no temporary, no empty <tag>/)
+    assert (tmp_path / "listing").read_text() == "", (tmp_path / "listing").read_text()
+
+
+def test_a_closed_stdout_is_one_line_exit_141_and_the_outputs_are_whole(base, tmp_path):
+    """`python evaluate.py ... | head -1`: the reader goes away before the table is printed."""
+    argv = evaluate(base, tasks="ppl")
+    r, w = os.pipe()
+    os.close(r)  # nobody will ever read what the stage prints
+    p = subprocess.run(script_command(*argv), cwd=tmp_path, env=script_env(), stdout=w, stderr=subprocess.PIPE,
+                       text=True, timeout=600)
+    os.close(w)
+    assert p.returncode == 141 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert last_line(p.stderr) == "error: evaluate.py: its output pipe was closed; stopped"
+    assert json.loads((tmp_path / "out/tiny/eval/tiny.json").read_text())["results"]["ppl"]
 
 
 def test_killed_while_swapping_the_neurons_folder(base, detected, tmp_path):
