@@ -145,11 +145,11 @@ def plan(args: argparse.Namespace, out: Outputs, specs: list[tuple[str, Path]], 
     units = [(out.deactivation, False)] * args.measure_ppl + [(out.variants / n, True) for n in to_save]
     for unit, folder in units:
         reuse.check_writable(unit, f"--out {args.out}", folder=folder)
-    ppl_fp = reuse.fingerprint(args, __file__, ignore=PPL_IGNORED, models=[args.model], files=[
+    ppl_fp = reuse.fingerprint(args, __file__, "deactivation.ppl", ignore=PPL_IGNORED, models=[args.model], files=[
         *(file for _, file in specs), *(lang_file(args.dataset, "val", l, ".txt") for l in langs)]) \
         if args.measure_ppl else None
-    variant_fp = {n: reuse.fingerprint(args, __file__, ignore=VARIANT_IGNORED, models=[args.model],
-                                       files=[dict(specs)[n]]) for n in to_save}
+    variant_fp = {n: reuse.fingerprint(args, __file__, "deactivation.variant", ignore=VARIANT_IGNORED,
+                                       models=[args.model], files=[dict(specs)[n]]) for n in to_save}
     # a second run on the same outputs waits for this one, then reuses them (sorted: no deadlock)
     for unit in sorted(u for u, _ in units):
         reuse.hold_lock(unit)

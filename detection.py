@@ -144,9 +144,9 @@ def fingerprint(args, langs: list[str], corpora: dict[str, list[str]]) -> dict:
     """What the outputs are computed from; a corpus outside the dataset layout may be a folder or a dataset id,
     so there its text is what counts."""
     if builtin_corpus(args):
-        return reuse.fingerprint(args, __file__, models=[args.model],
+        return reuse.fingerprint(args, __file__, "detection", models=[args.model],
                                  files=[corpus_file(args.dataset, l, args.corpus) for l in langs])
-    return reuse.fingerprint(args, __file__, models=[args.model],
+    return reuse.fingerprint(args, __file__, "detection", models=[args.model],
                              context={"corpus_sha256": {l: reuse.text_digest(corpora[l]) for l in langs}})
 
 
@@ -159,7 +159,7 @@ def earlier_counts(args, out_dir: Path, fp: dict):
     diffs = reuse.changes(stored.get("fingerprint"), fp)
     if not diffs:
         stored_counts(out_dir, stored)  # a damaged firing file is an error, not a silent reuse
-        print(f"Reusing {out_dir} (nothing it was computed from changed; --force recomputes)")
+        print(reuse.reuse_line(stored["fingerprint"], fp, out_dir))
         return "up to date"
     if not reuse.changes(stored.get("fingerprint"), fp, ignore_args=("threshold",)):
         print(f"Re-deriving the sets at --threshold {args.threshold} from the stored firing counts in "

@@ -104,7 +104,7 @@ def to_compute(tasks: list[str], results: dict, task_meta: dict, fps: dict, forc
             print(reuse.recompute_line(diffs, f"{t} in {out_file}"))
             todo.append(t)
         else:
-            print(f"Reusing {t} from {out_file} (nothing it was computed from changed; --force recomputes)")
+            print(reuse.reuse_line(task_meta[t]["fingerprint"], fps[t], f"{t} from {out_file}"))
     return todo
 
 
@@ -188,7 +188,7 @@ def main() -> None:
 
     out_file = layout.outputs(args.out, args.model).evaluation(name)
     reuse.check_writable(out_file, f"--out {args.out}", folder=False)
-    fps = {t: reuse.fingerprint(args, __file__, ignore=ignored_args(t), models=[args.model],
+    fps = {t: reuse.fingerprint(args, __file__, f"evaluate.{t}", ignore=ignored_args(t), models=[args.model],
                                 files=[TASK_FILES[t](args.dataset, l) for l in langs]) for t in tasks}
     model_fp = fps[tasks[0]]["model"]
     results, task_meta = stored(out_file, tasks, model_fp, args.force)

@@ -224,7 +224,7 @@ def result_fingerprint(args: argparse.Namespace, mode: str, world: int, train_sp
     if not_files := [l for l, s in val_specs.items() if not Path(s).is_file()]:
         context["val_sha256"] = {l: reuse.text_digest(val[l]) for l in not_files}
     files = [s for s in (train_spec, *val_specs.values()) if Path(s).is_file()]
-    fp = reuse.fingerprint(args, __file__, ignore=NOT_RESULT_ARGS, models=[args.model], context=context,
+    fp = reuse.fingerprint(args, __file__, "train", ignore=NOT_RESULT_ARGS, models=[args.model], context=context,
                            files=[*dict.fromkeys(files), *([args.neurons] if mode == "neurons" else [])])
     return train_id, fp
 

@@ -2,8 +2,11 @@
 
 An output is reused only when everything it was computed from is unchanged: every argument that can change
 it, the content of every input file the stage read (dataset files, neuron files, the model's weights, config
-and tokenizer) and the code (the package and the stage script). That record, the fingerprint, is written
-into the output's metadata; a rerun compares it with its own and says in one line what changed.
+and tokenizer) and the version of the computation (`VERSIONS`). That record, the fingerprint, is written
+into the output's metadata; a rerun compares it with its own and says in one line what changed. The hash
+of the code (the package and the stage script) is recorded too, for provenance, but an edit that leaves
+every result as it was (a help string, a refactoring) does not throw stored results away: a rerun says
+in one line that they were computed by other code of the same version, and reuses them.
 
 Each output unit (a folder: neurons/, a variant, a trained run, figures/; or a file: deactivation.json,
 eval/<name>.json) has a lock (filelock) in <cache_root>/locks, named after its resolved path: a second run on
@@ -30,6 +33,10 @@ from .cli import InputError, hold
 from .files import read_json, safe_name, write_bytes
 from .model import cache_root, local_dir, resolve_model
 
+# The version of each computation whose results an output holds: raise one whenever the code changes its
+# results (tests/test_golden.py fails until you do, and names it), so that stored results are recomputed.
+VERSIONS = {"detection": 1, "deactivation.ppl": 1, "deactivation.variant": 1, "train": 1,
+            "evaluate.ppl": 1, "evaluate.mgsm": 1, "evaluate.mmmlu": 1}
 # where the results go and whether to recompute them, never what they are
 ALWAYS_IGNORED = ("force", "out")
 # files at least this large are hashed once; the digest is cached by path, size, mtime, ctime and inode
@@ -102,17 +109,19 @@ def code_version(script: str | Path) -> str:
 
 # ---------------------------------------------------------------- fingerprints
 
-def fingerprint(args: argparse.Namespace, script: str | Path, *, ignore: Iterable[str] = (),
+def fingerprint(args: argparse.Namespace, script: str | Path, computation: str, *, ignore: Iterable[str] = (),
                 files: Iterable[str | Path] = (), models: Iterable[str] = (),
                 context: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What an output is computed from: every argument but `ignore` (and --force, --out), the digest of
-    every input file and model file, facts outside the arguments (`context`, e.g. the number of
-    processes) and the code version. JSON-normal, so it compares equal to its stored copy."""
+    """What an output of `computation` (a key of VERSIONS) is computed from: every argument but `ignore`
+    (and --force, --out), the digest of every input file and model file, facts outside the arguments
+    (`context`, e.g. the number of processes) and the computation's version; the code's hash rides along
+    for provenance. JSON-normal, so it compares equal to its stored copy."""
     skip = set(ALWAYS_IGNORED) | set(ignore)
     fp = {"args": {k: v for k, v in sorted(vars(args).items()) if k not in skip},
           "context": dict(context or {}),
           "model": {str(f): file_digest(f) for m in models for f in model_files(m)},
           "files": {str(Path(f)): file_digest(f) for f in files},
+          "version": {computation: VERSIONS[computation]},
           "code": code_version(script)}
     return json.loads(json.dumps(fp))
 
@@ -134,6 +143,8 @@ def changes(old: Any, new: dict[str, Any], ignore_args: Iterable[str] = ()) -> l
     """What differs between a stored fingerprint and a new one, in words (empty: nothing)."""
     if not isinstance(old, dict) or not all(isinstance(old.get(k), dict) for k in ("args", "model", "files")):
         return ["the earlier output records no fingerprint (written by an older version)"]
+    if not isinstance(old.get("version"), dict):
+        return ["the earlier output records no computation version (written by an older version)"]
     out = []
     for key, label in (("args", lambda k: "--" + k.replace("_", "-")), ("context", str)):
         o, n = old.get(key) or {}, new[key]
@@ -149,14 +160,24 @@ def changes(old: Any, new: dict[str, Any], ignore_args: Iterable[str] = ()) -> l
                 out.append(f"{f} is no longer read")
             elif o[f] != n[f]:
                 out.append(f"{f} changed")
-    if old.get("code") != new["code"]:
-        out.append("the code changed")
+    for k in sorted(set(old["version"]) | set(new["version"])):
+        if old["version"].get(k) != new["version"].get(k):
+            out.append(f"the code computes {k} differently (version {old['version'].get(k)} -> "
+                       f"{new['version'].get(k)})")
     return out
 
 
 def recompute_line(diffs: list[str], what: str | Path) -> str:
     more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
     return f"Recomputing: {'; '.join(diffs[:3])}{more} ({what})"
+
+
+def reuse_line(old: dict, new: dict, what: str | Path) -> str:
+    """The line of a rerun that reuses `what`, whose stored fingerprint `old` has no changes from `new`."""
+    if old.get("code") == new["code"]:
+        return f"Reusing {what} (nothing it was computed from changed; --force recomputes)"
+    versions = ", ".join(f"{k} {v}" for k, v in new["version"].items())
+    return f"Reusing {what}, computed by other code of the same version ({versions}); --force recomputes"
 
 
 def read_stored(path: str | Path) -> dict | None:
@@ -191,7 +212,7 @@ def up_to_date(meta_file: str | Path, fp: dict[str, Any], force: bool, what: str
     if diffs:
         print(recompute_line(diffs, what))
         return False
-    print(f"Reusing {what} (nothing it was computed from changed; --force recomputes)")
+    print(reuse_line(stored_fingerprint(meta), fp, what))
     return True
 
 

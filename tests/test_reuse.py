@@ -161,6 +161,28 @@ def assert_same_outputs(a: Path, b: Path) -> None:
 
 # ---------------------------------------------------------------- the reuse rule, stage by stage
 
+@pytest.mark.parametrize("name,unit,computation", [
+    ("detection", "out/tiny/neurons/meta.json", "detection"),
+    ("evaluate", "out/tiny/eval/tiny.json", "evaluate.ppl")])
+def test_results_of_other_code_of_the_same_version_are_reused_and_a_raised_version_recomputes(
+        base, tmp_path, monkeypatch, name, unit, computation):
+    argv = STAGES[name](base) if name == "detection" else evaluate(base, tasks="ppl")
+    ok(*argv, cwd=tmp_path)
+    meta_file = tmp_path / unit
+    meta = json.loads(meta_file.read_text())
+    fp = meta["fingerprint"] if name == "detection" else meta["meta"]["tasks"]["ppl"]["fingerprint"]
+    assert fp["version"] == {computation: reuse.VERSIONS[computation]}
+    fp["code"] = "0" * 64  # as if written by code that differs in a help string
+    meta_file.write_text(json.dumps(meta))
+    out = ok(*argv, cwd=tmp_path)
+    assert f"computed by other code of the same version ({computation} {reuse.VERSIONS[computation]})" in out
+    assert json.loads(meta_file.read_text()) == meta  # reused, not rewritten
+    monkeypatch.setitem(reuse.VERSIONS, computation, reuse.VERSIONS[computation] + 1)
+    out = ok(*argv, cwd=tmp_path)
+    assert f"the code computes {computation} differently" in out
+    assert json.loads(meta_file.read_text()) != meta
+
+
 def test_detection_recomputes_when_its_corpus_or_weights_change(base, tmp_path):
     model = copy_model(base, tmp_path)
     data = Path(shutil.copytree(base[2], tmp_path / "data"))
@@ -268,14 +290,20 @@ def test_fingerprint_words_and_the_digest_cache(tmp_path, monkeypatch):
     assert reuse.file_digest(big) == hashlib.sha256(big.read_bytes()).hexdigest() and len(hashed) == 2
 
     old = {"args": {"ratio": 0.01, "seed": 0}, "context": {}, "model": {"m/w": "1"}, "files": {"d/a": "2"},
-           "code": "c"}
+           "version": {"detection": 1}, "code": "c"}
     new = {"args": {"ratio": 0.02, "seed": 0}, "context": {}, "model": {"m/w": "1"}, "files": {"d/b": "3"},
-           "code": "d"}
+           "version": {"detection": 2}, "code": "d"}
     assert reuse.changes(old, old) == []
     assert reuse.changes(old, new) == ["--ratio changed (0.01 -> 0.02)", "d/a is no longer read", "d/b is read now",
-                                       "the code changed"]
+                                       "the code computes detection differently (version 1 -> 2)"]
     assert reuse.changes({"args": {}}, new) == ["the earlier output records no fingerprint (written by an older "
                                                 "version)"]
+    # other code of the same version: nothing to recompute, and the reuse line says whose results they are
+    other_code = {**old, "code": "e"}
+    assert reuse.changes(old, other_code) == []
+    assert reuse.reuse_line(old, old, "x") == "Reusing x (nothing it was computed from changed; --force recomputes)"
+    assert reuse.reuse_line(old, other_code, "x") == ("Reusing x, computed by other code of the same version "
+                                                      "(detection 1); --force recomputes")
 
 
 # ---------------------------------------------------------------- kills
