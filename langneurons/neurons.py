@@ -191,7 +191,7 @@ def read_neuron_file(path: str | Path, geom: Geometry, legacy_kv: bool = False) 
 def other_model(path: str | Path, meta: Any, model: dict[str, Any]) -> str | None:
     """Why the model record of a neuron file's `meta` names another model than `model` (model.model_record of
     the loaded model), or None when it names the same one or the file has no record (the authors' files, and
-    ours from before the record, whose meta.model is the --model string)."""
+    files whose meta.model is a string: --model as given, nothing to compare)."""
     rec = meta.get("model") if isinstance(meta, dict) else None
     if not isinstance(rec, dict):
         return None
