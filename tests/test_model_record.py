@@ -155,8 +155,11 @@ def test_the_same_model_and_its_variants_use_the_file(forked, m, tmp_path):
                *DEACT_FAST, "--force", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     r = forked("train.py", "--model", variant, "--dataset", m["data"], "--neurons", m["neurons"] / "related_all.json",
-               "--out", out, *TRAIN_FAST, cwd=tmp_path)
+               "--out", out, *TRAIN_FAST, "--gradient-checkpointing", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    # a model this tool trained keeps the config digest too (here with gradient checkpointing)
+    trained = AutoConfig.from_pretrained(out / "A" / "trained" / "en-related_all")
+    assert config_digest(trained) == config_digest(AutoConfig.from_pretrained(m["A"]))
 
 
 @pytest.mark.parametrize("kind", ["authors", "meta_without_record"])
