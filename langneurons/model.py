@@ -69,7 +69,8 @@ def text_config(config):
 
 # config keys that do not tell one model from another: bookkeeping (and every key with a leading '_', e.g.
 # _name_or_path, _attn_implementation), the head classes, storage precision and quantization (a variant saved
-# in another dtype, a dequantized GGUF hold the same neurons) and runtime switches (training turns use_cache off)
+# in another dtype, a dequantized GGUF hold the same neurons) and runtime switches (how a run calls the model:
+# a model saved while use_cache was off for training is still the same model)
 CONFIG_VOLATILE = ("transformers_version", "architectures", "dtype", "torch_dtype", "quantization_config",
                    "use_cache", "output_attentions", "output_hidden_states", "return_dict")
 
