@@ -23,7 +23,8 @@ from langneurons.files import atomic_dir, safe_name, write_json
 from langneurons.layout import NEURON_FILE_COPY, PROVENANCE_FILE, SCHEMA_VERSION, Outputs
 from langneurons.masking import zero_neurons_streaming, zeroed
 from langneurons.metrics import language_agnostic, perplexity_by_lang
-from langneurons.model import Geometry, check_model, load_model, local_dir, resolve_model, save_model_dir
+from langneurons.model import (Geometry, check_model, load_model, local_dir, model_record, resolve_model,
+                               save_model_dir)
 from langneurons.neurons import NeuronSet, load_neuron_set, size
 from langneurons.runinfo import run_meta, seed_everything
 
@@ -43,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--legacy-kv-mapping", action="store_true",
                    help="map the authors' query-head attn_k/attn_v indices with their code's i // n_rep instead "
                         "of the correct (i // head_dim // n_rep) * head_dim + i %% head_dim")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="use a neuron file whose model record names another model than --model (refused "
+                        "otherwise: its indices may fit and still mean nothing here); the outputs record it")
     p.add_argument("--measure-ppl", action="store_true",
                    help="perplexity per language on <dataset>/val/<lang>.txt for the base model and every set; "
                         "writes <out>/<tag>/deactivation.json")
@@ -92,12 +96,13 @@ def neuron_specs(args: argparse.Namespace, out: Outputs, langs: list[str]) -> li
     return specs
 
 
-def read_sets(specs: list[tuple[str, Path]], geom: Geometry,
-              legacy_kv: bool) -> tuple[dict[str, NeuronSet], dict[str, dict]]:
-    """Every set, checked against the model's geometry, and what the outputs record about its file."""
+def read_sets(specs: list[tuple[str, Path]], geom: Geometry, legacy_kv: bool, record: dict,
+              allow_other_model: bool) -> tuple[dict[str, NeuronSet], dict[str, dict]]:
+    """Every set, checked against the model (its record and geometry), and what the outputs record about its file."""
     sets, files = {}, {}
     for name, file in specs:
-        sets[name], files[name] = load_neuron_set(file, geom, legacy_kv=legacy_kv)
+        sets[name], files[name] = load_neuron_set(file, geom, legacy_kv=legacy_kv, model=record,
+                                                  allow_other_model=allow_other_model)
     return sets, files
 
 
@@ -202,7 +207,8 @@ def write_deactivation(out: Outputs, args: argparse.Namespace, langs: list[str],
         "meta": {"schema_version": SCHEMA_VERSION, "tag": out.tag, "base_model": path, "gguf_file": gguf,
                  "geometry": vars(geom), "langs": langs, "dataset": str(args.dataset),
                  "batch_size": args.batch_size, "max_length": args.max_length,
-                 "legacy_kv_mapping": args.legacy_kv_mapping, "neuron_files": files,
+                 "legacy_kv_mapping": args.legacy_kv_mapping, "allow_other_model": args.allow_other_model,
+                 "neuron_files": files,
                  "neuron_sha256": {n: f["sha256"] for n, f in files.items()}, "run": run_meta(args),
                  "fingerprint": fp},
         "results": {"ppl": base},
@@ -238,7 +244,8 @@ def write_variants(out: Outputs, args: argparse.Namespace, model, tok, config, g
             write_json(tmp / PROVENANCE_FILE, {
                 "schema_version": SCHEMA_VERSION, "tag": out.tag, "base_model": args.model, "neuron_set": name,
                 "neuron_file": str(file), "size": size(sets[name]),
-                "neuron_sha256": {name: files[name]["sha256"]}, "streaming": args.streaming,
+                "neuron_sha256": {name: files[name]["sha256"]}, "neuron_model": files[name]["model"],
+                "other_model": files[name]["other_model"], "streaming": args.streaming,
                 "run": run_meta(args), "fingerprint": todo.variant_fp[name]})
         print(f"Wrote {out.variants / name}")
 
@@ -255,7 +262,8 @@ def main() -> None:
     src_dir = local_safetensors_dir(*resolve_model(args.model), args.model) if args.streaming else None
 
     specs = neuron_specs(args, out, langs)
-    sets, files = read_sets(specs, geom, args.legacy_kv_mapping)
+    sets, files = read_sets(specs, geom, args.legacy_kv_mapping, model_record(args.model, config),
+                            args.allow_other_model)
     to_save = variants_to_save(args, sets)
     texts = {l: val_texts(args.dataset, l)[:args.limit or None] for l in langs} if args.measure_ppl else {}
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from langneurons import authors, cli, files, reuse, runinfo
 from langneurons.data import batches_by_length, corpus_file, detection_corpus, external_corpus, pad_batch
 from langneurons.importance import ImportanceProbe
-from langneurons.model import GROUPS, Geometry, check_model, load_model
+from langneurons.model import GROUPS, Geometry, check_model, load_model, model_record
 from langneurons.layout import FIRING, META, SCHEMA_VERSION, STATS, model_tag, outputs
 from langneurons.neurons import (language_sets, lape_related, related_from_counts, stats,
                                  write_neuron_file)
@@ -80,8 +80,9 @@ def main() -> None:
     counts = earlier_counts(args, out_dir, fp)
     if counts == "up to date":
         return
+    # config, tokenizer, weight headers: seconds, before the model run; every neuron file records the config
+    record = model_record(args.model, check_model(args.model))
     if counts is None:
-        check_model(args.model)  # config, tokenizer, weight headers: seconds, before the model run
         counts = count_firing(args, corpora, groups)
     if counts is None:  # not the main process of a multi-process run
         return
@@ -94,13 +95,13 @@ def main() -> None:
         related = lape_related(firing["fwd_up"], sentences, langs, geom, args.ratio)
     sets = language_sets(related, geom, args.seed)
     summary = stats(sets, langs, geom)
-    meta = run_record(args, langs, groups, corpora, mgsm_format, geom, config, fp)
+    meta = run_record(args, langs, groups, corpora, mgsm_format, geom, config, record, fp)
     kv_space = "kv_rows"
     if args.method == "authors":
         meta["authors"] = authors_record(args, undo, geom)
         kv_space = summary["kv_index_space"] = meta["authors"]["kv_index_space"]
 
-    write_outputs(out_dir, args, langs, firing, sentences, geom, sets, summary, meta, kv_space)
+    write_outputs(out_dir, args, langs, firing, sentences, geom, sets, summary, meta, record, kv_space)
     print_summary(args, langs, geom, summary, out_dir)
 
 
@@ -169,9 +170,11 @@ def earlier_counts(args, out_dir: Path, fp: dict):
     return None
 
 
-def run_record(args, langs, groups, corpora, mgsm_format, geom: Geometry, config: dict, fp: dict) -> dict:
+def run_record(args, langs, groups, corpora, mgsm_format, geom: Geometry, config: dict, record: dict,
+               fp: dict) -> dict:
     """meta.json: how the counts were made, the model's geometry and config, the run and its fingerprint."""
     return {"schema_version": SCHEMA_VERSION, "model": args.model, "tag": model_tag(args.model),
+            "config_sha256": record["config_sha256"],
             "method": args.method, "ratio": args.ratio, "threshold": args.threshold, "langs": langs,
             "groups": list(groups), "qk_score": args.qk_score,
             "corpus": {"name": args.corpus, "sentences": {l: len(corpora[l]) for l in langs},
@@ -191,8 +194,10 @@ def authors_record(args, undo: tuple[str, ...], geom: Geometry) -> dict:
             "kv_index_space": authors.kv_index_space(defs)}
 
 
-def write_outputs(out_dir: Path, args, langs, firing, sentences, geom, sets, summary, meta, kv_space) -> None:
-    """Everything into a fresh folder, then swapped in whole: a reader never sees a mix of two runs."""
+def write_outputs(out_dir: Path, args, langs, firing, sentences, geom, sets, summary, meta, record: dict,
+                  kv_space) -> None:
+    """Everything into a fresh folder, then swapped in whole: a reader never sees a mix of two runs. Every neuron
+    file records the model (model.model_record), so that a stage given another model refuses it."""
     with files.atomic_dir(out_dir) as tmp:
         tensors = {f"{g}.{layer}": firing[g][:, layer].to(torch.int32).contiguous()
                    for g in firing for layer in range(geom.num_layers)}
@@ -201,7 +206,7 @@ def write_outputs(out_dir: Path, args, langs, firing, sentences, geom, sets, sum
         save_file(tensors, tmp / FIRING, metadata={"langneurons": json.dumps(
             {"langs": langs, "method": args.method, "ratio": args.ratio, "unit": meta["unit"],
              **({"kv_index_space": kv_space} if args.method == "authors" else {})}, sort_keys=True)})
-        provenance = {"model": args.model, "method": args.method, "ratio": args.ratio,
+        provenance = {"model": record, "method": args.method, "ratio": args.ratio,
                       "threshold": args.threshold, "langs": langs}
         for name, s in sets.items():
             write_neuron_file(tmp / f"{name}.json", s, {**provenance, "set": name}, kv_space)

@@ -35,8 +35,8 @@ from langneurons.cli import InputError, common_parser, float_in, hold, int_at_le
 from langneurons.data import PadCollator, lang_file, read_corpus, tokenize_documents, training_documents
 from langneurons.files import atomic_dir, read_json, remove_empty, safe_name, write_json, writing
 from langneurons.metrics import perplexity_by_lang
-from langneurons.model import (Geometry, check_model, load_model, load_tokenizer, lora_targets, resolve_device,
-                               resolve_dtype, save_model_dir)
+from langneurons.model import (Geometry, check_model, load_model, load_tokenizer, lora_targets, model_record,
+                               resolve_device, resolve_dtype, save_model_dir)
 from langneurons.neurons import NeuronSet, load_neuron_set
 from langneurons.runinfo import run_meta, seed_everything
 
@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "instead of float32 master weights under bf16 autocast")
     p.add_argument("--legacy-kv-mapping", action="store_true",
                    help="map the authors' query-head attn_k/attn_v indices with their code's i // n_rep")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="use a neuron file whose model record names another model than --model (refused "
+                        "otherwise: its indices may fit and still mean nothing here); the outputs record it")
     p.add_argument("--lr", type=float_in(0, lo_open=True), default=5e-5,
                    help="peak learning rate (AdamW, linear decay)")
     p.add_argument("--warmup", type=float_in(0, 1, hi_open=True), default=0.03,
@@ -152,7 +155,7 @@ def check_args(args: argparse.Namespace, world: int) -> str:
     return mode
 
 
-def neuron_set(args: argparse.Namespace, mode: str, geom: Geometry) -> tuple[NeuronSet | None, dict | None]:
+def neuron_set(args: argparse.Namespace, mode: str, config) -> tuple[NeuronSet | None, dict | None]:
     """The neurons to train (checked against the model's config before anything is loaded) and what the
     outputs record about their file; none for full fine-tuning and LoRA."""
     if mode != "neurons":
@@ -160,7 +163,8 @@ def neuron_set(args: argparse.Namespace, mode: str, geom: Geometry) -> tuple[Neu
     nfile = Path(args.neurons)
     if not nfile.is_file():
         raise InputError(f"--neurons {nfile}: no such file (or 'full')")
-    nset, info = load_neuron_set(nfile, geom, legacy_kv=args.legacy_kv_mapping)
+    nset, info = load_neuron_set(nfile, Geometry.from_config(config), legacy_kv=args.legacy_kv_mapping,
+                                 model=model_record(args.model, config), allow_other_model=args.allow_other_model)
     if info["size"] == 0:
         raise InputError(f"--neurons {nfile}: the set is empty, nothing to train")
     return nset, info
@@ -435,7 +439,8 @@ def write_run(run_dir: Path, model, tok, state_dict, args: argparse.Namespace, l
     info = log["neurons"]
     provenance = {"schema_version": layout.SCHEMA_VERSION, "tag": log["tag"], "base_model": args.model,
                   "trained_lang": args.lang, "neurons": info["name"] if info else set_name, "mode": log["mode"],
-                  "neuron_file": info and info["file"], "run_name": run_name, "run": log["run"]}
+                  "neuron_file": info and info["file"], "other_model": bool(info and info["other_model"]),
+                  "run_name": run_name, "run": log["run"]}
     with atomic_dir(run_dir) as tmp:
         save_model_dir(model, tok, args.model, tmp, state_dict=state_dict)
         if info:
@@ -452,8 +457,7 @@ def main() -> None:
     seed_everything(args.seed)
     # the config checks the neuron file against the model before anything is loaded; the tokenizer and the
     # weight headers are checked too, so that a broken model folder fails now and not after the data is prepared
-    geom = Geometry.from_config(check_model(args.model))
-    nset, neuron_info = neuron_set(args, mode, geom)
+    nset, neuron_info = neuron_set(args, mode, check_model(args.model))
     set_name, name = run_name(args, mode, neuron_info)
     device = process_device(args, state)
     half, mixed, precision_info = precision(args, mode, device)

@@ -4,6 +4,8 @@ Every size comes from the model's config (`Geometry`), never from a table of mod
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -14,7 +16,7 @@ import torch
 
 from .cli import EMBEDDED_MODEL, InputError
 from .files import atomic_dir, read_json, write_json
-from .layout import PROVENANCE_FILE, provenance
+from .layout import PROVENANCE_FILE, model_tag, provenance
 
 GROUPS = ("fwd_up", "fwd_down", "attn_q", "attn_k", "attn_v", "attn_o")
 
@@ -30,7 +32,7 @@ class Geometry:
 
     @classmethod
     def from_config(cls, config) -> "Geometry":
-        c = config.get_text_config() if hasattr(config, "get_text_config") else config
+        c = text_config(config)
         inter = c.intermediate_size
         if isinstance(inter, (list, tuple)):
             if len(set(inter)) != 1:
@@ -56,6 +58,47 @@ class Geometry:
     @property
     def total_neurons(self) -> int:
         return sum(self.num_layers * self.group_size(g) for g in GROUPS)
+
+
+def text_config(config):
+    """The decoder's config (the text part of a multimodal config): the neurons live there."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+# ---------------------------------------------------------------- the record of a model (neuron files carry it)
+
+# config keys that do not tell one model from another: bookkeeping (and every key with a leading '_', e.g.
+# _name_or_path, _attn_implementation), the head classes, storage precision and quantization (a variant saved
+# in another dtype, a dequantized GGUF hold the same neurons) and runtime switches (how a run calls the model:
+# a model saved while use_cache was off for training is still the same model)
+CONFIG_VOLATILE = ("transformers_version", "architectures", "dtype", "torch_dtype", "quantization_config",
+                   "use_cache", "output_attentions", "output_hidden_states", "return_dict")
+
+
+def _stable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _stable(v) for k, v in obj.items()
+                if not (str(k).startswith("_") or str(k) in CONFIG_VOLATILE)}
+    if isinstance(obj, (list, tuple)):
+        return [_stable(v) for v in obj]
+    return obj
+
+
+def config_digest(config) -> str:
+    """sha256 of the canonical JSON (sorted keys) of the decoder config's to_dict() without CONFIG_VOLATILE at any
+    depth: the same for every copy, variant and trained model of one model; different when any size or setting
+    (rope_theta, sliding window, ...) differs."""
+    text = json.dumps(_stable(text_config(config).to_dict()), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_record(model: str, config) -> dict:
+    """What a neuron file records about the model it was detected on, and what a reader compares with the model
+    it loads (neurons.load_neuron_set): `--model` as given, its <tag>, the config digest, the geometry and the
+    transformers version that read the config (its spelling of a config can change between versions)."""
+    import transformers
+    return {"name": model, "tag": model_tag(model), "config_sha256": config_digest(config),
+            "geometry": dataclasses.asdict(Geometry.from_config(config)), "transformers": transformers.__version__}
 
 
 # ---------------------------------------------------------------- the embedded default model

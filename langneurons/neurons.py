@@ -188,18 +188,50 @@ def read_neuron_file(path: str | Path, geom: Geometry, legacy_kv: bool = False) 
     return out, meta
 
 
-def load_neuron_set(path: str | Path, geom: Geometry, legacy_kv: bool = False) -> tuple[NeuronSet, dict[str, Any]]:
+def other_model(path: str | Path, meta: Any, model: dict[str, Any]) -> str | None:
+    """Why the model record of a neuron file's `meta` names another model than `model` (model.model_record of
+    the loaded model), or None when it names the same one or the file has no record (the authors' files, and
+    files whose meta.model is a string: --model as given, nothing to compare)."""
+    rec = meta.get("model") if isinstance(meta, dict) else None
+    if not isinstance(rec, dict):
+        return None
+    geom = rec.get("geometry")
+    if not isinstance(rec.get("config_sha256"), str) or not isinstance(geom, dict):
+        raise InputError(f"neuron file {path}: meta.model is not a model record (needs config_sha256 and geometry)")
+    if rec["config_sha256"] == model["config_sha256"]:
+        return None
+    theirs, ours = f"model '{rec.get('tag', '?')}'", f"--model {model['name']} ('{model['tag']}'"
+    if field := next((f for f in model["geometry"] if geom.get(f) != model["geometry"][f]), None):
+        return f"{theirs} ({field} {geom.get(field)}), not on {ours}, {field} {model['geometry'][field]})"
+    why = (f"{theirs} (config sha256 {rec['config_sha256'][:12]}), not on {ours}, config sha256 "
+           f"{model['config_sha256'][:12]}): same geometry, different config")
+    if rec.get("transformers") not in (None, model["transformers"]):
+        why += f" (the file's config was read by transformers {rec['transformers']}, this is {model['transformers']})"
+    return why
+
+
+def load_neuron_set(path: str | Path, geom: Geometry, legacy_kv: bool = False, model: dict[str, Any] | None = None,
+                    allow_other_model: bool = False) -> tuple[NeuronSet, dict[str, Any]]:
     """A neuron file read for use (deactivation, training): the set, and what the outputs record about the
-    file (its content hash, size, format and k/v index space)."""
+    file (its content hash, size, format, k/v index space and recorded model). A file whose model record names
+    another model than `model` (model.model_record of the loaded model) is refused unless `allow_other_model`:
+    its indices may fit and still mean nothing on this model."""
     from .reuse import file_digest
     path = Path(path)
+    obj = read_json(path, "neuron file")
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    other = other_model(path, meta, model) if model is not None else None
+    if other and not allow_other_model:
+        raise InputError(f"neuron file {path}: detected on {other}; --allow-other-model uses it anyway")
     nset, meta = read_neuron_file(path, geom, legacy_kv=legacy_kv)
-    ours = bool(meta) or "meta" in read_json(path, "neuron file")  # the authors' files have no `meta`
+    ours = bool(meta) or "meta" in obj  # the authors' files have no `meta`
     return nset, {"name": path.stem, "file": str(path.resolve()), "sha256": file_digest(path), "size": size(nset),
                   "fraction": size(nset) / geom.total_neurons, "groups": {g: int(m.sum()) for g, m in nset.items()},
                   "format": "ours" if ours else "authors",
                   "kv_index_space": meta.get("kv_index_space", "kv_rows" if ours else "query_heads"),
-                  "legacy_kv_mapping": legacy_kv}
+                  "legacy_kv_mapping": legacy_kv,
+                  "model": meta["model"] if isinstance(meta.get("model"), dict) else None,
+                  "other_model": other is not None}
 
 
 # ---------------------------------------------------------------- statistics

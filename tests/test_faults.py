@@ -13,7 +13,7 @@ import pytest
 
 from tiny import save_tiny, tiny_dataset
 
-from langneurons.model import Geometry
+from langneurons.model import Geometry, model_record
 from langneurons.neurons import empty_set, write_neuron_file
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def copy_model(src: Path, dst: Path) -> Path:
 def w(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     model = save_tiny("llama", root / "model")
-    geom = Geometry.from_config(__import__("transformers").AutoConfig.from_pretrained(model))
+    config = __import__("transformers").AutoConfig.from_pretrained(model)
+    geom = Geometry.from_config(config)
     m = {"model": model, "data": tiny_dataset(root / "data"), "root": root}
 
     weights = (model / "model.safetensors").read_bytes()
@@ -73,12 +74,17 @@ def w(tmp_path_factory):
         "unknown_group": {"mlp": {"0": [1]}},
         "float_index": {"fwd_down": {"0": [1.5]}},
         "not_an_object": [1, 2, 3],
+        "not_a_record": {"fwd_up": {"0": [1]}, "meta": {"model": {"tag": "other"}, "kv_index_space": "kv_rows"}},
     }
     for name, obj in hostile.items():
         (root / f"{name}.json").write_text(json.dumps(obj), encoding="utf-8")
     (root / "corrupt.json").write_text(json.dumps(good)[:-5])
     (root / "latin1.json").write_bytes('{"fwd_up": {"0": [1]}, "meta": {"set": "caf\xe9"}}'.encode("latin-1"))
     write_neuron_file(root / "empty_set.json", empty_set(geom))
+    # good.json as detection would have written it on a model with one layer less (its indices fit this one)
+    rec = model_record(str(model), config)
+    other = {**rec, "tag": "other", "config_sha256": "0" * 64, "geometry": {**rec["geometry"], "num_layers": 2}}
+    write_neuron_file(root / "other_model.json", s, {"model": other, "set": "good"})
     return m
 
 
@@ -221,6 +227,8 @@ NEURON_FILES = [
     ("not_an_object", "object"),
     ("corrupt", "corrupt JSON"),
     ("latin1", "not UTF-8"),
+    ("not_a_record", "meta.model is not a model record"),
+    ("other_model", "detected on model 'other' (num_layers 2)"),
 ]
 
 
@@ -320,6 +328,14 @@ def test_train_empty_neuron_set_and_broken_model(run, w, tmp_path):
                  "empty")
     assert_fault(run, tmp_path, "train.py", base + ["--model", w["truncated"], "--neurons", "full"],
                  "model.safetensors")
+
+
+def test_train_neuron_file_of_another_model(run, w, tmp_path):
+    f = w["root"] / "other_model.json"
+    msg = assert_fault(run, tmp_path, "train.py", ["--model", w["model"], "--dataset", w["data"], "--out",
+                                                   tmp_path / "out", "--lang", "en", "--neurons", f],
+                       "detected on model 'other' (num_layers 2)")
+    assert str(f) in msg and "num_layers 3" in msg and "--allow-other-model" in msg
 
 
 # ---------------------------------------------------------------- evaluate.py

@@ -30,14 +30,15 @@ _EXTRA = {
 }
 
 
-def tiny_config(arch: str):
-    kw = {**_COMMON, **_EXTRA[arch]}
+def tiny_config(arch: str, **overrides):
+    """`overrides` replace config values (another number of layers, another rope_theta)."""
+    kw = {**_COMMON, **_EXTRA[arch], **overrides}
     return AutoConfig.for_model(kw.pop("model_type"), **kw)
 
 
-def tiny_model(arch: str, seed: int = 0):
+def tiny_model(arch: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    cfg = tiny_config(arch)
+    cfg = tiny_config(arch, **overrides)
     cfg._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # larger weights than the default init, and non-zero biases
@@ -62,9 +63,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
 
 
-def save_tiny(arch: str, path: str | Path, seed: int = 0) -> Path:
+def save_tiny(arch: str, path: str | Path, seed: int = 0, **overrides) -> Path:
     path = Path(path)
-    model = tiny_model(arch, seed)
+    model = tiny_model(arch, seed, **overrides)
     model.config._attn_implementation = "sdpa" if arch not in ("gemma2",) else "eager"
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
