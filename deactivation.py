@@ -9,6 +9,7 @@ PPL, dPPL per set, the shared-neuron importance Imp_l and the language-agnostic 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 from dataclasses import dataclass
@@ -144,23 +145,22 @@ class Plan:
 
 
 def plan(args: argparse.Namespace, out: Outputs, specs: list[tuple[str, Path]], to_save: list[str],
-         langs: list[str]) -> Plan:
-    """Lock every output this run may write, then keep only those whose inputs changed since they were written:
-    the PPL table depends on every set, each variant on its own set only."""
-    units = [(out.deactivation, False)] * args.measure_ppl + [(out.variants / n, True) for n in to_save]
-    for unit, folder in units:
-        reuse.check_writable(unit, f"--out {args.out}", folder=folder)
+         langs: list[str], held: contextlib.ExitStack) -> Plan:
+    """Lock every output this run may write (until `held` closes), then keep only those whose inputs changed
+    since they were written: the PPL table depends on every set, each variant on its own set only."""
+    # a second run on the same outputs waits for this one, then reuses them (sorted: no deadlock)
+    paths = sorted([out.deactivation] * args.measure_ppl + [out.variants / n for n in to_save])
+    units = {p: held.enter_context(reuse.unit(p, f"--out {args.out}", force=args.force,
+                                              folder=p != out.deactivation,
+                                              record=p if p == out.deactivation else p / PROVENANCE_FILE))
+             for p in paths}
     ppl_fp = reuse.fingerprint(args, __file__, "deactivation.ppl", ignore=PPL_IGNORED, models=[args.model], files=[
         *(file for _, file in specs), *(lang_file(args.dataset, "val", l, ".txt") for l in langs)]) \
         if args.measure_ppl else None
     variant_fp = {n: reuse.fingerprint(args, __file__, "deactivation.variant", ignore=VARIANT_IGNORED,
                                        models=[args.model], files=[dict(specs)[n]]) for n in to_save}
-    # a second run on the same outputs waits for this one, then reuses them (sorted: no deadlock)
-    for unit in sorted(u for u, _ in units):
-        reuse.hold_lock(unit)
-    measure = args.measure_ppl and not reuse.up_to_date(out.deactivation, ppl_fp, args.force, out.deactivation)
-    todo = [n for n in to_save if not reuse.up_to_date(out.variants / n / PROVENANCE_FILE, variant_fp[n],
-                                                       args.force, out.variants / n)]
+    measure = args.measure_ppl and not units[out.deactivation].up_to_date(ppl_fp)
+    todo = [n for n in to_save if not units[out.variants / n].up_to_date(variant_fp[n])]
     return Plan(measure, todo, ppl_fp, variant_fp)
 
 
@@ -267,20 +267,20 @@ def main() -> None:
     to_save = variants_to_save(args, sets)
     texts = {l: val_texts(args.dataset, l)[:args.limit or None] for l in langs} if args.measure_ppl else {}
 
-    todo = plan(args, out, specs, to_save, langs)
-    if not todo.measure and not todo.variants:
-        print("Nothing to recompute")
-        return
-
-    model = tok = None
-    if todo.measure or (todo.variants and not args.streaming):
-        # --device auto spreads a model too large for one GPU over all of them
-        model, tok = load_model(args.model, args.device, args.dtype, device_map_auto=True)
-    if todo.measure:
-        base, results = measure(model, tok, sets, texts, args)
-        write_deactivation(out, args, langs, geom, files, base, results, todo.ppl_fp)
-    if todo.variants:
-        write_variants(out, args, model, tok, config, geom, sets, files, todo, src_dir)
+    with contextlib.ExitStack() as held:
+        todo = plan(args, out, specs, to_save, langs, held)
+        if not todo.measure and not todo.variants:
+            print("Nothing to recompute")
+            return
+        model = tok = None
+        if todo.measure or (todo.variants and not args.streaming):
+            # --device auto spreads a model too large for one GPU over all of them
+            model, tok = load_model(args.model, args.device, args.dtype, device_map_auto=True)
+        if todo.measure:
+            base, results = measure(model, tok, sets, texts, args)
+            write_deactivation(out, args, langs, geom, files, base, results, todo.ppl_fp)
+        if todo.variants:
+            write_variants(out, args, model, tok, config, geom, sets, files, todo, src_dir)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from typing import Any, Iterable, Iterator
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from .cli import InputError, hold
+from .cli import InputError
 from .files import read_json, safe_name, write_bytes
 from .model import cache_root, local_dir, resolve_model
 
@@ -200,22 +201,6 @@ def stored_fingerprint(meta: dict) -> Any:
     return meta.get("fingerprint", (meta.get("meta") or {}).get("fingerprint"))
 
 
-def up_to_date(meta_file: str | Path, fp: dict[str, Any], force: bool, what: str | Path) -> bool:
-    """True (and says so) when `meta_file` records the fingerprint `fp`: the output `what` is reused.
-    Otherwise False, with one line saying what changed when there is an earlier output."""
-    if force:
-        return False
-    meta = read_stored(meta_file)
-    if meta is None:
-        return False
-    diffs = changes(stored_fingerprint(meta), fp)
-    if diffs:
-        print(recompute_line(diffs, what))
-        return False
-    print(reuse_line(stored_fingerprint(meta), fp, what))
-    return True
-
-
 # ---------------------------------------------------------------- output folders, locks, leftovers
 
 def main_process() -> bool:
@@ -315,6 +300,43 @@ def locked(target: str | Path, enabled: bool = True) -> Iterator[None]:
         lock.release()
 
 
-def hold_lock(target: str | Path, enabled: bool = True) -> None:
-    """locked(target) until the running stage ends (see langneurons.cli.run)."""
-    hold(locked(target, enabled))
+@dataclasses.dataclass
+class Unit:
+    """An output unit held by `unit()`: its path, and whether its stored copy can be reused."""
+    path: Path
+    record: Path  # the metadata file that holds its fingerprint
+    force: bool
+
+    def stored(self) -> dict | None:
+        """The earlier output's metadata (None when there is none, or with --force)."""
+        return None if self.force else read_stored(self.record)
+
+    def up_to_date(self, fp: dict[str, Any], what: str | Path | None = None) -> bool:
+        """True (and says so) when the stored output records fingerprint `fp`; otherwise False, with one line
+        saying what changed when there is an earlier output."""
+        what = what or self.path
+        meta = self.stored()
+        if meta is None:
+            return False
+        if diffs := changes(stored_fingerprint(meta), fp):
+            print(recompute_line(diffs, what))
+            return False
+        print(reuse_line(stored_fingerprint(meta), fp, what))
+        return True
+
+
+@contextlib.contextmanager
+def unit(path: str | Path, flag: str, *, force: bool, record: str | Path | None = None, folder: bool = True,
+         enabled: bool = True) -> Iterator[Unit]:
+    """What every stage does around one output, for the with-block: check that it can be written where it
+    is asked for (`flag` names it in the error), hold its lock (a second run on it waits, then reuses it),
+    remove the temporaries killed runs left beside it, and answer whether the stored copy is up to date
+    (its fingerprint in `record`: the file itself, or the named metadata file of a folder). `enabled`:
+    False on the other processes of a launch, which neither lock nor write."""
+    path = Path(path)
+    if enabled:
+        check_writable(path, flag, folder)
+    with locked(path, enabled):
+        if enabled and folder:
+            remove_temporaries(path)  # written inside it by a killed run (figures/)
+        yield Unit(path, Path(record) if record is not None else path, force)
