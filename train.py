@@ -390,6 +390,20 @@ def plain_model(trainer, mode: str, mixed: bool, half: torch.dtype):
     return model.eval(), state_dict
 
 
+def whole_run_loss(state) -> float:
+    """Mean training loss over every step of the run, those before a resume included (the Trainer's own
+    training_loss averages only the steps of this session). logging_steps=1 logs each step's loss, and a
+    checkpoint's trainer_state.json carries that log from step 0; summed in step order from 0.0 as the
+    Trainer sums them, so an uninterrupted run gets the Trainer's value to the bit."""
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    if len(losses) != state.global_step:
+        raise RuntimeError(f"the Trainer logged {len(losses)} losses in {state.global_step} steps (logging_steps=1?)")
+    total = 0.0
+    for loss in losses:
+        total += loss
+    return total / max(state.global_step, 1)
+
+
 def train_log(args: argparse.Namespace, *, tag: str, mode: str, neuron_info: dict | None, model, touched: dict,
               trainable: int, total_params: int, opt_bytes: int, targs, trainer, result, runtime: float,
               resume_from: Path | None, precision_info: dict, fingerprint: dict, train_spec: str, train_id: str,
@@ -412,7 +426,7 @@ def train_log(args: argparse.Namespace, *, tag: str, mode: str, neuron_info: dic
                            "id": train_id, "packing": args.packing, "val_source": val_specs},
             "documents": len(docs), "sequences": len(train_set), "steps": state.global_step,
             "epochs_done": state.epoch, "tokens_seen": int(state.num_input_tokens_seen),
-            "train_loss": result.training_loss, "train_runtime_s": runtime,
+            "train_loss": whole_run_loss(state), "train_runtime_s": runtime,
             "resumed_from": str(resume_from) if resume_from else None,
             "dtype": precision_info["requested_dtype"], "precision": precision_info, "device": str(model.device),
             "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in state.log_history if "loss" in h],
