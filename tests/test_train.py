@@ -2,6 +2,7 @@
 gradient accumulation and two processes; resume = uninterrupted; LoRA/full baselines; bad inputs."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -283,8 +284,32 @@ def test_bad_inputs_exit_2_and_write_nothing(forked, work, tmp_path):
              (("--neurons", str(work["sets"]["llama"]), "--langs", "en,fr,zh"), "unknown language 'zh'"),
              (("--neurons", "full", "--langs", "en,fr", "--val-data", str(work["dataset"] / "val" / "en.txt")),
               "--val-data"),
-             (("--neurons", str(work["sets"]["llama"]), "--dataset", str(empty)), "empty")]
+             (("--neurons", str(work["sets"]["llama"]), "--dataset", str(empty)), "empty"),
+             (("--neurons", "full", "--report-to", "mlflow"), "--report-to: unknown 'mlflow'"),
+             (("--neurons", "full", "--report-to", "none,tensorboard"), "'none' together with a target")]
+    # a reporting target whose package is not installed fails before any work (exit 2, nothing written)
+    missing = [t for t, mods in (("wandb", ("wandb",)), ("tensorboard", ("tensorboard", "tensorboardX")))
+               if not any(importlib.util.find_spec(m) for m in mods)]
+    cases += [(("--neurons", "full", "--report-to", t), f"--report-to {t}: the package") for t in missing]
     assert_one_line_errors(forked, work, tmp_path / "out", cases)
+
+
+def test_report_to_reaches_the_trainer(monkeypatch, tmp_path):
+    """--report-to is the Trainer's report_to ('none': no callback); the packages are found by name."""
+    from types import SimpleNamespace
+    import train as stage
+    state = SimpleNamespace(num_processes=1, is_main_process=True)
+
+    def report_to(*flag):
+        args = stage.parse_args(["--lang", "en", "--neurons", "full", *flag])
+        return stage.training_arguments(args, tmp_path, state, "full", torch.float32, True,
+                                        stage.report_targets(args)).report_to
+    assert report_to() == [] and report_to("--report-to", "none") == []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in ("tensorboardX", "wandb") else None)
+    assert report_to("--report-to", "tensorboard,wandb") == ["tensorboard", "wandb"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(stage.InputError, match="--report-to wandb: the package 'wandb' is not installed"):
+        report_to("--report-to", "wandb")
 
 
 # ---------------------------------------------------------------- training text through datasets
