@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from langneurons import authors, cli, files, reuse, runinfo
-from langneurons.data import batches_by_length, corpus_file, detection_corpus, external_corpus, pad_batch
+from langneurons.data import batches_by_length, corpus_file, detection_corpus, external_corpus, pad_batch, pad_id
 from langneurons.importance import ImportanceProbe
 from langneurons.model import GROUPS, Geometry, check_model, load_model
 from langneurons.layout import FIRING, META, SCHEMA_VERSION, STATS, model_tag, outputs
@@ -277,7 +277,7 @@ def count_firing(args, corpora: dict[str, list[str]], groups: tuple[str, ...]):
             bar = tqdm(batches_by_length([len(s) for s in seqs], args.batch_size), desc=f"detect {lang}",
                        disable=not state.is_main_process)
             for idx in bar:
-                ids, mask = pad_batch([seqs[i] for i in idx], tok.pad_token_id, device)
+                ids, mask = pad_batch([seqs[i] for i in idx], pad_id(tok), device)
                 scores = probe(ids, mask)
                 if args.method == "authors":
                     scores = {**scores[0], **scores[1]}  # each group has one definition

@@ -32,7 +32,7 @@ from accelerate import PartialState
 
 from langneurons import layout, reuse
 from langneurons.cli import InputError, common_parser, float_in, hold, int_at_least, parse_langs, run
-from langneurons.data import PadCollator, lang_file, read_corpus, tokenize_documents, training_documents
+from langneurons.data import PadCollator, lang_file, pad_id, read_corpus, tokenize_documents, training_documents
 from langneurons.files import atomic_dir, read_json, safe_name, write_json
 from langneurons.metrics import perplexity_by_lang
 from langneurons.model import (Geometry, check_model, load_model, load_tokenizer, lora_targets, resolve_device,
@@ -366,7 +366,7 @@ def make_trainer(model, mode: str, targs, train_set, tok):
     from transformers import Trainer
     from langneurons.sparse import sparse_trainer_class
     cls = sparse_trainer_class() if mode == "neurons" else Trainer
-    return cls(model=model, args=targs, train_dataset=train_set, data_collator=PadCollator(tok.pad_token_id))
+    return cls(model=model, args=targs, train_dataset=train_set, data_collator=PadCollator(pad_id(tok)))
 
 
 def plain_model(trainer, mode: str, mixed: bool, half: torch.dtype):

@@ -417,6 +417,51 @@ def test_weights_match_config(tmp_path, arch):
     assert check_model(str(tmp_path / arch)).num_hidden_layers == 3
 
 
+# ---------------------------------------------------------------- not a fault: a tokenizer with neither pad nor eos
+
+def with_tokenizer(src: Path, dst: Path, **special) -> Path:
+    """A copy of model folder `src` with tiny_tokenizer(**special); a special token left out is also gone from the
+    config and the generation config, as in a model that never had one."""
+    copy_model(src, dst)
+    for f in dst.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    tiny_tokenizer(**special).save_pretrained(dst)
+    gone = [f"{k.removesuffix('_token')}_token_id" for k, v in special.items() if v is None]
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((dst / name).read_text())
+        (dst / name).write_text(json.dumps({k: v for k, v in cfg.items() if k not in gone}))
+    return dst
+
+
+def test_tokenizer_without_pad_and_eos(run, w, tmp_path):
+    """Padding is masked everywhere, so the id that fills it (0 with neither pad nor eos token, 2 with eos as pad)
+    changes no firing count, perplexity or MMMLU score; MGSM generation, with no EOS to stop at, also runs."""
+    from safetensors.torch import load_file
+    models = {"eos_pad": with_tokenizer(w["model"], tmp_path / "eos_pad", pad_token="<eos>"),
+              "no_pad": with_tokenizer(w["model"], tmp_path / "no_pad", pad_token=None, eos_token=None)}
+    firing, results = {}, {}
+    for name, model in models.items():
+        for method in ("activation", "importance"):
+            out = tmp_path / "out" / method
+            rc, _, stderr = run("detection.py", "--model", model, "--dataset", w["data"], "--langs", "en,fr",
+                                "--out", out, "--device", "cpu", "--method", method, "--batch-size", "4", cwd=tmp_path)
+            assert rc == 0, stderr[-3000:]
+            firing[name, method] = load_file(out / name / "neurons" / "firing.safetensors")
+        rc, _, stderr = run("evaluate.py", "--model", model, "--dataset", w["data"], "--langs", "en,fr", "--out",
+                            tmp_path / "out", "--device", "cpu", "--tasks", "ppl,mmmlu,mgsm", "--max-new-tokens", "8",
+                            cwd=tmp_path)
+        assert rc == 0, stderr[-3000:]
+        results[name] = json.loads((tmp_path / "out" / name / "eval" / f"{name}.json").read_text())["results"]
+    for method in ("activation", "importance"):
+        a, b = firing["eos_pad", method], firing["no_pad", method]
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), method
+        assert any(a[k].any() for k in a if not k.startswith("sentences"))
+    for task in ("ppl", "mmmlu"):
+        assert results["no_pad"][task] == results["eos_pad"][task], task
+    assert results["no_pad"]["mgsm"]["en"]["n"] == 3
+
+
 # ---------------------------------------------------------------- not a fault: any subset of groups works end to end
 
 def test_detection_with_a_subset_of_groups(run, w, tmp_path):

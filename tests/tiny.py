@@ -49,7 +49,8 @@ def tiny_model(arch: str, seed: int = 0):
     return model.eval()
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
+def tiny_tokenizer(pad_token: str | None = "<pad>", eos_token: str | None = "<eos>") -> PreTrainedTokenizerFast:
+    """Byte-level, BOS first; `pad_token`/`eos_token` None leaves the tokenizer without that special token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
     byte_chars = pre_tokenizers.ByteLevel.alphabet()
@@ -59,7 +60,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    special = {k: v for k, v in (("pad_token", pad_token), ("eos_token", eos_token)) if v is not None}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", **special)
 
 
 def save_tiny(arch: str, path: str | Path, seed: int = 0) -> Path:
