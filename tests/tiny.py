@@ -27,6 +27,9 @@ _EXTRA = {
     # Gemma3: q/k norms, sliding window, different scaling
     "gemma3": dict(model_type="gemma3_text", sliding_window=6, query_pre_attn_scalar=16,
                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    # StableLM (not in ARCHS, for the tests of partial rotary): rotary on the first quarter of each head's
+    # channels only, LayerNorm, q/k/v biases
+    "stablelm": dict(model_type="stablelm", partial_rotary_factor=0.25, use_qkv_bias=True),
 }
 
 
