@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from langneurons import authors, cli, files, reuse, runinfo
-from langneurons.data import batches_by_length, corpus_file, detection_corpus, external_corpus, pad_batch
+from langneurons.data import batches_by_length, corpus_file, detection_corpus, external_corpus, pad_batch, pad_id
 from langneurons.importance import ImportanceProbe
 from langneurons.model import GROUPS, Geometry, check_model, load_model, model_record
 from langneurons.layout import FIRING, META, SCHEMA_VERSION, STATS, model_tag, outputs
@@ -366,7 +366,7 @@ def count_firing(args, corpora: dict[str, list[str]], groups: tuple[str, ...]) -
             seqs = [method.encode(tok, s, args.max_length) for s in mine]
             for idx in tqdm(batches_by_length([len(s) for s in seqs], args.batch_size), desc=f"detect {lang}",
                             disable=not state.is_main_process):
-                counts, units = method.fired(*pad_batch([seqs[i] for i in idx], tok.pad_token_id, device))
+                counts, units = method.fired(*pad_batch([seqs[i] for i in idx], pad_id(tok), device))
                 for g, c in counts.items():
                     firing[g][li] += c
                 seen[li] += units

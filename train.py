@@ -35,7 +35,7 @@ from accelerate import PartialState
 from langneurons import cli, layout, reuse
 from langneurons.cli import (InputError, choice_list, common_parser, float_in, hold, int_at_least, parse_langs,
                              split_list)
-from langneurons.data import PadCollator, lang_file, read_corpus, tokenize_documents, training_documents
+from langneurons.data import PadCollator, lang_file, pad_id, read_corpus, tokenize_documents, training_documents
 from langneurons.files import atomic_dir, read_json, remove_empty, safe_name, write_json, writing
 from langneurons.metrics import perplexity_by_lang
 from langneurons.model import (Geometry, check_model, load_model, load_tokenizer, lora_targets, model_record,
@@ -446,7 +446,7 @@ def make_trainer(model, run: Run, train_set, tok):
     from transformers import Trainer
     from langneurons.sparse import sparse_trainer_class
     cls = sparse_trainer_class() if run.mode == "neurons" else Trainer
-    return cls(model=model, args=run.targs, train_dataset=train_set, data_collator=PadCollator(tok.pad_token_id))
+    return cls(model=model, args=run.targs, train_dataset=train_set, data_collator=PadCollator(pad_id(tok)))
 
 
 def plain_model(trainer, run: Run):

@@ -375,6 +375,13 @@ def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def pad_id(tokenizer) -> int:
+    """The id that fills padding: the tokenizer's pad token (model.load_tokenizer makes EOS the pad token when
+    there is none), else 0 for a tokenizer with neither. Padding is masked everywhere (attention mask 0, never
+    predicted, counted or scored), so which id fills it never reaches a result."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def pad_batch(seqs: list[list[int]], pad_id: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)

@@ -236,6 +236,9 @@ def _rotate(module, x: torch.Tensor, position_embeddings) -> torch.Tensor:
         raise InputError(f"--qk-score row: {type(module).__name__} has no apply_rotary_pos_emb; "
                          "use --qk-score channel")
     cos, sin = position_embeddings
+    r = cos.shape[-1]
+    if r < x.shape[-1]:  # partial rotary (StableLM, Phi, GPT-NeoX): the first r channels rotate, the rest pass
+        return torch.cat((fn(x[..., :r], x[..., :r], cos, sin)[0], x[..., r:]), -1)
     return fn(x, x, cos, sin)[0]
 
 
