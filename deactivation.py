@@ -135,7 +135,7 @@ def local_safetensors_dir(path: str, gguf: str | None, model: str) -> Path:
 # ---------------------------------------------------------------- what is up to date
 
 @dataclass
-class Plan:
+class RecomputePlan:
     """What this run (re)computes, and the fingerprint each output records."""
     measure: bool
     variants: list[str]
@@ -144,7 +144,7 @@ class Plan:
 
 
 def plan(args: argparse.Namespace, out: Outputs, specs: list[tuple[str, Path]], to_save: list[str],
-         langs: list[str]) -> Plan:
+         langs: list[str]) -> RecomputePlan:
     """Lock every output this run may write, then keep only those whose inputs changed since they were written:
     the PPL table depends on every set, each variant on its own set only."""
     units = [(out.deactivation, False)] * args.measure_ppl + [(out.variants / n, True) for n in to_save]
@@ -161,7 +161,7 @@ def plan(args: argparse.Namespace, out: Outputs, specs: list[tuple[str, Path]], 
     measure = args.measure_ppl and not reuse.up_to_date(out.deactivation, ppl_fp, args.force, out.deactivation)
     todo = [n for n in to_save if not reuse.up_to_date(out.variants / n / PROVENANCE_FILE, variant_fp[n],
                                                        args.force, out.variants / n)]
-    return Plan(measure, todo, ppl_fp, variant_fp)
+    return RecomputePlan(measure, todo, ppl_fp, variant_fp)
 
 
 # ---------------------------------------------------------------- perplexity
@@ -220,7 +220,7 @@ def write_deactivation(out: Outputs, args: argparse.Namespace, langs: list[str],
 
 
 def write_variants(out: Outputs, args: argparse.Namespace, model, tok, config, geom: Geometry,
-                   sets: dict[str, NeuronSet], files: dict, todo: Plan, src_dir: Path | None) -> None:
+                   sets: dict[str, NeuronSet], files: dict, todo: RecomputePlan, src_dir: Path | None) -> None:
     """One model folder per set: the base model's files (--streaming: the shards in src_dir) with the set
     zeroed, a copy of the neuron file and the provenance that gives the variant its base's tag."""
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)

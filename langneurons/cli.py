@@ -97,8 +97,9 @@ def split_list(text: str, flag: str | None = None) -> list[str]:
     return items
 
 
-def common_parser(description: str) -> argparse.ArgumentParser:
-    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def common_parser(description: str, add_help: bool = True) -> argparse.ArgumentParser:
+    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       add_help=add_help)
     p.add_argument("--model", default=EMBEDDED_MODEL,
                    help=f"HF hub id, local model directory, or a .gguf file; '{EMBEDDED_MODEL}' is the "
                         "embedded default (google/gemma-3-270m shipped through PyPI as GGUF)")

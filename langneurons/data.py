@@ -94,8 +94,12 @@ def detection_corpus(dataset: str | Path, lang: str, sample_size: int, seed: int
     return lines
 
 
+def val_file(dataset: str | Path, lang: str) -> Path:
+    return lang_file(dataset, "val", lang, ".txt")
+
+
 def val_texts(dataset: str | Path, lang: str) -> list[str]:
-    return read_lines(lang_file(dataset, "val", lang, ".txt"), "validation text")
+    return read_lines(val_file(dataset, lang), "validation text")
 
 
 def train_texts(dataset: str | Path, lang: str) -> list[str]:
