@@ -136,7 +136,7 @@ def local_safetensors_dir(path: str, gguf: str | None, model: str) -> Path:
 # ---------------------------------------------------------------- what is up to date
 
 @dataclass
-class Plan:
+class RecomputePlan:
     """What this run (re)computes, and the fingerprint each output records."""
     measure: bool
     variants: list[str]
@@ -145,7 +145,7 @@ class Plan:
 
 
 def plan(args: argparse.Namespace, out: Outputs, specs: list[tuple[str, Path]], to_save: list[str],
-         langs: list[str], held: contextlib.ExitStack) -> Plan:
+         langs: list[str], held: contextlib.ExitStack) -> RecomputePlan:
     """Lock every output this run may write (until `held` closes), then keep only those whose inputs changed
     since they were written: the PPL table depends on every set, each variant on its own set only."""
     # a second run on the same outputs waits for this one, then reuses them (sorted: no deadlock)
@@ -161,7 +161,7 @@ def plan(args: argparse.Namespace, out: Outputs, specs: list[tuple[str, Path]], 
                                        models=[args.model], files=[dict(specs)[n]]) for n in to_save}
     measure = args.measure_ppl and not units[out.deactivation].up_to_date(ppl_fp)
     todo = [n for n in to_save if not units[out.variants / n].up_to_date(variant_fp[n])]
-    return Plan(measure, todo, ppl_fp, variant_fp)
+    return RecomputePlan(measure, todo, ppl_fp, variant_fp)
 
 
 # ---------------------------------------------------------------- perplexity
@@ -220,7 +220,7 @@ def write_deactivation(out: Outputs, args: argparse.Namespace, langs: list[str],
 
 
 def write_variants(out: Outputs, args: argparse.Namespace, model, tok, config, geom: Geometry,
-                   sets: dict[str, NeuronSet], files: dict, todo: Plan, src_dir: Path | None) -> None:
+                   sets: dict[str, NeuronSet], files: dict, todo: RecomputePlan, src_dir: Path | None) -> None:
     """One model folder per set: the base model's files (--streaming: the shards in src_dir) with the set
     zeroed, a copy of the neuron file and the provenance that gives the variant its base's tag."""
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)

@@ -9,9 +9,12 @@ stored counts without loading the model.
     python detection.py --model gemma-3-270m --langs en,zh,th,sw,fr,de --ratio 0.01
     accelerate launch detection.py ...   # sentences split over processes, counts summed
 """
+import abc
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -19,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from langneurons import authors, cli, files, reuse, runinfo
-from langneurons.data import batches_by_length, corpus_file, detection_corpus, external_corpus, pad_batch
+from langneurons.data import batches_by_length, corpus_file, detection_corpus, external_corpus, pad_batch, pad_id
 from langneurons.importance import ImportanceProbe
 from langneurons.model import GROUPS, Geometry, check_model, load_model, model_record
 from langneurons.layout import FIRING, META, SCHEMA_VERSION, STATS, model_tag, outputs
@@ -71,37 +74,37 @@ def main() -> None:
     groups, langs, undo, mgsm_format = validate(args)
     corpora = read_corpora(args, langs, mgsm_format)
     out_dir = outputs(args.out, args.model).neurons
-    reuse.check_writable(out_dir, f"--out {args.out}", folder=True)
-    fp = fingerprint(args, langs, corpora)
-    reuse.hold_lock(out_dir, enabled=reuse.main_process())  # a second run on the same --out waits, then reuses
-    runinfo.seed_everything(args.seed)
+    # a second run on the same --out waits for this one, then reuses its outputs
+    with reuse.unit(out_dir, f"--out {args.out}", force=args.force, record=out_dir / META,
+                    enabled=reuse.main_process()) as unit:
+        fp = fingerprint(args, langs, corpora)
+        runinfo.seed_everything(args.seed)
 
-    # ---- firing counts: from an earlier run that differs only in --threshold, else from the model
-    counts = earlier_counts(args, out_dir, fp)
-    if counts == "up to date":
-        return
-    # config, tokenizer, weight headers: seconds, before the model run; every neuron file records the config
-    record = model_record(args.model, check_model(args.model))
-    if counts is None:
-        counts = count_firing(args, corpora, groups)
-    if counts is None:  # not the main process of a multi-process run
-        return
-    firing, sentences, geom, config = counts
+        # ---- firing counts: from an earlier run that differs only in --threshold, else from the model
+        earlier = earlier_counts(args, unit, fp)
+        if earlier.up_to_date:
+            return
+        # config, tokenizer, weight headers: seconds, before the model run; every neuron file records the config
+        record = model_record(args.model, check_model(args.model))
+        counts = earlier.counts or count_firing(args, corpora, groups)
+        if counts is None:  # not the main process of a multi-process run
+            return
+        firing, sentences, geom, config = counts.firing, counts.sentences, counts.geom, counts.config
 
-    # ---- sets (docs/method.md section 4) and statistics
-    if args.method in ("importance", "authors"):
-        related = related_from_counts(firing, sentences, langs, args.threshold, geom)
-    else:
-        related = lape_related(firing["fwd_up"], sentences, langs, geom, args.ratio)
-    sets = language_sets(related, geom, args.seed)
-    summary = stats(sets, langs, geom)
-    meta = run_record(args, langs, groups, corpora, mgsm_format, geom, config, record, fp)
-    kv_space = "kv_rows"
-    if args.method == "authors":
-        meta["authors"] = authors_record(args, undo, geom)
-        kv_space = summary["kv_index_space"] = meta["authors"]["kv_index_space"]
+        # ---- sets (docs/method.md section 4) and statistics
+        if args.method in ("importance", "authors"):
+            related = related_from_counts(firing, sentences, langs, args.threshold, geom)
+        else:
+            related = lape_related(firing["fwd_up"], sentences, langs, geom, args.ratio)
+        sets = language_sets(related, geom, args.seed)
+        summary = stats(sets, langs, geom)
+        meta = run_record(args, langs, groups, corpora, mgsm_format, geom, config, record, fp)
+        kv_space = "kv_rows"
+        if args.method == "authors":
+            meta["authors"] = authors_record(args, undo, geom)
+            kv_space = summary["kv_index_space"] = meta["authors"]["kv_index_space"]
 
-    write_outputs(out_dir, args, langs, firing, sentences, geom, sets, summary, meta, record, kv_space)
+        write_outputs(out_dir, args, langs, firing, sentences, geom, sets, summary, meta, record, kv_space)
     print_summary(args, langs, geom, summary, out_dir)
 
 
@@ -151,23 +154,41 @@ def fingerprint(args, langs: list[str], corpora: dict[str, list[str]]) -> dict:
                              context={"corpus_sha256": {l: reuse.text_digest(corpora[l]) for l in langs}})
 
 
-def earlier_counts(args, out_dir: Path, fp: dict):
-    """'up to date' when the stored outputs were computed from exactly this; the stored firing counts when
-    only --threshold changed (no model run); None when the model must run."""
-    stored = None if args.force else reuse.read_stored(out_dir / META)
+@dataclass
+class FiringCounts:
+    """Per group {group: int64 [langs, layers, n]} how often each neuron fired, the sentences (activation:
+    tokens) counted per language [langs], and the model's geometry and config."""
+    firing: dict[str, torch.Tensor]
+    sentences: torch.Tensor
+    geom: Geometry
+    config: dict
+
+
+@dataclass
+class Earlier:
+    """What an earlier run in the output folder leaves to this one: everything (up_to_date), its firing
+    counts (only --threshold changed), or nothing (counts None: the model must run)."""
+    up_to_date: bool = False
+    counts: FiringCounts | None = None
+
+
+def earlier_counts(args, unit: reuse.Unit, fp: dict) -> Earlier:
+    """Whether the stored outputs were computed from exactly this, else the stored firing counts when only
+    --threshold changed (no model run)."""
+    out_dir, stored = unit.path, unit.stored()
     if stored is None:
-        return None
+        return Earlier()
     diffs = reuse.changes(stored.get("fingerprint"), fp)
     if not diffs:
         stored_counts(out_dir, stored)  # a damaged firing file is an error, not a silent reuse
         print(reuse.reuse_line(stored["fingerprint"], fp, out_dir))
-        return "up to date"
+        return Earlier(up_to_date=True)
     if not reuse.changes(stored.get("fingerprint"), fp, ignore_args=("threshold",)):
         print(f"Re-deriving the sets at --threshold {args.threshold} from the stored firing counts in "
               f"{out_dir / FIRING} (only --threshold changed; no model run)")
-        return stored_counts(out_dir, stored)
+        return Earlier(counts=stored_counts(out_dir, stored))
     print(reuse.recompute_line(diffs, out_dir))
-    return None
+    return Earlier()
 
 
 def run_record(args, langs, groups, corpora, mgsm_format, geom: Geometry, config: dict, record: dict,
@@ -226,77 +247,128 @@ def print_summary(args, langs: list[str], geom: Geometry, summary: dict, out_dir
     print(f"\nNeuron files and stats: {out_dir}/ ({STATS}, {FIRING}, shared.json, exclusive_<lang>.json, ...)")
 
 
-def stored_counts(out_dir: Path, meta: dict):
-    """Counts, sentences, geometry and config stored by an earlier run (its meta.json is `meta`)."""
+def stored_counts(out_dir: Path, meta: dict) -> FiringCounts:
+    """The counts stored by an earlier run (its meta.json is `meta`)."""
     firing_file = out_dir / FIRING
     try:
         t = load_file(firing_file)
         geom = Geometry(**meta["geometry"])
         firing = {g: torch.stack([t[f"{g}.{layer}"] for layer in range(geom.num_layers)], 1).long()
                   for g in GROUPS if f"{g}.0" in t}
-        return firing, t["sentences"].long(), geom, meta["config"]
+        return FiringCounts(firing, t["sentences"].long(), geom, meta["config"])
     except (OSError, SafetensorError, KeyError, TypeError, RuntimeError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise cli.InputError(f"stored output {firing_file} (or its meta.json) is unreadable ({why}); "
                              "--force recomputes it") from None
 
 
-def count_firing(args, corpora: dict[str, list[str]], groups: tuple[str, ...]):
-    """Firing counts per language {group: int64 [langs, layers, n]}, sentence (activation: token)
-    counts [langs], the model's geometry and config; None on processes other than the main one."""
-    from accelerate import PartialState
-    # without cpu=True, processes launched on CPU (gloo) each believe they are alone and all do all the work
-    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+class DetectionMethod(abc.ABC):
+    """What a --method counts, behind one interface: `probe` (a context manager over the model), `sizes`
+    (neurons per counted group), `encode` (a text's token ids) and `fired` (a batch's firing counts
+    {group: int64 [layers, n]} and the units it counted: sentences or tokens)."""
+    probe: Any
+    sizes: dict[str, int]
+
+    def encode(self, tok, text: str, max_length: int) -> list[int]:
+        return tok(text, truncation=True, max_length=max_length)["input_ids"]
+
+    @abc.abstractmethod
+    def fired(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        ...
+
+
+class TopImportance(DetectionMethod):
+    """--method importance: per sentence, the top --ratio of each layer's group by importance fires."""
+
+    def __init__(self, args, model, geom: Geometry, groups: tuple[str, ...]):
+        self.sizes = {g: geom.group_size(g) for g in groups}
+        self.top_k = {g: max(1, int(args.ratio * geom.group_size(g))) for g in groups}
+        self.probe = ImportanceProbe(model, groups=groups, method="importance", qk_score=args.qk_score)
+
+    def scores(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.probe(ids, mask)
+
+    def fired(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        scores = self.scores(ids, mask)
+        counts = {}
+        for g in self.sizes:
+            top = scores[g].topk(self.top_k[g], dim=-1).indices  # [batch, layers, k]
+            counts[g] = torch.zeros(scores[g].shape, dtype=torch.int64).scatter_(-1, top, 1).sum(0)
+        return counts, len(ids)
+
+
+class AuthorsTop(TopImportance):
+    """--method authors: their score proxies (or the paper's, for the pieces undone), their swapped per-text
+    top counts, and their cut: the tokenizer's defaults, then the first --max-length ids."""
+
+    def __init__(self, args, model, geom: Geometry, groups: tuple[str, ...]):
+        undo = authors.parse_undo(args.authors_undo)
+        defs = authors.definitions(undo)
+        sizes = authors.score_sizes(geom, defs)
+        self.sizes = {g: sizes[g] for g in groups}
+        self.top_k = authors.top_counts(geom, args.ratio, sizes, swapped="top_counts" not in undo)
+        self.probe = authors.AuthorsProbe(model, authors_groups=tuple(g for g in groups if defs[g] == "authors"),
+                                          paper_groups=tuple(g for g in groups if defs[g] == "paper"),
+                                          attention=args.authors_attention)
+
+    def encode(self, tok, text: str, max_length: int) -> list[int]:
+        return tok(text)["input_ids"][:max_length]
+
+    def scores(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        theirs, paper = self.probe(ids, mask)
+        return {**theirs, **paper}  # each group has one definition
+
+
+class LapeActivation(DetectionMethod):
+    """--method activation (LAPE): per FFN channel, the tokens on which its activation is positive; both FFN
+    groups get the same counts, and the unit counted is the token."""
+
+    def __init__(self, args, model, geom: Geometry, groups: tuple[str, ...]):
+        self.sizes = {g: geom.group_size(g) for g in FFN_GROUPS}
+        self.probe = ImportanceProbe(model, groups=groups, method="activation", qk_score=args.qk_score)
+
+    def fired(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        scores = self.probe(ids, mask)
+        active = scores["active"].sum(0).long()
+        return {g: active for g in FFN_GROUPS}, int(scores["tokens"].sum())
+
+
+METHODS = {"importance": TopImportance, "authors": AuthorsTop, "activation": LapeActivation}
+
+
+def detection_model(args, state):
+    """The model and tokenizer, on this process's device."""
     if state.num_processes > 1:  # data parallel: one model per process, on that process's device
         if state.is_main_process:
             print(f"Detection split over {state.num_processes} processes")
         device = args.device if args.device == "cpu" else str(state.device)
-        model, tok = load_model(args.model, device, args.dtype)
-    else:  # one process: --device auto spreads a model too large for one GPU over all of them
-        model, tok = load_model(args.model, args.device, args.dtype, device_map_auto=True)
+        return load_model(args.model, device, args.dtype)
+    # one process: --device auto spreads a model too large for one GPU over all of them
+    return load_model(args.model, args.device, args.dtype, device_map_auto=True)
+
+
+def count_firing(args, corpora: dict[str, list[str]], groups: tuple[str, ...]) -> FiringCounts | None:
+    """How often each neuron fired per language (docs/method.md section 3), with the --method's probe;
+    None on processes other than the main one."""
+    from accelerate import PartialState
+    # without cpu=True, processes launched on CPU (gloo) each believe they are alone and all do all the work
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    model, tok = detection_model(args, state)
     geom = Geometry.from_config(model.config)
     device = model.get_input_embeddings().weight.device
-    langs = list(corpora)
-    count_groups = FFN_GROUPS if args.method == "activation" else groups
-    sizes = {g: geom.group_size(g) for g in GROUPS}
-    top_k = {g: max(1, int(args.ratio * geom.group_size(g))) for g in GROUPS}
-    if args.method == "authors":
-        undo = authors.parse_undo(args.authors_undo)
-        defs = authors.definitions(undo)
-        sizes = authors.score_sizes(geom, defs)
-        top_k = authors.top_counts(geom, args.ratio, sizes, swapped="top_counts" not in undo)
-        probe = authors.AuthorsProbe(model, authors_groups=tuple(g for g in groups if defs[g] == "authors"),
-                                     paper_groups=tuple(g for g in groups if defs[g] == "paper"),
-                                     attention=args.authors_attention)
-    else:
-        probe = ImportanceProbe(model, groups=groups, method=args.method, qk_score=args.qk_score)
-    firing = {g: torch.zeros(len(langs), geom.num_layers, sizes[g], dtype=torch.int64) for g in count_groups}
-    seen = torch.zeros(len(langs), dtype=torch.int64)
-    with probe:
-        for li, lang in enumerate(langs):
+    method = METHODS[args.method](args, model, geom, groups)
+    firing = {g: torch.zeros(len(corpora), geom.num_layers, n, dtype=torch.int64) for g, n in method.sizes.items()}
+    seen = torch.zeros(len(corpora), dtype=torch.int64)
+    with method.probe:
+        for li, lang in enumerate(corpora):
             mine = corpora[lang][state.process_index::state.num_processes]
-            if args.method == "authors":  # their cut: the tokenizer's defaults, then the first max-length ids
-                seqs = [tok(s)["input_ids"][:args.max_length] for s in mine]
-            else:
-                seqs = [tok(s, truncation=True, max_length=args.max_length)["input_ids"] for s in mine]
-            bar = tqdm(batches_by_length([len(s) for s in seqs], args.batch_size), desc=f"detect {lang}",
-                       disable=not state.is_main_process)
-            for idx in bar:
-                ids, mask = pad_batch([seqs[i] for i in idx], tok.pad_token_id, device)
-                scores = probe(ids, mask)
-                if args.method == "authors":
-                    scores = {**scores[0], **scores[1]}  # each group has one definition
-                if args.method == "activation":
-                    active = scores["active"].sum(0).long()
-                    firing["fwd_up"][li] += active
-                    firing["fwd_down"][li] += active
-                    seen[li] += int(scores["tokens"].sum())
-                    continue
-                for g in count_groups:
-                    top = scores[g].topk(top_k[g], dim=-1).indices  # [batch, layers, k]
-                    fired = torch.zeros(scores[g].shape, dtype=torch.int64).scatter_(-1, top, 1)
-                    firing[g][li] += fired.sum(0)
-                seen[li] += len(idx)
+            seqs = [method.encode(tok, s, args.max_length) for s in mine]
+            for idx in tqdm(batches_by_length([len(s) for s in seqs], args.batch_size), desc=f"detect {lang}",
+                            disable=not state.is_main_process):
+                counts, units = method.fired(*pad_batch([seqs[i] for i in idx], pad_id(tok), device))
+                for g, c in counts.items():
+                    firing[g][li] += c
+                seen[li] += units
     if state.num_processes > 1:
         from accelerate.utils import reduce
         firing = {g: reduce(c.to(state.device), reduction="sum").cpu() for g, c in firing.items()}
@@ -305,7 +377,7 @@ def count_firing(args, corpora: dict[str, list[str]], groups: tuple[str, ...]):
         state.destroy_process_group()
         if not state.is_main_process:
             return None
-    return firing, seen, geom, model.config.to_dict()
+    return FiringCounts(firing, seen, geom, model.config.to_dict())
 
 
 if __name__ == "__main__":

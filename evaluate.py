@@ -20,24 +20,24 @@ import argparse
 import math
 from pathlib import Path
 
-from langneurons import layout, metrics, reuse
+from langneurons import layout, reuse
 from langneurons.cli import InputError, choice_list, common_parser, int_at_least, parse_langs, run, split_list
-from langneurons.data import lang_file, mgsm_file, mmlu_file, read_mgsm, read_mmlu, val_texts
 from langneurons.files import safe_name, write_json
 from langneurons.layout import SCHEMA_VERSION
 from langneurons.model import check_model, load_model
 from langneurons.runinfo import run_meta, seed_everything
+from langneurons.tasks import TASKS, prompts
 
-TASKS = ("ppl", "mgsm", "mmmlu")
 # arguments that do not change a task's numbers (so they do not stop reuse)
 NOT_RESULT_ARGS = {"tasks", "force", "name", "out", "batch_size"}
-TASK_FILES = {"ppl": lambda d, l: lang_file(d, "val", l, ".txt"), "mgsm": mgsm_file, "mmmlu": mmlu_file}
-READERS = {"ppl": val_texts, "mgsm": read_mgsm, "mmmlu": read_mmlu}
+# arguments that change one task's numbers only (MGSM's answer length): the other tasks ignore them
+TASK_ONLY_ARGS = set().union(*(t.own_args for t in TASKS.values()))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = common_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", type=choice_list(TASKS), default=",".join(TASKS), help="comma list of ppl, mgsm, mmmlu")
+    p.add_argument("--tasks", type=choice_list(tuple(TASKS)), default=",".join(TASKS),
+                   help=f"comma list of {', '.join(TASKS)}")
     p.add_argument("--limit", type=int_at_least(0), default=0, help="first N items per language and task (0 = all)")
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="sequences per forward pass / generate call")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=256,
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def ignored_args(task: str) -> set[str]:
-    return NOT_RESULT_ARGS | ({"max_new_tokens"} if task != "mgsm" else set())
+    return NOT_RESULT_ARGS | (TASK_ONLY_ARGS - TASKS[task].own_args)
 
 
 def result_args(args: argparse.Namespace, task: str) -> dict:
@@ -74,7 +74,7 @@ def results_name(args: argparse.Namespace) -> str:
 
 def read_tasks(args: argparse.Namespace, tasks: list[str], langs: list[str]) -> dict[str, dict[str, list]]:
     """task -> lang -> the first --limit items; every file is read (and checked) before any model is loaded."""
-    return {t: {l: READERS[t](args.dataset, l)[:args.limit or None] for l in langs} for t in tasks}
+    return {t: {l: TASKS[t].read(args.dataset, l)[:args.limit or None] for l in langs} for t in tasks}
 
 
 def stored(out_file: Path, tasks: list[str], model_fp: dict, force: bool) -> tuple[dict, dict]:
@@ -108,41 +108,6 @@ def to_compute(tasks: list[str], results: dict, task_meta: dict, fps: dict, forc
     return todo
 
 
-# ---------------------------------------------------------------- the tasks (docs/method.md section 7)
-
-def eval_ppl(model, tok, data: dict[str, list[str]], args: argparse.Namespace) -> dict[str, dict]:
-    """Perplexity of every validation line scored on its own."""
-    return metrics.perplexity_by_lang(model, tok, data, args.max_length, args.batch_size, "ppl")
-
-
-def eval_mgsm(model, tok, data: dict[str, list[tuple[str, float]]], args: argparse.Namespace) -> dict[str, dict]:
-    """Zero-shot greedy answers; correct when the last number equals the gold number."""
-    res = {}
-    for l, items in data.items():
-        outputs = metrics.generate_greedy(model, tok, [metrics.MGSM_PROMPT.format(question=q) for q, _ in items],
-                                          args.max_new_tokens, args.batch_size, args.max_length, desc=f"mgsm/{l}")
-        preds = [metrics.extract_answer(o, l) for o in outputs]  # numbers as language l writes them
-        correct = [metrics.answer_correct(p, gold) for p, (_, gold) in zip(preds, items)]
-        res[l] = {"accuracy": sum(correct) / len(items), "n": len(items),
-                  "examples": [{"question": q, "gold": gold, "output": o, "pred": p}
-                               for (q, gold), o, p in list(zip(items, outputs, preds))[:3]]}
-    return res
-
-
-def eval_mmmlu(model, tok, data: dict[str, list[dict]], args: argparse.Namespace) -> dict[str, dict]:
-    """The option letter with the highest next-token log-likelihood."""
-    res = {}
-    for l, items in data.items():
-        scores = metrics.score_choices(model, tok, [metrics.mmlu_prompt(r) for r in items],
-                                       batch_size=args.batch_size, max_length=args.max_length, desc=f"mmmlu/{l}")
-        preds = [metrics.CHOICES[i] for i in scores.argmax(1).tolist()]
-        res[l] = {"accuracy": sum(p == r["Answer"] for p, r in zip(preds, items)) / len(items), "n": len(items)}
-    return res
-
-
-EVALUATE = {"ppl": eval_ppl, "mgsm": eval_mgsm, "mmmlu": eval_mmmlu}
-
-
 # ---------------------------------------------------------------- outputs
 
 def write_merged(out_file: Path, args: argparse.Namespace, name: str, tasks: list[str], results: dict,
@@ -157,10 +122,7 @@ def write_merged(out_file: Path, args: argparse.Namespace, name: str, tasks: lis
         prov = layout.provenance(args.model)
         meta = {**run_meta(args), "schema_version": SCHEMA_VERSION, "tag": out_file.parent.parent.name,
                 "name": name, "role": layout.provenance_role(prov), "provenance": prov,
-                "prompts": {"mgsm": metrics.MGSM_PROMPT, "mgsm_scoring": "zero-shot, greedy, last number",
-                            "mmmlu": metrics.mmlu_prompt({"Question": "{question}",
-                                                          **{c: "{" + c + "}" for c in "ABCD"}}),
-                            "mmmlu_scoring": "highest next-token log-likelihood of ' A'..' D'"},
+                "prompts": prompts(),
                 "tasks": {t: now_meta[t] for t in ordered}}
         write_json(out_file, {"model": args.model, "meta": meta, "results": ordered})
     return ordered
@@ -171,8 +133,7 @@ def print_table(name: str, model: str, results: dict, langs: list[str]) -> None:
     print(f"\n{name} ({model})")
     print(f"{'task':<8}" + "".join(f"{l:>10}" for l in langs) + f"{'mean':>10}")
     for task in (t for t in TASKS if t in results):
-        key = "ppl" if task == "ppl" else "accuracy"
-        vals = [results[task].get(l, {}).get(key) for l in langs]
+        vals = [results[task].get(l, {}).get(TASKS[task].metric) for l in langs]
         cells = [f"{v:>10.3f}" if v is not None else f"{'-':>10}" for v in vals]
         m = mean(vals)
         print(f"{task:<8}" + "".join(cells) + (f"{m:>10.3f}" if m is not None else f"{'-':>10}"))
@@ -189,7 +150,7 @@ def main() -> None:
     out_file = layout.outputs(args.out, args.model).evaluation(name)
     reuse.check_writable(out_file, f"--out {args.out}", folder=False)
     fps = {t: reuse.fingerprint(args, __file__, f"evaluate.{t}", ignore=ignored_args(t), models=[args.model],
-                                files=[TASK_FILES[t](args.dataset, l) for l in langs]) for t in tasks}
+                                files=[TASKS[t].file(args.dataset, l) for l in langs]) for t in tasks}
     model_fp = fps[tasks[0]]["model"]
     results, task_meta = stored(out_file, tasks, model_fp, args.force)
     todo = to_compute(tasks, results, task_meta, fps, args.force, out_file)
@@ -198,7 +159,7 @@ def main() -> None:
         check_model(args.model)  # config, tokenizer, weight headers: seconds, before loading
         model, tok = load_model(args.model, args.device, args.dtype, device_map_auto=True)
         for task in todo:
-            results[task] = EVALUATE[task](model, tok, data[task], args)
+            results[task] = TASKS[task].evaluate(model, tok, data[task], args)
             task_meta[task] = {"args": result_args(args, task), "fingerprint": fps[task]}
         results = write_merged(out_file, args, name, tasks, results, task_meta, model_fp)
 

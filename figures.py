@@ -37,11 +37,11 @@ from langneurons.files import write_bytes  # noqa: E402
 from langneurons.metrics import pearson, spearman  # noqa: E402
 from langneurons.data import LANGUAGE_NAMES  # noqa: E402
 from langneurons.reuse import unit  # noqa: E402
+from langneurons.tasks import ACCURACY_TASKS, TASKS  # noqa: E402
 
 COLORS = {"shared": "#1f77b4", "exclusive": "#ff7f0e", "unique": "#d62728", "random": "#7f7f7f",
           "random_exclusive": "#bcbd22", "QK": "#1f77b4", "VO": "#2ca02c", "FFN": "#ff7f0e",
           "before": "#9ecae1", "after": "#08519c", "noise": "#d9d9d9"}
-TASKS = ("mgsm", "mmmlu")  # the accuracy tasks of evaluate.py
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -216,7 +216,7 @@ def fig_components(models: dict[str, tuple[dict, list[str]]]) -> Figure:
 
 def fig_ability(points: list[dict]) -> Figure:
     """Paper Fig. 3/5: shared ratio and LAS of each model against its multilingual ability (mean accuracy)."""
-    metrics = [m for m in ("mgsm", "mmmlu") if sum(p.get(m) is not None for p in points) >= 2]
+    metrics = [m for m in ACCURACY_TASKS if sum(p.get(m) is not None for p in points) >= 2]
     fig, axes = plt.subplots(2, len(metrics), figsize=(5 * len(metrics), 8), squeeze=False)
     for j, metric in enumerate(metrics):
         for i, (key, label) in enumerate((("shared_ratio", "shared ratio |shared| / mean |exclusive|"),
@@ -230,8 +230,8 @@ def fig_ability(points: list[dict]) -> Figure:
             r, rho = pearson(xs, ys), spearman(xs, ys)
             stats = ", ".join(s for s in (f"Pearson {r:.2f}" if r is not None else "",
                                           f"Spearman {rho:.2f}" if rho is not None else "") if s)
-            ax.set_title(f"{label} vs {metric.upper()}" + (f"\n{stats}" if stats else ""), fontsize=10)
-            ax.set_xlabel(f"mean {metric.upper()} accuracy over languages")
+            ax.set_title(f"{label} vs {TASKS[metric].label}" + (f"\n{stats}" if stats else ""), fontsize=10)
+            ax.set_xlabel(f"mean {TASKS[metric].label} accuracy over languages")
             ax.set_ylabel(label.split(" |")[0])
             ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -282,8 +282,8 @@ def accuracy_panel(ax, r: dict, task: str) -> None:
     ax.errorbar(np.arange(len(ls)), d, yerr=se, fmt="none", ecolor="black", elinewidth=0.8, capsize=3)
     ax.axhline(0, color="black", lw=0.6)
     label_langs(ax, ls, r["lang"])
-    ax.set_ylabel(f"Δ {task.upper()} accuracy (points)")
-    ax.set_title(f"{r['run']}: {task.upper()} after − before" + ("" if ls else "\n(no evaluation to compare)"),
+    ax.set_ylabel(f"Δ {TASKS[task].label} accuracy (points)")
+    ax.set_title(f"{r['run']}: {TASKS[task].label} after − before" + ("" if ls else "\n(no evaluation to compare)"),
                  fontsize=9)
     ax.legend(handles=[Patch(facecolor=COLORS["after"], label="gain"), Patch(facecolor=COLORS["unique"], label="loss"),
                        Patch(facecolor=COLORS["noise"], edgecolor="grey", hatch="//",
@@ -295,7 +295,7 @@ def fig_training(tag: str, runs: list[dict]) -> Figure:
     """Paper Table 1 as a figure: per training run, the validation perplexity of every language before and
     after (the cross-lingual effect), and the change of MGSM / MMMLU accuracy per language where the trained
     model was evaluated."""
-    tasks = [m for m in TASKS if any(r["acc"].get(m) for r in runs)]
+    tasks = [m for m in ACCURACY_TASKS if any(r["acc"].get(m) for r in runs)]
     fig, axes = plt.subplots(len(runs), 1 + len(tasks), figsize=(5.5 * (1 + len(tasks)), 3.8 * len(runs)),
                              squeeze=False)
     for row, r in zip(axes, runs):
@@ -445,7 +445,7 @@ def load_tag(o: layout.Outputs, notes: list[str]) -> TagResults:
             continue
         r["eval"] = run_evaluation(t.evals, name)
         r["acc"] = {m: accuracy_changes(accuracies(t.base_eval, m), accuracies(t.evals.get(r["eval"]), m))
-                    for m in TASKS}
+                    for m in ACCURACY_TASKS}
         t.runs.append(r)
     return t
 
@@ -542,29 +542,31 @@ def report_components(tags: list[TagResults], emit: Emit) -> str:
 
 def report_ability(tags: list[TagResults], emit: Emit) -> str:
     text = "\n## Shared ratio and LAS against multilingual ability (paper Fig. 3 and 5)\n"
-    points = [{"tag": t.tag, "mgsm": mean_acc(t.base_eval, "mgsm"), "mmmlu": mean_acc(t.base_eval, "mmmlu"),
+    points = [{"tag": t.tag, **{m: mean_acc(t.base_eval, m) for m in ACCURACY_TASKS},
                "eval": t.file(t.outputs.evaluation(t.base_evals[0])) if t.base_evals else "–",
                "shared_ratio": num(t.stats.get("shared_ratio")) if t.stats else None,
                "las": num(t.deact.get("language_agnostic_score")) if t.deact else None} for t in tags]
-    usable = [p for p in points if (p["mgsm"] is not None or p["mmmlu"] is not None)
+    usable = [p for p in points if any(p[m] is not None for m in ACCURACY_TASKS)
               and (p["shared_ratio"] is not None or p["las"] is not None)]
     if len(usable) >= 2:
         text += emit(fig_ability(usable), "ability.png")
     else:
-        text += (f"_Figure skipped: needs at least two models with an evaluation of the base model (MGSM or MMMLU) "
+        text += (f"_Figure skipped: needs at least two models with an evaluation of the base model "
+                 f"({' or '.join(TASKS[m].label for m in ACCURACY_TASKS)}) "
                  f"and stats.json or deactivation.json; have {len(usable)}._\n")
     if not points:
         return text
     text += ("\nAccuracy from the evaluation of each base model (meta.role 'base').\n\n"
-             + table(["model", "shared ratio", "LAS", "mean MGSM", "mean MMMLU", "evaluation"],
-                     [[p["tag"], fmt(p["shared_ratio"]), fmt(p["las"], ".4f"), fmt(p["mgsm"]), fmt(p["mmmlu"]),
+             + table(["model", "shared ratio", "LAS", *(f"mean {TASKS[m].label}" for m in ACCURACY_TASKS),
+                      "evaluation"],
+                     [[p["tag"], fmt(p["shared_ratio"]), fmt(p["las"], ".4f"), *(fmt(p[m]) for m in ACCURACY_TASKS),
                        p["eval"]] for p in points]))
     for key, label in (("shared_ratio", "shared ratio"), ("las", "LAS")):
-        for m in TASKS:
+        for m in ACCURACY_TASKS:
             pts = [(p[m], p[key]) for p in points if p[m] is not None and p[key] is not None]
             r, rho = (pearson(*zip(*pts)), spearman(*zip(*pts))) if len(pts) >= 3 else (None, None)
             if r is not None or rho is not None:
-                text += (f"\n{label} vs mean {m.upper()}: Pearson {fmt(r, '.2f')}, Spearman {fmt(rho, '.2f')} "
+                text += (f"\n{label} vs mean {TASKS[m].label}: Pearson {fmt(r, '.2f')}, Spearman {fmt(rho, '.2f')} "
                          f"({len(pts)} models; the paper: 0.92 / 0.88 within a family)\n")
     return text
 
@@ -589,9 +591,9 @@ def report_training(tags: list[TagResults], emit: Emit) -> str:
                      lang_name(l) + (" (target)" if l == r["lang"] else ""),
                      *[fmt(r[k].get(l, {}).get(v)) for v in ("loss", "ppl") for k in ("before", "after")]]
                     for r in t.runs for l in r["langs"]]
-        acc_rows = [[r["run"], m.upper(), lang_name(l) + (" (target)" if l == r["lang"] else ""), fmt(c["before"]),
+        acc_rows = [[r["run"], TASKS[m].label, lang_name(l) + (" (target)" if l == r["lang"] else ""), fmt(c["before"]),
                      fmt(c["after"]), fmt(100 * c["delta"], "+.1f"), fmt(200 * c["se"] if c["se"] is not None else None, ".1f"),
-                     noise_verdict(c)] for r in t.runs for m in TASKS for l, c in r["acc"][m].items()]
+                     noise_verdict(c)] for r in t.runs for m in ACCURACY_TASKS for l, c in r["acc"][m].items()]
         used = (f"the base model's evaluation {t.file(t.outputs.evaluation(t.base_evals[0]))}" if t.base_evals
                 else "no evaluation of the base model (none has meta.role 'base')")
         runs_eval = ", ".join(f"{r['run']}: " + (t.file(t.outputs.evaluation(r["eval"])) if r["eval"] else "none")
@@ -629,7 +631,8 @@ def main() -> None:
     out = Path(args.out)
     selected = select(out, args.models)
     figs = FigureFolder(layout.figures_dir(out))
-    with unit(figs.folder, f"--out {args.out}", force=True):  # a second run waits for this one; figures are always redrawn
+    # a second run waits for this one; figures are always redrawn
+    with unit(figs.folder, f"--out {args.out}", force=True):
         notes: list[str] = []
         tags = [load_tag(o, notes) for o in selected]
         report = (f"# Language neurons: figures and tables\n\nGenerated by `figures.py` from the files under "

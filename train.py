@@ -18,21 +18,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from accelerate import PartialState
 
-from langneurons import layout, reuse
-from langneurons.cli import InputError, common_parser, float_in, hold, int_at_least, parse_langs, run
-from langneurons.data import PadCollator, lang_file, read_corpus, tokenize_documents, training_documents
+from langneurons import cli, layout, reuse
+from langneurons.cli import (InputError, choice_list, common_parser, float_in, int_at_least, parse_langs,
+                             split_list)
+from langneurons.data import PadCollator, lang_file, pad_id, read_corpus, tokenize_documents, training_documents
 from langneurons.files import atomic_dir, read_json, remove_empty, safe_name, write_json, writing
 from langneurons.metrics import perplexity_by_lang
 from langneurons.model import (Geometry, check_model, load_model, load_tokenizer, lora_targets, model_record,
@@ -42,7 +45,9 @@ from langneurons.runinfo import run_meta, seed_everything
 
 CKPT_ARGS_FILE = "run_args.json"  # in the checkpoint folder: what the checkpoints were trained with
 # arguments that cannot change the trained model: where it goes, how checkpoints are kept and resumed
-NOT_RESULT_ARGS = ("run_name", "resume", "keep_checkpoints", "save_steps", "num_proc")
+NOT_RESULT_ARGS = ("run_name", "resume", "keep_checkpoints", "save_steps", "num_proc", "report_to")
+# --report-to targets and the packages transformers' callback for each imports (any one of them)
+REPORT_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 
 
 def save_steps(text: str) -> float:
@@ -115,7 +120,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "given checkpoint folder; without the flag a run resumes automatically when its "
                         "checkpoints exist, and --force discards them")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoint folder after success")
+    p.add_argument("--report-to", type=choice_list(("none", *REPORT_PACKAGES)), default="none",
+                   metavar="none|tensorboard|wandb[,...]",
+                   help="the Trainer's report_to: where it also logs the loss curve; tensorboard writes into the "
+                        "checkpoint folder's runs/ (removed after success unless --keep-checkpoints)")
     return p.parse_args(argv)
+
+
+@dataclass
+class Run:
+    """One training run as resolved from the arguments, once, before any weights are loaded: what is trained,
+    how, on what text, and where it goes; the fingerprint decides whether earlier results or checkpoints are
+    reused."""
+    args: argparse.Namespace
+    mode: str                     # 'neurons', 'full' or 'lora'
+    world: int                    # data-parallel processes
+    rank0: bool                   # the main process: it writes the outputs
+    nset: NeuronSet | None        # the neurons to train (mode 'neurons')
+    neuron_info: dict | None      # what the outputs record about their file
+    set_name: str                 # neuron file stem, 'full' or 'lora<R>'
+    name: str                     # the run's folder name
+    device: str                   # this process's device
+    half: torch.dtype             # the requested dtype, also the saved model's
+    mixed: bool                   # float32 masters train under `half` autocast
+    precision: dict[str, Any]     # train_log.json's record of both
+    tag: str
+    run_dir: Path
+    ckpt_dir: Path
+    targs: Any                    # the Trainer's TrainingArguments
+    val_specs: dict[str, str]     # where each measured language's validation text comes from
+    val: dict[str, list[str]]     # its lines
+    train_spec: str               # where the training text comes from
+    docs: Any                     # the training documents (a datasets.Dataset)
+    train_id: str                 # the training text's id (content digest or datasets' fingerprint)
+    fingerprint: dict
+
+
+@dataclass
+class Trained:
+    """What training produced and measured, beside the Trainer (whose state holds the step log)."""
+    model: Any                    # the plain trained model in the requested dtype
+    state_dict: dict | None       # under FSDP/DeepSpeed: the gathered full state dict
+    trainer: Any
+    train_set: Any                # the tokenized sequences
+    touched: dict                 # projections given deltas (neuron runs)
+    trainable: int
+    total_params: int
+    opt_bytes: int
+    runtime: float
+    resume_from: Path | None
+    before: dict
+    after: dict | None
 
 
 # ---------------------------------------------------------------- steps of main()
@@ -153,6 +208,18 @@ def check_args(args: argparse.Namespace, world: int) -> str:
                          "not supported; its trainable state is tiny, plain data parallelism (torchrun/accelerate "
                          "launch without FSDP/DeepSpeed) suffices")
     return mode
+
+
+def report_targets(args: argparse.Namespace) -> list[str]:
+    """--report-to as the Trainer's report_to list; a target whose package is missing is an error now, not
+    when the Trainer starts after the data is prepared."""
+    targets = split_list(args.report_to)
+    if "none" in targets and len(targets) > 1:
+        raise InputError(f"--report-to {args.report_to}: 'none' together with a target")
+    for t in targets:
+        if t != "none" and not any(importlib.util.find_spec(m) for m in REPORT_PACKAGES[t]):
+            raise InputError(f"--report-to {t}: the package '{REPORT_PACKAGES[t][0]}' is not installed")
+    return [t for t in targets if t != "none"]
 
 
 def neuron_set(args: argparse.Namespace, mode: str, config) -> tuple[NeuronSet | None, dict | None]:
@@ -292,41 +359,41 @@ def resume_point(args: argparse.Namespace, ckpt_dir: Path, fingerprint: dict, ra
     return resume_from
 
 
-def training_set(args: argparse.Namespace, docs, tok, targs, train_spec: str):
+def training_set(run: Run, tok):
     """Each document is one sequence: BOS (when the tokenizer adds it) + text + EOS, truncated at the cutoff
     (the authors' preprocessing: a document longer than the cutoff loses its tail, EOS included); or, with
     --packing, blocks of --cutoff-len tokens cut from the concatenated documents."""
-    with targs.main_process_first(desc="tokenize the training text"):
-        train_set = tokenize_documents(docs, tok, args.cutoff_len, args.text_column, args.packing,
+    args = run.args
+    with run.targs.main_process_first(desc="tokenize the training text"):
+        train_set = tokenize_documents(run.docs, tok, args.cutoff_len, args.text_column, args.packing,
                                        args.num_proc if args.num_proc > 1 else None)
     if len(train_set) == 0:
-        raise InputError(f"training file {train_spec}: no " + ("block of --cutoff-len tokens" if args.packing
+        raise InputError(f"training file {run.train_spec}: no " + ("block of --cutoff-len tokens" if args.packing
                                                                else "document has two tokens"))
     return train_set
 
 
-def validation_perplexity(model, tok, val: dict[str, list[str]], args: argparse.Namespace, half: torch.dtype,
-                          mixed: bool, label: str, rank0: bool) -> dict[str, dict[str, float]]:
+def validation_perplexity(model, tok, run: Run, label: str) -> dict[str, dict[str, float]]:
     """Loss, PPL and predicted tokens of each language's validation lines (metrics.perplexity, --max-length
     tokens per line, as deactivation and evaluate measure it)."""
     # float32 masters are measured under the same bf16 autocast that trains them
-    with torch.autocast(model.device.type, dtype=half, enabled=mixed and model.dtype != half):
-        out = perplexity_by_lang(model, tok, val, args.max_length, args.micro_batch_size, f"val {label}")
+    with torch.autocast(model.device.type, dtype=run.half, enabled=run.mixed and model.dtype != run.half):
+        out = perplexity_by_lang(model, tok, run.val, run.args.max_length, run.args.micro_batch_size, f"val {label}")
     out = {lang: {"loss": math.log(r["ppl"]) if r["ppl"] is not None else None, **r} for lang, r in out.items()}
-    if rank0:
+    if run.rank0:
         for lang, r in out.items():
             loss, ppl = (float("nan") if v is None else v for v in (r["loss"], r["ppl"]))
             print(f"validation {lang} {label}: loss {loss:.4f}, ppl {ppl:.3f}")
     return out
 
 
-def make_trainable(model, mode: str, nset: NeuronSet | None, args: argparse.Namespace):
+def make_trainable(model, run: Run):
     """What may change: zero deltas on the selected neurons (everything else frozen), a LoRA adapter, or every
     parameter. Returns the model to train and the projections that got deltas."""
-    touched = {}
+    args, mode, touched = run.args, run.mode, {}
     if mode == "neurons":
         from langneurons.sparse import attach_deltas
-        touched = attach_deltas(model, nset)
+        touched = attach_deltas(model, run.nset)
     elif mode == "lora":
         from peft import LoraConfig, get_peft_model
         lcfg = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, lora_dropout=0.0,
@@ -343,7 +410,7 @@ def make_trainable(model, mode: str, nset: NeuronSet | None, args: argparse.Name
 
 
 def training_arguments(args: argparse.Namespace, ckpt_dir: Path, state: PartialState, mode: str,
-                       half: torch.dtype, on_cpu: bool):
+                       half: torch.dtype, on_cpu: bool, report_to: list[str]):
     """The Trainer's settings: the paper's schedule, --global-batch-size by gradient accumulation."""
     from transformers import TrainingArguments
     checkpointing = {}
@@ -360,7 +427,7 @@ def training_arguments(args: argparse.Namespace, ckpt_dir: Path, state: PartialS
         # weights of a full fine-tuning stay float32 masters
         bf16=half == torch.bfloat16, fp16=half == torch.float16, use_cpu=on_cpu,
         logging_steps=1, save_strategy="steps", save_steps=args.save_steps, save_total_limit=2,
-        seed=args.seed, data_seed=args.seed, report_to="none", remove_unused_columns=False,
+        seed=args.seed, data_seed=args.seed, report_to=report_to or "none", remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding", disable_tqdm=not state.is_main_process,
         ddp_find_unused_parameters=False if mode == "neurons" else None, **checkpointing)
 
@@ -374,28 +441,28 @@ def prepare_checkpoints(args: argparse.Namespace, ckpt_dir: Path, fingerprint: d
     write_json(ckpt_dir / CKPT_ARGS_FILE, fingerprint)
 
 
-def make_trainer(model, mode: str, targs, train_set, tok):
+def make_trainer(model, run: Run, train_set, tok):
     """transformers' Trainer; for a neuron set, one whose checkpoints hold the deltas only."""
     from transformers import Trainer
     from langneurons.sparse import sparse_trainer_class
-    cls = sparse_trainer_class() if mode == "neurons" else Trainer
-    return cls(model=model, args=targs, train_dataset=train_set, data_collator=PadCollator(tok.pad_token_id))
+    cls = sparse_trainer_class() if run.mode == "neurons" else Trainer
+    return cls(model=model, args=run.targs, train_dataset=train_set, data_collator=PadCollator(pad_id(tok)))
 
 
-def plain_model(trainer, mode: str, mixed: bool, half: torch.dtype):
+def plain_model(trainer, run: Run):
     """Back to an ordinary model in the requested dtype: deltas merged (every other entry the loaded tensor,
     untouched) or LoRA merged; under FSDP/DeepSpeed also the gathered full state dict (a collective on every
     process), else None."""
-    model, state_dict = trainer.model, None
+    model, state_dict, half = trainer.model, None, run.half
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
         model = trainer.accelerator.unwrap_model(trainer.model)
-    if mode == "neurons":
+    if run.mode == "neurons":
         from langneurons.sparse import merge_deltas
         merge_deltas(model)
-    elif mode == "lora":
+    elif run.mode == "lora":
         model = model.merge_and_unload()
-    if mixed:  # the saved model keeps the requested dtype: one rounding of the trained float32 masters
+    if run.mixed:  # the saved model keeps the requested dtype: one rounding of the trained float32 masters
         model.to(half)
         if state_dict is not None:
             state_dict = {k: v.to(half) if v.is_floating_point() else v for k, v in state_dict.items()}
@@ -403,57 +470,69 @@ def plain_model(trainer, mode: str, mixed: bool, half: torch.dtype):
     return model.eval(), state_dict
 
 
-def train_log(args: argparse.Namespace, *, tag: str, mode: str, neuron_info: dict | None, model, touched: dict,
-              trainable: int, total_params: int, opt_bytes: int, targs, trainer, result, runtime: float,
-              resume_from: Path | None, precision_info: dict, fingerprint: dict, train_spec: str, train_id: str,
-              docs, train_set, val_specs: dict[str, str], val: dict[str, list[str]], before: dict,
-              after: dict | None) -> dict[str, Any]:
+def whole_run_loss(state) -> float:
+    """Mean training loss over every step of the run, those before a resume included (the Trainer's own
+    training_loss averages only the steps of this session). logging_steps=1 logs each step's loss, and a
+    checkpoint's trainer_state.json carries that log from step 0; summed in step order from 0.0 as the
+    Trainer sums them, so an uninterrupted run gets the Trainer's value to the bit."""
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    if len(losses) != state.global_step:
+        raise RuntimeError(f"the Trainer logged {len(losses)} losses in {state.global_step} steps (logging_steps=1?)")
+    total = 0.0
+    for loss in losses:
+        total += loss
+    return total / max(state.global_step, 1)
+
+
+def train_log(run: Run, t: Trained) -> dict[str, Any]:
     """train_log.json: what was trained, how, on what, and the validation perplexity before and after."""
-    state, world = trainer.state, targs.world_size
-    return {"schema_version": layout.SCHEMA_VERSION, "run": run_meta(args), "fingerprint": fingerprint, "tag": tag,
-            "base_model": args.model, "trained_lang": args.lang, "mode": mode, "neurons": neuron_info,
+    args, mode, state, targs = run.args, run.mode, t.trainer.state, run.targs
+    world = targs.world_size
+    return {"schema_version": layout.SCHEMA_VERSION, "run": run_meta(args), "fingerprint": run.fingerprint,
+            "tag": run.tag, "base_model": args.model, "trained_lang": args.lang, "mode": mode,
+            "neurons": run.neuron_info,
             "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha or 2 * args.lora_rank,
-                     "targets": lora_targets(model)} if mode == "lora" else None,
-            "touched_projections": len(touched) if mode == "neurons" else None,
-            "trainable_parameters": trainable, "total_parameters": total_params,
-            "optimizer_state_bytes": opt_bytes, "optimizer_state_note": "per process (every data-parallel "
+                     "targets": lora_targets(t.model)} if mode == "lora" else None,
+            "touched_projections": len(t.touched) if mode == "neurons" else None,
+            "trainable_parameters": t.trainable, "total_parameters": t.total_params,
+            "optimizer_state_bytes": t.opt_bytes, "optimizer_state_note": "per process (every data-parallel "
             "process holds a full copy)",
             "world_size": world, "micro_batch_size": args.micro_batch_size,
             "gradient_accumulation_steps": targs.gradient_accumulation_steps,
             "effective_batch_size": args.micro_batch_size * targs.gradient_accumulation_steps * world,
-            "train_data": {"source": train_spec, "split": args.train_split, "text_column": args.text_column,
-                           "id": train_id, "packing": args.packing, "val_source": val_specs},
-            "documents": len(docs), "sequences": len(train_set), "steps": state.global_step,
+            "train_data": {"source": run.train_spec, "split": args.train_split, "text_column": args.text_column,
+                           "id": run.train_id, "packing": args.packing, "val_source": run.val_specs},
+            "documents": len(run.docs), "sequences": len(t.train_set), "steps": state.global_step,
             "epochs_done": state.epoch, "tokens_seen": int(state.num_input_tokens_seen),
-            "train_loss": result.training_loss, "train_runtime_s": runtime,
-            "resumed_from": str(resume_from) if resume_from else None,
-            "dtype": precision_info["requested_dtype"], "precision": precision_info, "device": str(model.device),
+            "train_loss": whole_run_loss(state), "train_runtime_s": t.runtime,
+            "resumed_from": str(t.resume_from) if t.resume_from else None,
+            "dtype": run.precision["requested_dtype"], "precision": run.precision, "device": str(t.model.device),
             "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in state.log_history if "loss" in h],
-            "val": {"lang": args.lang, "langs": list(val), "max_length": args.max_length,
-                    "lines": {lang: len(lines) for lang, lines in val.items()}, "before": before, "after": after}}
+            "val": {"lang": args.lang, "langs": list(run.val), "max_length": args.max_length,
+                    "lines": {lang: len(lines) for lang, lines in run.val.items()}, "before": t.before,
+                    "after": t.after}}
 
 
-def write_run(run_dir: Path, model, tok, state_dict, args: argparse.Namespace, log: dict, set_name: str,
-              run_name: str) -> None:
+def write_run(run: Run, t: Trained, tok, log: dict) -> None:
     """The trained model folder, all at once: weights, tokenizer, provenance, neuron file copy, train_log."""
-    info = log["neurons"]
-    provenance = {"schema_version": layout.SCHEMA_VERSION, "tag": log["tag"], "base_model": args.model,
-                  "trained_lang": args.lang, "neurons": info["name"] if info else set_name, "mode": log["mode"],
+    args, info = run.args, run.neuron_info
+    provenance = {"schema_version": layout.SCHEMA_VERSION, "tag": run.tag, "base_model": args.model,
+                  "trained_lang": args.lang, "neurons": info["name"] if info else run.set_name, "mode": run.mode,
                   "neuron_file": info and info["file"], "other_model": bool(info and info["other_model"]),
-                  "run_name": run_name, "run": log["run"]}
-    with atomic_dir(run_dir) as tmp:
-        save_model_dir(model, tok, args.model, tmp, state_dict=state_dict)
+                  "run_name": run.name, "run": log["run"]}
+    with atomic_dir(run.run_dir) as tmp:
+        save_model_dir(t.model, tok, args.model, tmp, state_dict=t.state_dict)
         if info:
             shutil.copy2(info["file"], tmp / layout.NEURON_FILE_COPY)
         write_json(tmp / layout.PROVENANCE_FILE, provenance)
         write_json(tmp / layout.TRAIN_LOG, log)
 
 
-def main() -> None:
-    args = parse_args()
-    state = hold(processes(args))
-    rank0, world = state.is_main_process, state.num_processes
-    mode = check_args(args, world)
+def resolve_run(args: argparse.Namespace, state: PartialState) -> Run:
+    """Every check and choice that needs no weights, in an order that fails early: the flags, the model's
+    config against the neuron file, the output folder, then the validation and training text."""
+    mode = check_args(args, state.num_processes)
+    report_to = report_targets(args)
     seed_everything(args.seed)
     # the config checks the neuron file against the model before anything is loaded; the tokenizer and the
     # weight headers are checked too, so that a broken model folder fails now and not after the data is prepared
@@ -464,9 +543,8 @@ def main() -> None:
     out = layout.outputs(args.out, args.model)
     run_dir, ckpt_dir = out.run(name), out.checkpoints(name)
     reuse.check_writable(run_dir, f"--out {args.out}", folder=True)
-    targs = training_arguments(args, ckpt_dir, state, mode, half, on_cpu=resolve_device(device) == "cpu")
-
-    # ---------------------------------------------------------------- data (checked before anything is written)
+    targs = training_arguments(args, ckpt_dir, state, mode, half, resolve_device(device) == "cpu", report_to)
+    # data, checked before anything is written
     val_specs, val = validation_text(args)
     train_spec = (args.train_data or str(lang_file(args.dataset, "train", args.lang, ".jsonl"))).replace("{lang}", args.lang)
     # the main process (of each node) loads into datasets' cache first, the others then read it; --sample-size
@@ -474,58 +552,73 @@ def main() -> None:
     with targs.main_process_first(desc="load the training text"):
         docs = training_documents(train_spec, "training file", args.text_column, args.train_split,
                                   args.sample_size, args.seed)
-    train_id, fingerprint = result_fingerprint(args, mode, world, train_spec, docs, val_specs, val)
-    reuse.hold_lock(run_dir, enabled=rank0)  # a second run of the same name waits, then reuses this one's
-    if rank0:
-        reuse.remove_temporaries(ckpt_dir)
-    if reuse.up_to_date(run_dir / layout.TRAIN_LOG, fingerprint, args.force, run_dir):
-        if rank0 and not args.keep_checkpoints:  # left by a run killed after its model was in place
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        return
-    resume_from = resume_point(args, ckpt_dir, fingerprint, rank0)
-    train_set = training_set(args, docs, load_tokenizer(args.model), targs, train_spec)
+    train_id, fingerprint = result_fingerprint(args, mode, state.num_processes, train_spec, docs, val_specs, val)
+    return Run(args=args, mode=mode, world=state.num_processes, rank0=state.is_main_process, nset=nset,
+               neuron_info=neuron_info, set_name=set_name, name=name, device=device, half=half, mixed=mixed,
+               precision=precision_info, tag=out.tag, run_dir=run_dir, ckpt_dir=ckpt_dir, targs=targs,
+               val_specs=val_specs, val=val, train_spec=train_spec, docs=docs, train_id=train_id,
+               fingerprint=fingerprint)
 
-    # ---------------------------------------------------------------- train
-    model, tok = load_model(args.model, device, "float32" if mixed else args.dtype)
+
+def train_model(run: Run, resume_from: Path | None) -> tuple[Trained, Any]:
+    """Tokenize, load, measure, train (resumed from `resume_from`), merge back to a plain model, measure again;
+    also returns the model's tokenizer."""
+    args = run.args
+    train_set = training_set(run, load_tokenizer(args.model))
+    model, tok = load_model(args.model, run.device, "float32" if run.mixed else args.dtype)
     total_params = sum(p.numel() for p in model.parameters())
-    before = validation_perplexity(model, tok, val, args, half, mixed, "before", rank0)
-    model, touched = make_trainable(model, mode, nset, args)
+    before = validation_perplexity(model, tok, run, "before")
+    model, touched = make_trainable(model, run)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if rank0:
-        prepare_checkpoints(args, ckpt_dir, fingerprint, resume_from)
-    trainer = make_trainer(model, mode, targs, train_set, tok)
-    if resume_from and rank0:
+    if run.rank0:
+        prepare_checkpoints(args, run.ckpt_dir, run.fingerprint, resume_from)
+    trainer = make_trainer(model, run, train_set, tok)
+    if resume_from and run.rank0:
         print(f"Resuming from {resume_from}")
     t0 = time.time()
     try:
-        with writing(ckpt_dir):  # the Trainer's checkpoints: a full disk is one line, not torch.save's trace
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with writing(run.ckpt_dir):  # the Trainer's checkpoints: a full disk is one line, not torch.save's trace
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except BaseException:  # stopped (Ctrl-C, a full disk, ...): keep what a rerun resumes from, nothing else
-        if rank0:
-            keep_finished_checkpoints(ckpt_dir)
+        if run.rank0:
+            keep_finished_checkpoints(run.ckpt_dir)
         raise
     runtime = time.time() - t0
     from langneurons.sparse import optimizer_state_bytes
     opt_bytes = optimizer_state_bytes(trainer.optimizer)
-    model, state_dict = plain_model(trainer, mode, mixed, half)
+    model, state_dict = plain_model(trainer, run)
     # under FSDP/DeepSpeed the validation after training is left to evaluate.py (it needs the sharded forward)
-    after = None if state_dict is not None else validation_perplexity(model, tok, val, args, half, mixed, "after", rank0)
-    if not rank0:
-        return
+    after = None if state_dict is not None else validation_perplexity(model, tok, run, "after")
+    return Trained(model=model, state_dict=state_dict, trainer=trainer, train_set=train_set, touched=touched,
+                   trainable=trainable, total_params=total_params, opt_bytes=opt_bytes, runtime=runtime,
+                   resume_from=resume_from, before=before, after=after), tok
 
-    # ---------------------------------------------------------------- write
-    log = train_log(args, tag=out.tag, mode=mode, neuron_info=neuron_info, model=model, touched=touched,
-                    trainable=trainable, total_params=total_params, opt_bytes=opt_bytes, targs=targs,
-                    trainer=trainer, train_spec=train_spec, train_id=train_id, val_specs=val_specs, docs=docs,
-                    train_set=train_set, result=result, runtime=runtime, resume_from=resume_from,
-                    precision_info=precision_info, fingerprint=fingerprint, val=val, before=before, after=after)
-    write_run(run_dir, model, tok, state_dict, args, log, set_name, name)
-    if not args.keep_checkpoints:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    print(f"trained {mode} ({set_name}): {trainable:,} trainable parameters, optimizer state "
-          f"{opt_bytes / 2**20:.2f} MiB, {log['tokens_seen']:,} tokens in {log['steps']} steps")
-    print(f"Wrote {run_dir}")
+
+def main() -> None:
+    args = parse_args()
+    with processes(args) as state:
+        run = resolve_run(args, state)
+        # a second run of the same name waits for this one, then reuses its model
+        with reuse.unit(run.run_dir, f"--out {args.out}", force=args.force, record=run.run_dir / layout.TRAIN_LOG,
+                        enabled=run.rank0) as unit:
+            if run.rank0:
+                reuse.remove_temporaries(run.ckpt_dir)
+            if unit.up_to_date(run.fingerprint):
+                if run.rank0 and not args.keep_checkpoints:  # left by a run killed after its model was in place
+                    shutil.rmtree(run.ckpt_dir, ignore_errors=True)
+                return
+            resume_from = resume_point(args, run.ckpt_dir, run.fingerprint, run.rank0)
+            trained, tok = train_model(run, resume_from)
+            if not run.rank0:
+                return
+            log = train_log(run, trained)
+            write_run(run, trained, tok, log)
+            if not args.keep_checkpoints:
+                shutil.rmtree(run.ckpt_dir, ignore_errors=True)
+    print(f"trained {run.mode} ({run.set_name}): {trained.trainable:,} trainable parameters, optimizer state "
+          f"{trained.opt_bytes / 2**20:.2f} MiB, {log['tokens_seen']:,} tokens in {log['steps']} steps")
+    print(f"Wrote {run.run_dir}")
 
 
 if __name__ == "__main__":
-    run(main)
+    cli.run(main)

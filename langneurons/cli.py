@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Callable
+from typing import Callable
 
 DEFAULT_LANGS = "en,zh,th,sw,fr,de"
 EMBEDDED_MODEL = "gemma-3-270m"
@@ -97,8 +97,9 @@ def split_list(text: str, flag: str | None = None) -> list[str]:
     return items
 
 
-def common_parser(description: str) -> argparse.ArgumentParser:
-    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def common_parser(description: str, add_help: bool = True) -> argparse.ArgumentParser:
+    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       add_help=add_help)
     p.add_argument("--model", default=EMBEDDED_MODEL,
                    help=f"HF hub id, local model directory, or a .gguf file; '{EMBEDDED_MODEL}' is the "
                         "embedded default (google/gemma-3-270m shipped through PyPI as GGUF)")
@@ -123,27 +124,20 @@ def parse_langs(spec: str) -> list[str]:
     return langs
 
 
-# what a stage holds until its main() returns (output locks); see hold()
-_held = contextlib.ExitStack()
-
-
 def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's main(). Whatever main() took with hold() (its output locks) is released when it ends,
-    however it ends; an ordinary fault ends in one line on stderr and a documented exit status instead of a
-    traceback: bad input (2), a full disk (74), Ctrl-C or SIGTERM (130 / 143), a closed stdout (141).
-    Outputs appear only by rename, so whatever stops a stage leaves the completed ones and nothing partial."""
-    global _held
+    """Run a stage's main(); an ordinary fault ends in one line on stderr and a documented exit status instead
+    of a traceback: bad input (2), a full disk (74), Ctrl-C or SIGTERM (130 / 143), a closed stdout (141).
+    Outputs appear only by rename and every lock is a with-block of main(), so whatever stops a stage leaves
+    the completed outputs, nothing partial, and no lock held."""
     stage = os.path.basename(sys.argv[0]) or "the stage"
     on_main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _raise_interrupted) if on_main_thread else None
     try:
-        with contextlib.ExitStack() as held:
-            _held = held
-            main()
+        main()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_INPUT)
@@ -165,8 +159,3 @@ def run(main: Callable[[], None]) -> None:
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, old_term)
-
-
-def hold(context: contextlib.AbstractContextManager) -> Any:
-    """Enter `context` until the running stage ends (no re-indented block around the rest of main())."""
-    return _held.enter_context(context)

@@ -94,8 +94,12 @@ def detection_corpus(dataset: str | Path, lang: str, sample_size: int, seed: int
     return lines
 
 
+def val_file(dataset: str | Path, lang: str) -> Path:
+    return lang_file(dataset, "val", lang, ".txt")
+
+
 def val_texts(dataset: str | Path, lang: str) -> list[str]:
-    return read_lines(lang_file(dataset, "val", lang, ".txt"), "validation text")
+    return read_lines(val_file(dataset, lang), "validation text")
 
 
 def train_texts(dataset: str | Path, lang: str) -> list[str]:
@@ -373,6 +377,13 @@ def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (less padding); order does not change results."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad_id(tokenizer) -> int:
+    """The id that fills padding: the tokenizer's pad token (model.load_tokenizer makes EOS the pad token when
+    there is none), else 0 for a tokenizer with neither. Padding is masked everywhere (attention mask 0, never
+    predicted, counted or scored), so which id fills it never reaches a result."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

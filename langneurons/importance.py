@@ -70,6 +70,36 @@ def visible_keys(attention_mask: torch.Tensor | None, T: int, S: int, device) ->
     return attention_mask[..., :S] > torch.finfo(attention_mask.dtype).min / 2
 
 
+def qk_importance_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
+                            valid: torch.Tensor, scaling: float,
+                            softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's query/key importance as written (docs/method.md section 2), one head h and channel d at a
+    time: || (softmax(S_h) - softmax(S_h - Q_h[:,d] K_g[:,d]^T * scale)) V_g || over the real query rows,
+    g the kv head h reads; key channel d of g sums the squares over the heads reading g. Arguments and
+    results as `qk_importance`; slow (a full softmax per channel), for tests and for reading."""
+    B, H, T, D = query.shape
+    KV = key.shape[1]
+    rep = H // KV
+    q, k, v = query.float(), key.float(), value.float()
+    keep = keep.expand(B, H, T, key.shape[2])
+
+    def attention_output(s: torch.Tensor, h: int) -> torch.Tensor:
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        return torch.softmax(s.masked_fill(~keep[:, h], float("-inf")), -1) @ v[:, h // rep]
+
+    n2 = torch.zeros(B, H, D, device=query.device)  # squared norm of the change, per head and channel
+    for h in range(H):
+        g = h // rep
+        s = q[:, h] @ k[:, g].transpose(-1, -2) * scaling  # S_h [B, T, S]
+        for d in range(D):
+            ds = q[:, h, :, d, None] * k[:, g, None, :, d] * scaling  # Q_h[:,d] K_g[:,d]^T * scale
+            change = attention_output(s, h) - attention_output(s - ds, h)  # [B, T, D]
+            # padding rows may see no key (NaN): they never count
+            n2[:, h, d] = torch.where(valid[:, :, None], change, 0).square().sum((1, 2))
+    return n2.sqrt().reshape(B, H * D), n2.view(B, KV, rep, D).sum(2).sqrt().reshape(B, KV * D)
+
+
 def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
                   valid: torch.Tensor, scaling: float, softcap: float | None = None,
                   chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +107,13 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
 
     query [B,H,T,D] and key/value [B,KV,S,D] as the attention function sees them (after rotary
     embedding and q/k norms); keep [B,1|H,T,S] bool: key s visible from query t; valid [B,T] bool:
-    real (non-padding) query tokens. Query rows are processed in blocks, each over the keys its rows
+    real (non-padding) query tokens.
+
+    It computes `qk_importance_reference`, reorganised (equal to float32 rounding; tests compare the two
+    with grouped-query attention, soft-capping, causal, sliding-window and padding masks): the query heads
+    reading one kv head are handled together, the values are replaced by their triangular factor (same
+    norms), the softmax is never normalised per channel, and each block of query rows only visits the keys
+    it can see. Query rows are processed in blocks, each over the keys its rows
     see, and channels in chunks so that the [B,H,c,rows,keys] temporaries stay near `chunk_bytes`
     (default: 4 MiB on the CPU, a few large matrix products rather than many small ones, 256 MiB on a
     GPU).
@@ -200,6 +236,9 @@ def _rotate(module, x: torch.Tensor, position_embeddings) -> torch.Tensor:
         raise InputError(f"--qk-score row: {type(module).__name__} has no apply_rotary_pos_emb; "
                          "use --qk-score channel")
     cos, sin = position_embeddings
+    r = cos.shape[-1]
+    if r < x.shape[-1]:  # partial rotary (StableLM, Phi, GPT-NeoX): the first r channels rotate, the rest pass
+        return torch.cat((fn(x[..., :r], x[..., :r], cos, sin)[0], x[..., r:]), -1)
     return fn(x, x, cos, sin)[0]
 
 

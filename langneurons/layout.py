@@ -14,6 +14,7 @@ file, so everything made from one model lands in one folder.
 
     python -m langneurons.layout tag MODEL            prints <tag>
     python -m langneurons.layout neurons OUT MODEL    prints <out>/<tag>/neurons (also: variants, trained, eval)
+    python -m langneurons.layout neurons FLAGS...     the same for a stage run with FLAGS (its --model, --out)
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import EMBEDDED_MODEL, InputError
+from .cli import EMBEDDED_MODEL, InputError, common_parser
 from .files import read_json, safe_name
 
 # written into the metadata of every result file; raised when a file's shape changes, so a reader can tell
@@ -142,10 +143,19 @@ def figures_dir(out: str | Path) -> Path:
     return Path(out) / "figures"
 
 
+def stage_outputs(argv: list[str]) -> Outputs:
+    """The output folder of a stage run with the flags `argv`: its --model and --out as the stage reads them
+    (the common flags and their defaults, cli.common_parser); its other flags are left to the stage."""
+    args, _ = common_parser("", add_help=False).parse_known_args(argv)
+    return outputs(args.out, args.model)
+
+
 if __name__ == "__main__":  # for the .sh scripts: they never spell a path of their own
     what, *rest = sys.argv[1:] or ["--help"]
     if what == "tag" and len(rest) == 1:
         print(model_tag(rest[0]))
+    elif what in ("neurons", "variants", "trained", "eval") and rest[:1] and rest[0].startswith("--"):
+        print(getattr(stage_outputs(rest), what))
     elif what in ("neurons", "variants", "trained", "eval") and len(rest) == 2:
         print(getattr(outputs(rest[0], rest[1]), what))
     else:

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .data import batches_by_length, pad_batch, tokenize
+from .data import batches_by_length, pad_batch, pad_id, tokenize
 from .files import json_safe
 
 
@@ -25,7 +25,7 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 512, batch_
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for idx in tqdm(batches_by_length([len(s) for s in seqs], batch_size), desc=desc, leave=False):
-        ids, mask = pad_batch([seqs[i] for i in idx], tokenizer.pad_token_id, device)
+        ids, mask = pad_batch([seqs[i] for i in idx], pad_id(tokenizer), device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         tok_nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -146,7 +146,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     seqs = [_truncate_left(tokenizer(p)["input_ids"], max_length, bos) for p in prompts]
     device = next(model.parameters()).device
     out: list[str] = [""] * len(prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     for idx in tqdm(batches_by_length([len(s) for s in seqs], batch_size), desc=desc, leave=False):
         ids, mask = pad_batch([seqs[i] for i in idx], pad, device, left=True)
         kw = {"stopping_criteria": StoppingCriteriaList([StopOnText(tokenizer, stop, ids.shape[1])])} if stop else {}
@@ -199,7 +199,7 @@ def score_choices(model, tokenizer, prompts: list[str], choices: tuple[str, ...]
     bos = tokenizer.bos_token_id
     seqs = [_truncate_left(tokenizer(p)["input_ids"], max_length - len(prefix), bos) + prefix for p in prompts]
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     out = torch.empty(len(prompts), len(choices), dtype=torch.float64)
     last_ids = torch.tensor(last, device=device)
     # Left padding puts the positions we need (the last common+1) in the same columns of every row, so only

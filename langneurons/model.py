@@ -202,8 +202,10 @@ def check_model(model: str):
         raise
     except Exception as e:
         raise InputError(f"--model {model}: cannot load its tokenizer ({_first_line(e)})") from None
-    for f in weight_files(d, gguf, model):
+    files = weight_files(d, gguf, model)
+    for f in files:
         check_weight_file(f, model)
+    check_weights_match_config(config, files, model)
     return config
 
 
@@ -250,6 +252,83 @@ def check_weight_file(f: Path, model: str) -> None:
                 z.infolist()
     except Exception as e:
         raise InputError(f"--model {model}: weight file {f} is unreadable or truncated ({_first_line(e)})") from None
+
+
+# safetensors header dtypes; an unknown one still gives the tensor's shape, which is what is compared
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
+
+
+def meta_tensors(f: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of weight file `f` as an empty meta tensor of its shape and dtype; no weight is read
+    (safetensors: the header; torch's zip format: memory-mapped, so only the pickled index is read)."""
+    if f.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(f), "pt") as h:
+            return {k: torch.empty(h.get_slice(k).get_shape(), device="meta",
+                                   dtype=_SAFETENSORS_DTYPES.get(h.get_slice(k).get_dtype(), torch.float32))
+                    for k in h.keys()}
+    sd = torch.load(f, mmap=True, weights_only=True, map_location="cpu")
+    return {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in sd.items() if isinstance(t, torch.Tensor)}
+
+
+def _natural(key: str) -> list:
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", key)]  # layer 10 after layer 9
+
+
+def check_weights_match_config(config, files: list[Path], model: str) -> None:
+    """The weight files hold every tensor of the model config.json describes, with its shape, and nothing else.
+    Loading does not refuse a mismatch: a config with one more layer than the weights loads with that layer
+    randomly initialised. Transformers' own loader decides what counts as missing, unexpected or mismatched
+    (key prefixes, tied embeddings, keys a model ignores, weights converted on load), fed meta tensors shaped
+    from the files, so no weight is read."""
+    if files[0].suffix == ".gguf" or getattr(config, "quantization_config", None) is not None:
+        return  # converted or quantized on load: the file's tensors are not the model's
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    where, state = {}, {}
+    for f in files:
+        for k, t in meta_tensors(f).items():
+            where[k], state[k] = f.name, t
+    try:
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except ValueError as e:  # a config class with no causal LM
+        raise InputError(f"--model {model}: no causal language model for its config ({_first_line(e)})") from None
+    # the loader logs a report of what it found and shows a progress bar: this check says it in one line instead
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        _, info = type(skeleton).from_pretrained(None, config=skeleton.config, state_dict=state, device_map="meta",
+                                                 output_loading_info=True, ignore_mismatched_sizes=True)
+    except RuntimeError as e:  # a weight conversion that does not fit the tensors
+        raise InputError(f"--model {model}: its weights do not fit its config ({_first_line(e)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    prefix = skeleton.base_model_prefix
+
+    def file_of(key: str) -> str:  # the loader adds or strips the base model's prefix
+        for k in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
+            if k in where:
+                return where[k]
+        return "the weight files"
+
+    head = f"--model {model}: config.json does not match the weights:"
+    if info["missing_keys"]:
+        key = min(info["missing_keys"], key=_natural)
+        raise InputError(f"{head} {key} is missing from the weight files")
+    if info["mismatched_keys"]:
+        key, found, expected = min(info["mismatched_keys"], key=lambda m: _natural(m[0]))
+        raise InputError(f"{head} {key} has shape {list(found)} in {file_of(key)} but {list(expected)} in the config")
+    if info["unexpected_keys"]:
+        key = min(info["unexpected_keys"], key=_natural)
+        raise InputError(f"{head} {key} in {file_of(key)} is not a tensor of the model the config describes")
 
 
 def resolve_device(device: str) -> str:

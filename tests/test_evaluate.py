@@ -2,6 +2,7 @@
 results file, its errors, and lm-evaluation-harness compatibility of our model directories."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -310,6 +311,50 @@ def test_generate_long_prompt_keeps_its_end():
     head = metrics.generate_greedy(model, tok, [prompt[:47]], max_new_tokens=8, stop=None)[0]
     assert prompt[-47:].endswith("\nAnswer:")
     assert cut == tail and cut != head
+
+
+# ---------------------------------------------------------------- the task registry
+
+def test_every_task_has_its_file_reader_runner_and_metric(tmp_path):
+    """A task is one entry of langneurons.tasks.TASKS: its file is in the dataset layout, its reader reads it, its
+    runner scores a model on the items and reports the task's metric for every language."""
+    from langneurons.tasks import TASKS
+    dataset = tiny_dataset(tmp_path / "dataset", langs=("en", "fr"))
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    args = argparse.Namespace(max_new_tokens=4, batch_size=2, max_length=64)
+    assert TASKS
+    for name, task in TASKS.items():
+        assert task.name == name and task.label and task.metric in ("ppl", "accuracy"), name
+        data = {}
+        for l in ("en", "fr"):
+            assert task.file(dataset, l).is_file(), (name, l)
+            data[l] = task.read(dataset, l)[:2]
+            assert len(data[l]) == 2, (name, l)
+        res = task.evaluate(model, tok, data, args)
+        assert set(res) == {"en", "fr"}, name
+        for l in res:
+            assert math.isfinite(res[l][task.metric]), (name, l)
+            assert res[l].get("n", res[l].get("tokens", 0)) > 0, (name, l)
+        assert (task.prompt is None) == (task.scoring is None), name
+
+
+def test_cli_tasks_and_their_arguments_come_from_the_registry():
+    import evaluate  # the repository's evaluate.py (pytest.ini puts the root first on sys.path)
+    from langneurons.tasks import TASKS, prompts
+    assert evaluate.parse_args([]).tasks == ",".join(TASKS)  # every task by default, in the registry's order
+    for name in TASKS:
+        assert evaluate.parse_args(["--tasks", name]).tasks == name
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--tasks", "bleu"])
+    args = evaluate.parse_args(["--tasks", "ppl"])
+    for name, task in TASKS.items():
+        kept = evaluate.result_args(args, name)
+        assert all(a in kept for a in task.own_args), name  # a task's own arguments decide its reuse...
+        assert not any(a in kept for t in TASKS.values() if t is not task for a in t.own_args - task.own_args), name
+    assert "max_new_tokens" in TASKS["mgsm"].own_args  # ...MGSM's answer length changes MGSM's numbers only
+    assert prompts() == {k: v for t in TASKS.values() if t.prompt
+                         for k, v in ((t.name, t.prompt), (f"{t.name}_scoring", t.scoring))}
+    assert list(prompts()) == ["mgsm", "mgsm_scoring", "mmmlu", "mmmlu_scoring"]  # the results files' keys
 
 
 # ---------------------------------------------------------------- the CLI

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny import save_tiny, tiny_dataset
+from tiny import ARCHS, save_tiny, tiny_config, tiny_dataset, tiny_tokenizer
 
 from langneurons.model import Geometry, model_record
 from langneurons.neurons import empty_set, write_neuron_file
@@ -61,6 +61,20 @@ def w(tmp_path_factory):
     (m["missing_shard"] / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors",
                                         "model.norm.weight": "model-00001-of-00002.safetensors"}}))
+
+    # configs that do not match their weights (loading would initialise what is missing at random)
+    from safetensors.torch import load_file, save_file
+    m["more_layers"] = copy_model(model, root / "more_layers")
+    (m["more_layers"] / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] + 1}))
+    m["other_ffn"] = copy_model(model, root / "other_ffn")
+    (m["other_ffn"] / "config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] - 16}))
+    m["extra_tensor"] = copy_model(model, root / "extra_tensor")
+    tensors = load_file(model / "model.safetensors")
+    save_file({**tensors, "model.layers.1.mlp.extra.weight": tensors["model.norm.weight"].clone()},
+              m["extra_tensor"] / "model.safetensors", metadata={"format": "pt"})
+    m["bin_more_layers"] = copy_model(m["more_layers"], root / "bin_more_layers")
+    (m["bin_more_layers"] / "model.safetensors").unlink()
+    __import__("torch").save(tensors, m["bin_more_layers"] / "pytorch_model.bin")
 
     s = empty_set(geom)
     s["fwd_up"][0, :3] = True
@@ -158,6 +172,10 @@ BROKEN_MODELS = [
     ("corrupt_provenance", "langneurons.json"),
     ("no_config", "config.json"),
     ("missing_shard", "model-00002-of-00002.safetensors"),
+    ("more_layers", "config.json does not match the weights: model.layers.3.input_layernorm.weight is missing"),
+    ("other_ffn", "model.layers.0.mlp.down_proj.weight has shape [64, 96] in model.safetensors but [64, 80] in the config"),
+    ("extra_tensor", "model.layers.1.mlp.extra.weight in model.safetensors is not a tensor of the model"),
+    ("bin_more_layers", "model.layers.3.input_layernorm.weight is missing from the weight files"),
 ]
 
 
@@ -388,6 +406,76 @@ def test_figures_unknown_model(run, tmp_path):
     (out / "model_a" / "eval").mkdir(parents=True)
     assert_fault(run, tmp_path, "figures.py", ["--out", out, "--models", "model_a,ghost"], "ghost", out=out)
     assert_fault(run, tmp_path, "figures.py", ["--out", out, "--models", ","], "--models", out=out)
+
+
+# ---------------------------------------------------------------- not a fault: weights that match their config
+
+@pytest.mark.parametrize("arch", ARCHS + ["tied", "no_prefix"])
+def test_weights_match_config(tmp_path, arch):
+    """Every tiny architecture, a model whose head is its embedding (no lm_head.weight in the file) and a
+    checkpoint whose keys lack the base model's prefix pass the check (transformers loads them whole)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    from langneurons.model import check_model
+    if arch == "tied":
+        cfg = tiny_config("llama")
+        cfg.tie_word_embeddings = True
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / arch)
+        tiny_tokenizer().save_pretrained(tmp_path / arch)
+        assert "lm_head.weight" not in load_file(tmp_path / arch / "model.safetensors")
+    elif arch == "no_prefix":
+        save_tiny("llama", tmp_path / arch)
+        tensors = load_file(tmp_path / arch / "model.safetensors")
+        save_file({k.removeprefix("model."): t for k, t in tensors.items()}, tmp_path / arch / "model.safetensors",
+                  metadata={"format": "pt"})
+    else:
+        save_tiny(arch, tmp_path / arch)
+    assert check_model(str(tmp_path / arch)).num_hidden_layers == 3
+
+
+# ---------------------------------------------------------------- not a fault: a tokenizer with neither pad nor eos
+
+def with_tokenizer(src: Path, dst: Path, **special) -> Path:
+    """A copy of model folder `src` with tiny_tokenizer(**special); a special token left out is also gone from the
+    config and the generation config, as in a model that never had one."""
+    copy_model(src, dst)
+    for f in dst.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    tiny_tokenizer(**special).save_pretrained(dst)
+    gone = [f"{k.removesuffix('_token')}_token_id" for k, v in special.items() if v is None]
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((dst / name).read_text())
+        (dst / name).write_text(json.dumps({k: v for k, v in cfg.items() if k not in gone}))
+    return dst
+
+
+def test_tokenizer_without_pad_and_eos(run, w, tmp_path):
+    """Padding is masked everywhere, so the id that fills it (0 with neither pad nor eos token, 2 with eos as pad)
+    changes no firing count, perplexity or MMMLU score; MGSM generation, with no EOS to stop at, also runs."""
+    from safetensors.torch import load_file
+    models = {"eos_pad": with_tokenizer(w["model"], tmp_path / "eos_pad", pad_token="<eos>"),
+              "no_pad": with_tokenizer(w["model"], tmp_path / "no_pad", pad_token=None, eos_token=None)}
+    firing, results = {}, {}
+    for name, model in models.items():
+        for method in ("activation", "importance"):
+            out = tmp_path / "out" / method
+            rc, _, stderr = run("detection.py", "--model", model, "--dataset", w["data"], "--langs", "en,fr",
+                                "--out", out, "--device", "cpu", "--method", method, "--batch-size", "4", cwd=tmp_path)
+            assert rc == 0, stderr[-3000:]
+            firing[name, method] = load_file(out / name / "neurons" / "firing.safetensors")
+        rc, _, stderr = run("evaluate.py", "--model", model, "--dataset", w["data"], "--langs", "en,fr", "--out",
+                            tmp_path / "out", "--device", "cpu", "--tasks", "ppl,mmmlu,mgsm", "--max-new-tokens", "8",
+                            cwd=tmp_path)
+        assert rc == 0, stderr[-3000:]
+        results[name] = json.loads((tmp_path / "out" / name / "eval" / f"{name}.json").read_text())["results"]
+    for method in ("activation", "importance"):
+        a, b = firing["eos_pad", method], firing["no_pad", method]
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), method
+        assert any(a[k].any() for k in a if not k.startswith("sentences"))
+    for task in ("ppl", "mmmlu"):
+        assert results["no_pad"][task] == results["eos_pad"][task], task
+    assert results["no_pad"]["mgsm"]["en"]["n"] == 3
 
 
 # ---------------------------------------------------------------- not a fault: any subset of groups works end to end

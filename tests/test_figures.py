@@ -109,6 +109,37 @@ def test_all_figures_from_fixture_outputs(outputs):
     assert not list(figs.glob(".*"))  # no temporary files left
 
 
+def test_accuracy_tasks_come_from_the_evaluation_registry(outputs, monkeypatch):
+    """figures.py draws and tabulates every accuracy task of langneurons.tasks, under its label: a new task is one
+    registry entry, here one with another label and results in the fixtures' files."""
+    from dataclasses import replace
+    from langneurons import tasks
+    assert figures.TASKS is tasks.TASKS
+    assert figures.ACCURACY_TASKS == tuple(n for n, t in tasks.TASKS.items() if t.metric == "accuracy")
+    assert figures.ACCURACY_TASKS == ("mgsm", "mmmlu")
+    extra = {**tasks.TASKS, "xtask": replace(tasks.TASKS["mmmlu"], name="xtask", label="X-Task")}
+    monkeypatch.setattr(figures, "TASKS", extra)
+    monkeypatch.setattr(figures, "ACCURACY_TASKS", (*figures.ACCURACY_TASKS, "xtask"))
+    for tag in ("small-model", "mid-model", "big-model"):
+        for f in (outputs / tag / "eval").glob("*.json"):
+            ev = json.loads(f.read_text())
+            ev["results"]["xtask"] = {l: {"accuracy": a["accuracy"] / 4, "n": 40} for l, a in ev["results"]["mgsm"].items()}
+            f.write_text(json.dumps(ev))
+    t = figures.load_tag(figures.layout.Outputs(outputs / "small-model"), [])
+    assert set(t.runs[0]["acc"]) == {"mgsm", "mmmlu", "xtask"} and t.runs[0]["acc"]["xtask"]
+    fig = figures.fig_training("small-model", t.runs)
+    assert any(ax.get_ylabel() == "Δ X-Task accuracy (points)" for ax in fig.axes)
+    figures.plt.close(fig)
+    def emit(fig, name):  # the report's text only
+        figures.plt.close(fig)
+        return f"![{name}]({name})\n"
+    tags = [figures.load_tag(figures.layout.Outputs(outputs / tag), []) for tag in ("small-model", "mid-model", "big-model")]
+    text = figures.report_ability(tags, emit) + figures.report_training(tags, emit)
+    assert "| mean MGSM | mean MMMLU | mean X-Task |" in text
+    assert "LAS vs mean X-Task: Pearson 1.00, Spearman 1.00 (3 models" in text
+    assert "| zh_shared | X-Task | English |" in text
+
+
 def test_distribution_has_one_panel_per_model(outputs):
     models = {}
     for tag in ("small-model", "mid-model", "big-model"):

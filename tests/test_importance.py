@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from langneurons.importance import ImportanceProbe, _eager_attention, qk_importance
+from langneurons.importance import ImportanceProbe, _eager_attention, qk_importance, qk_importance_reference
 from langneurons.data import pad_batch
 from langneurons.model import projections, decoder_layers
 from tiny import ARCHS, SENTENCES, tiny_model, tiny_tokenizer
@@ -156,29 +156,11 @@ def test_batched_equals_unbatched(arch, left):
             torch.testing.assert_close(batched[g][i], s[0], rtol=1e-4, atol=1e-5)
 
 
-def naive_qk_importance(q, k, v, keep, valid, scaling, softcap):
-    """One channel at a time, full softmax over all keys, full V: docs/method.md section 2 as written."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-
-    def attend(pre):
-        if softcap is not None:
-            pre = torch.tanh(pre / softcap) * softcap
-        return torch.softmax(pre.masked_fill(~keep, float("-inf")), -1) @ v
-
-    pre = q @ k.transpose(-1, -2) * scaling
-    base = attend(pre)  # rows of padding queries see no key: NaN there, never counted
-    n2 = torch.zeros(q.shape[0], q.shape[1], q.shape[3])
-    for d in range(q.shape[3]):
-        change = base - attend(pre - q[..., d, None] * k[..., None, :, d] * scaling)  # [B,H,T,D]
-        n2[:, :, d] = torch.where(valid[:, None], change.square().sum(-1), 0).sum(-1)  # padding rows: NaN
-    return n2.sqrt().flatten(1), n2.view(q.shape[0], -1, rep, q.shape[3]).sum(2).sqrt().flatten(1)
-
-
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_blocks_and_chunks_equal_the_naive_formula(softcap):
-    """40 tokens: several query-row blocks (keys cut at each block's last row) and channel chunks,
-    with a left-padded sequence, against the formula computed naively."""
+def test_blocks_and_chunks_equal_the_reference_formula(softcap):
+    """40 tokens, grouped-query attention (4 heads, 2 kv heads), causal: several query-row blocks (keys cut
+    at each block's last row) and channel chunks, with a left- and a right-padded sequence, against the
+    formula written plainly (importance.qk_importance_reference)."""
     torch.manual_seed(0)
     B, T = 3, 40
     q, k, v = torch.randn(B, 4, T, 8), torch.randn(B, 2, T, 8), torch.randn(B, 2, T, 8)
@@ -186,7 +168,7 @@ def test_blocks_and_chunks_equal_the_naive_formula(softcap):
     valid = torch.ones(B, T, dtype=torch.bool)
     keep[1, :, :, :5], valid[1, :5] = False, False  # left padding
     keep[2, :, :, 30:], valid[2, 30:] = False, False  # right padding
-    ref = naive_qk_importance(q, k, v, keep, valid, 0.3, softcap)
+    ref = qk_importance_reference(q, k, v, keep, valid, 0.3, softcap)
     for chunk_bytes in (1, 1 << 12, 1 << 30):
         got = qk_importance(q, k, v, keep, valid, 0.3, softcap=softcap, chunk_bytes=chunk_bytes)
         for a, b in zip(got, ref):
@@ -215,10 +197,10 @@ def attention_keep(am, S):
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2", "gemma3"])
 @pytest.mark.parametrize("left", [False, True], ids=["right-pad", "left-pad"])
-def test_qk_importance_equals_the_naive_formula_in_tiny_models(arch, left):
+def test_qk_importance_equals_the_reference_formula_in_tiny_models(arch, left):
     """On the q/k/v and masks the attention function really receives: grouped-query attention (qwen2),
     soft-capping and sliding windows (gemma2), q/k norms and sliding windows (gemma3), padded batches;
-    blocks, channel chunks and the triangular value factor against the formula computed naively."""
+    blocks, channel chunks and the triangular value factor against importance.qk_importance_reference."""
     model = tiny_model(arch)
     ids, mask = encode(SENTENCES["fr"][:3], left=left)  # 32-51 tokens: windows of 6 cut the key ranges
     with RecordingProbe(model) as probe:
@@ -226,7 +208,7 @@ def test_qk_importance_equals_the_naive_formula_in_tiny_models(arch, left):
     valid = mask.bool()
     for module, q, k, v, am, scaling, softcap in probe.calls:
         keep = attention_keep(am, k.shape[2])
-        ref = naive_qk_importance(q, k, v, keep, valid, scaling, softcap)
+        ref = qk_importance_reference(q, k, v, keep, valid, scaling, softcap)
         for chunk_bytes in (1, 1 << 14, None):
             got = qk_importance(q, k, v, keep, valid, scaling, softcap=softcap, chunk_bytes=chunk_bytes)
             for a, b in zip(got, ref):
@@ -236,7 +218,7 @@ def test_qk_importance_equals_the_naive_formula_in_tiny_models(arch, left):
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_large_scores_take_the_stabilised_path(softcap):
     """Scores whose change reaches hundreds (beyond the direct-exponent bound) are shifted by each
-    perturbed row's maximum: still equal to the naive formula, finite, with short keys and queries."""
+    perturbed row's maximum: still equal to the reference formula, finite, with short keys and queries."""
     torch.manual_seed(1)
     B, T = 2, 24
     q, k, v = torch.randn(B, 2, T, 8) * 30, torch.randn(B, 1, T, 8) * 30, torch.randn(B, 1, T, 8)
@@ -244,7 +226,7 @@ def test_large_scores_take_the_stabilised_path(softcap):
     valid = torch.ones(B, T, dtype=torch.bool)
     keep[1, :, :, :3], valid[1, :3] = False, False
     assert float((q.abs().amax() * k.abs().amax() * 0.5)) > 40  # the bound qk_importance checks
-    ref = naive_qk_importance(q, k, v, keep, valid, 0.5, softcap)
+    ref = qk_importance_reference(q, k, v, keep, valid, 0.5, softcap)
     got = qk_importance(q, k, v, keep, valid, 0.5, softcap=softcap, chunk_bytes=1 << 12)
     for a, b in zip(got, ref):
         assert torch.isfinite(a).all()

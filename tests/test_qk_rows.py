@@ -58,7 +58,8 @@ def brute_force(model, mask, calls, group, layer, row):
     return ((base - off) * mask[..., None]).flatten(1).norm(dim=1)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])  # plain, q/k biases, soft-capping; all GQA
+# plain, q/k biases, soft-capping, partial rotary; all GQA
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "stablelm"])
 @pytest.mark.parametrize("left", [False, True], ids=["right-pad", "left-pad"])
 def test_row_score_equals_zeroing_the_row(arch, left):
     model = tiny_model(arch)
@@ -87,6 +88,17 @@ def test_rotary_pairs_are_the_rotate_half_partners():
     D = model.config.head_dim
     partner = rotary_partner(projections(decoder_layers(model)[0])["attn"], kwargs["position_embeddings"], D)
     assert partner.tolist() == [(d + D // 2) % D for d in range(D)]
+
+
+def test_partial_rotary_leaves_the_other_channels_their_own_partners():
+    model = tiny_model("stablelm")
+    ids, mask = encode(SENTENCES["en"][:1])
+    _, calls = scores_and_calls(model, ids, mask, "channel")
+    attn = projections(decoder_layers(model)[0])["attn"]
+    D, r = Geometry.from_config(model.config).head_dim, attn.rotary_ndims
+    assert 0 < r < D
+    partner = rotary_partner(attn, calls[0][1]["position_embeddings"], D)
+    assert partner.tolist() == [(d + r // 2) % r for d in range(r)] + list(range(r, D))
 
 
 def test_row_and_channel_agree_only_where_rotary_is_the_identity():
@@ -134,3 +146,13 @@ def test_detection_records_and_refuses_the_row_score(tmp_path):
     r = run_script("detection.py", "--model", qwen3, "--out", tmp_path / "out", "--qk-score", "row", *common)
     assert r.returncode == 2 and "q/k normalisation" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out" / "qwen3").exists()
+
+
+def test_detection_row_score_with_partial_rotary(tmp_path):
+    stablelm = save_tiny("stablelm", tmp_path / "stablelm")
+    r = run_script("detection.py", "--model", stablelm, "--out", tmp_path / "out", "--qk-score", "row", "--method",
+                   "importance", "--dataset", tiny_dataset(tmp_path / "data"), "--langs", "en,fr", "--ratio", "0.1",
+                   "--device", "cpu", "--dtype", "float32", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((tmp_path / "out" / "stablelm" / "neurons" / "meta.json").read_text())
+    assert meta["qk_score"] == "row"

@@ -404,6 +404,33 @@ def test_a_closed_stdout_is_one_line_exit_141_and_the_outputs_are_whole(base, tm
     assert json.loads((tmp_path / "out/tiny/eval/tiny.json").read_text())["results"]["ppl"]
 
 
+@pytest.mark.parametrize("name", list(STAGES))
+def test_main_called_twice_in_one_process_releases_its_locks(base, detected, tmp_path, name):
+    """A notebook calls main() itself, without cli.run: every lock is the with-block of a main(), so the second
+    call (which reuses) neither waits on a lock the first kept nor finds one held afterwards."""
+    import threading
+    from filelock import FileLock
+    argv = STAGES[name](base)
+    if name == "figures":
+        shutil.copytree(detected / "out", tmp_path / "out")
+    stage_main = runpy.run_path(str(REPO / argv[0]), run_name="notebook")["main"]
+    old_argv, here = sys.argv, os.getcwd()
+    sys.argv = [str(REPO / argv[0]), *map(str, argv[1:])]
+    os.chdir(tmp_path)
+    try:
+        for call in (1, 2):
+            done = threading.Event()
+            t = threading.Thread(target=lambda: (stage_main(), done.set()), daemon=True)
+            t.start()
+            t.join(timeout=300)
+            assert done.is_set(), f"call {call} of {name}'s main() did not finish (waiting on a lock?)"
+    finally:
+        sys.argv = old_argv
+        os.chdir(here)
+    for lock in (Path(os.environ["LANGNEURONS_CACHE"]) / "locks").glob("*.lock"):
+        FileLock(str(lock)).acquire(timeout=0)  # Timeout if a main() left it held
+
+
 def test_killed_while_swapping_the_neurons_folder(base, detected, tmp_path):
     """The one moment with no neurons/ at all: the old folder renamed aside, the new one not yet in place."""
     b = tmp_path / "b"

@@ -2,6 +2,7 @@
 gradient accumulation and two processes; resume = uninterrupted; LoRA/full baselines; bad inputs."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -180,31 +181,43 @@ def test_two_processes_keep_unselected_entries(work, tmp_path):
     assert log["world_size"] == 2 and log["gradient_accumulation_steps"] == 2 and log["effective_batch_size"] == 4
 
 
-def test_resume_gives_the_same_weights(work, tmp_path):
-    args = ("--neurons", str(work["sets"]["llama"]), "--max-steps", "4", "--save-steps", "2", "--run-name", "r")
-    a = tmp_path / "a"
-    train(work, a, *args, "--keep-checkpoints")
+def test_resume_gives_the_same_weights_and_train_log(work, tmp_path):
+    """A run killed after its step-2 checkpoint and resumed by the same command ends with the weights and the
+    train_log.json of an uninterrupted run, train_loss (the whole run's mean) included; only the run time and
+    `resumed_from` differ."""
+    args = ("--neurons", str(work["sets"]["llama"]), "--max-steps", "4", "--save-steps", "2", "--run-name", "r",
+            "--keep-checkpoints")
+    out, a = tmp_path / "out", tmp_path / "a"
+    train(work, out, *args)
+    out.rename(a)  # the resumed run writes to the same --out: its recorded arguments are the same
     ckpt = a / "llama" / "trained" / ".r.ckpt"
     assert (ckpt / "checkpoint-2" / "neuron_deltas.safetensors").is_file()
     assert not (ckpt / "checkpoint-2" / "model.safetensors").exists()  # checkpoints hold the deltas only
     # an interrupted run: killed after its step-2 checkpoint, before the end
-    b = tmp_path / "b"
-    (b / "llama" / "trained" / ".r.ckpt").mkdir(parents=True)
-    shutil.copytree(ckpt / "checkpoint-2", b / "llama" / "trained" / ".r.ckpt" / "checkpoint-2")
-    shutil.copy(ckpt / "run_args.json", b / "llama" / "trained" / ".r.ckpt" / "run_args.json")
-    r = train(work, b, *args)
+    resumed_ckpt = out / "llama" / "trained" / ".r.ckpt"
+    resumed_ckpt.mkdir(parents=True)
+    shutil.copytree(ckpt / "checkpoint-2", resumed_ckpt / "checkpoint-2")
+    shutil.copy(ckpt / "run_args.json", resumed_ckpt / "run_args.json")
+    r = train(work, out, *args)
     assert "Resuming from" in r.stdout
     wa = load_file(a / "llama" / "trained" / "r" / "model.safetensors")
-    wb = load_file(b / "llama" / "trained" / "r" / "model.safetensors")
+    wb = load_file(out / "llama" / "trained" / "r" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     la = json.loads((a / "llama" / "trained" / "r" / "train_log.json").read_text())
-    lb = json.loads((b / "llama" / "trained" / "r" / "train_log.json").read_text())
-    assert lb["resumed_from"] and la["loss_curve"] == lb["loss_curve"] and la["tokens_seen"] == lb["tokens_seen"]
+    lb = json.loads((out / "llama" / "trained" / "r" / "train_log.json").read_text())
+    assert lb["resumed_from"] and la["resumed_from"] is None
+    # the same per-step losses summed in the same order: equal, up to float rounding at most
+    assert lb["train_loss"] == pytest.approx(la["train_loss"], rel=1e-6)
+    assert la["train_loss"] == pytest.approx(sum(p["loss"] for p in la["loss_curve"]) / 4, rel=1e-12)
+    for log in (la, lb):
+        del log["train_runtime_s"], log["resumed_from"], log["train_loss"]
+    assert la == lb
     # checkpoints of a run with other arguments are not silently resumed
-    (b / "llama" / "trained" / ".r.ckpt").mkdir(parents=True)
-    shutil.copytree(ckpt / "checkpoint-2", b / "llama" / "trained" / ".r.ckpt" / "checkpoint-2")
-    shutil.copy(ckpt / "run_args.json", b / "llama" / "trained" / ".r.ckpt" / "run_args.json")
-    r = train(work, b, *args[:-2], "--lr", "3e-3", "--run-name", "r", check=False)
+    shutil.rmtree(out)
+    resumed_ckpt.mkdir(parents=True)
+    shutil.copytree(ckpt / "checkpoint-2", resumed_ckpt / "checkpoint-2")
+    shutil.copy(ckpt / "run_args.json", resumed_ckpt / "run_args.json")
+    r = train(work, out, *args[:-3], "--lr", "3e-3", "--run-name", "r", check=False)
     assert r.returncode == 2 and "other arguments" in r.stderr
 
 
@@ -271,8 +284,32 @@ def test_bad_inputs_exit_2_and_write_nothing(forked, work, tmp_path):
              (("--neurons", str(work["sets"]["llama"]), "--langs", "en,fr,zh"), "unknown language 'zh'"),
              (("--neurons", "full", "--langs", "en,fr", "--val-data", str(work["dataset"] / "val" / "en.txt")),
               "--val-data"),
-             (("--neurons", str(work["sets"]["llama"]), "--dataset", str(empty)), "empty")]
+             (("--neurons", str(work["sets"]["llama"]), "--dataset", str(empty)), "empty"),
+             (("--neurons", "full", "--report-to", "mlflow"), "--report-to: unknown 'mlflow'"),
+             (("--neurons", "full", "--report-to", "none,tensorboard"), "'none' together with a target")]
+    # a reporting target whose package is not installed fails before any work (exit 2, nothing written)
+    missing = [t for t, mods in (("wandb", ("wandb",)), ("tensorboard", ("tensorboard", "tensorboardX")))
+               if not any(importlib.util.find_spec(m) for m in mods)]
+    cases += [(("--neurons", "full", "--report-to", t), f"--report-to {t}: the package") for t in missing]
     assert_one_line_errors(forked, work, tmp_path / "out", cases)
+
+
+def test_report_to_reaches_the_trainer(monkeypatch, tmp_path):
+    """--report-to is the Trainer's report_to ('none': no callback); the packages are found by name."""
+    from types import SimpleNamespace
+    import train as stage
+    state = SimpleNamespace(num_processes=1, is_main_process=True)
+
+    def report_to(*flag):
+        args = stage.parse_args(["--lang", "en", "--neurons", "full", *flag])
+        return stage.training_arguments(args, tmp_path, state, "full", torch.float32, True,
+                                        stage.report_targets(args)).report_to
+    assert report_to() == [] and report_to("--report-to", "none") == []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in ("tensorboardX", "wandb") else None)
+    assert report_to("--report-to", "tensorboard,wandb") == ["tensorboard", "wandb"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(stage.InputError, match="--report-to wandb: the package 'wandb' is not installed"):
+        report_to("--report-to", "wandb")
 
 
 # ---------------------------------------------------------------- training text through datasets

@@ -27,6 +27,9 @@ _EXTRA = {
     # Gemma3: q/k norms, sliding window, different scaling
     "gemma3": dict(model_type="gemma3_text", sliding_window=6, query_pre_attn_scalar=16,
                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    # StableLM (not in ARCHS, for the tests of partial rotary): rotary on the first quarter of each head's
+    # channels only, LayerNorm, q/k/v biases
+    "stablelm": dict(model_type="stablelm", partial_rotary_factor=0.25, use_qkv_bias=True),
 }
 
 
@@ -50,7 +53,8 @@ def tiny_model(arch: str, seed: int = 0, **overrides):
     return model.eval()
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
+def tiny_tokenizer(pad_token: str | None = "<pad>", eos_token: str | None = "<eos>") -> PreTrainedTokenizerFast:
+    """Byte-level, BOS first; `pad_token`/`eos_token` None leaves the tokenizer without that special token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
     byte_chars = pre_tokenizers.ByteLevel.alphabet()
@@ -60,7 +64,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    special = {k: v for k, v in (("pad_token", pad_token), ("eos_token", eos_token)) if v is not None}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", **special)
 
 
 def save_tiny(arch: str, path: str | Path, seed: int = 0, **overrides) -> Path:
