@@ -2,7 +2,7 @@
 # Zero the neuron sets detection.sh wrote, measure perplexity per language, save the deactivated models
 # (docs/method.md section 5). Edit MODELS below, then: bash deactivation.sh [FLAGS]
 # FLAGS go to every deactivation.py call and override its defaults (python deactivation.py --help lists them), e.g.
-#   bash deactivation.sh --save-variants shared,exclusive_sw   # all (the default; each a full model copy), none, or set names
+#   bash deactivation.sh --save-variants shared,exclusive_sw   # the variants written (default all: each a model copy)
 #   bash deactivation.sh --limit 16 --batch-size 16             # the first 16 validation lines per language
 #   bash deactivation.sh --streaming --legacy-kv-mapping --force --out ./outputs-small
 set -euo pipefail

@@ -123,17 +123,20 @@ def test_accuracy_tasks_come_from_the_evaluation_registry(outputs, monkeypatch):
     for tag in ("small-model", "mid-model", "big-model"):
         for f in (outputs / tag / "eval").glob("*.json"):
             ev = json.loads(f.read_text())
-            ev["results"]["xtask"] = {l: {"accuracy": a["accuracy"] / 4, "n": 40} for l, a in ev["results"]["mgsm"].items()}
+            ev["results"]["xtask"] = {l: {"accuracy": a["accuracy"] / 4, "n": 40}
+                                      for l, a in ev["results"]["mgsm"].items()}
             f.write_text(json.dumps(ev))
     t = figures.load_tag(figures.layout.Outputs(outputs / "small-model"), [])
     assert set(t.runs[0]["acc"]) == {"mgsm", "mmmlu", "xtask"} and t.runs[0]["acc"]["xtask"]
     fig = figures.fig_training("small-model", t.runs)
     assert any(ax.get_ylabel() == "Δ X-Task accuracy (points)" for ax in fig.axes)
     figures.plt.close(fig)
+
     def emit(fig, name):  # the report's text only
         figures.plt.close(fig)
         return f"![{name}]({name})\n"
-    tags = [figures.load_tag(figures.layout.Outputs(outputs / tag), []) for tag in ("small-model", "mid-model", "big-model")]
+    tags = [figures.load_tag(figures.layout.Outputs(outputs / tag), [])
+            for tag in ("small-model", "mid-model", "big-model")]
     text = figures.report_ability(tags, emit) + figures.report_training(tags, emit)
     assert "| mean MGSM | mean MMMLU | mean X-Task |" in text
     assert "LAS vs mean X-Task: Pearson 1.00, Spearman 1.00 (3 models" in text
