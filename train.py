@@ -134,7 +134,6 @@ class Run:
     reused."""
     args: argparse.Namespace
     mode: str                     # 'neurons', 'full' or 'lora'
-    world: int                    # data-parallel processes
     rank0: bool                   # the main process: it writes the outputs
     nset: NeuronSet | None        # the neurons to train (mode 'neurons')
     neuron_info: dict | None      # what the outputs record about their file
@@ -369,7 +368,7 @@ def training_set(run: Run, tok):
                                        args.num_proc if args.num_proc > 1 else None)
     if len(train_set) == 0:
         raise InputError(f"training file {run.train_spec}: no " + ("block of --cutoff-len tokens" if args.packing
-                                                               else "document has two tokens"))
+                                                                   else "document has two tokens"))
     return train_set
 
 
@@ -553,7 +552,7 @@ def resolve_run(args: argparse.Namespace, state: PartialState) -> Run:
         docs = training_documents(train_spec, "training file", args.text_column, args.train_split,
                                   args.sample_size, args.seed)
     train_id, fingerprint = result_fingerprint(args, mode, state.num_processes, train_spec, docs, val_specs, val)
-    return Run(args=args, mode=mode, world=state.num_processes, rank0=state.is_main_process, nset=nset,
+    return Run(args=args, mode=mode, rank0=state.is_main_process, nset=nset,
                neuron_info=neuron_info, set_name=set_name, name=name, device=device, half=half, mixed=mixed,
                precision=precision_info, tag=out.tag, run_dir=run_dir, ckpt_dir=ckpt_dir, targs=targs,
                val_specs=val_specs, val=val, train_spec=train_spec, docs=docs, train_id=train_id,

@@ -309,6 +309,9 @@ TRAIN_FLAGS = [
     (["--cutoff-len", "1"], "--cutoff-len"),
     (["--lora-alpha", "8"], "--lora-alpha"),
     (["--lang", "xx"], "'xx'"),
+    (["--report-to", "mlflow"], "--report-to"),
+    (["--report-to", "none,wandb"], "--report-to"),
+    (["--report-to", "wandb,wandb"], "--report-to"),
 ]
 
 
