@@ -291,7 +291,11 @@ def check_weights_match_config(config, files: list[Path], model: str) -> None:
     from transformers.utils import logging as hf_logging
     where, state = {}, {}
     for f in files:
-        for k, t in meta_tensors(f).items():
+        try:
+            tensors = meta_tensors(f)
+        except Exception as e:  # torch.load(weights_only) refuses a pickle that holds more than tensors
+            raise InputError(f"--model {model}: weight file {f} is not a plain state dict ({_first_line(e)})") from None
+        for k, t in tensors.items():
             where[k], state[k] = f.name, t
     try:
         with init_empty_weights():

@@ -75,6 +75,9 @@ def w(tmp_path_factory):
     m["bin_more_layers"] = copy_model(m["more_layers"], root / "bin_more_layers")
     (m["bin_more_layers"] / "model.safetensors").unlink()
     __import__("torch").save(tensors, m["bin_more_layers"] / "pytorch_model.bin")
+    m["bin_pickle"] = copy_model(m["bin_more_layers"], root / "bin_pickle")  # more than tensors: weights_only refuses
+    __import__("torch").save({**tensors, "args": __import__("argparse").Namespace(lr=1)},
+                             m["bin_pickle"] / "pytorch_model.bin")
 
     s = empty_set(geom)
     s["fwd_up"][0, :3] = True
@@ -176,6 +179,7 @@ BROKEN_MODELS = [
     ("other_ffn", "model.layers.0.mlp.down_proj.weight has shape [64, 96] in model.safetensors but [64, 80] in the config"),
     ("extra_tensor", "model.layers.1.mlp.extra.weight in model.safetensors is not a tensor of the model"),
     ("bin_more_layers", "model.layers.3.input_layernorm.weight is missing from the weight files"),
+    ("bin_pickle", "pytorch_model.bin is not a plain state dict"),
 ]
 
 
