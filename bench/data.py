@@ -1,4 +1,4 @@
-"""Benchmark: the training data path of train.py, today's Python lists against `datasets`, at the paper's
+"""Benchmark: the training data path of train.py, the Python-list path against `datasets`, at the paper's
 scale (100k documents). Time from the start of the data path to the end of the first training step, and the
 peak memory (RSS) of the data path, for: the list path train.py had before (reproduced below), the
 `datasets` path on its first run (load + tokenize into the cache), and its cached rerun.
@@ -132,7 +132,7 @@ def main() -> None:
         env = {**os.environ, "HF_DATASETS_CACHE": str(Path(tmp) / "hf_datasets"), "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
         rows = {}
-        for name, path in (("lists (today)", "lists"), ("datasets, first run", "datasets"),
+        for name, path in (("Python lists", "lists"), ("datasets, first run", "datasets"),
                            ("datasets, cached rerun", "datasets")):
             cmd = [sys.executable, __file__, "--child", path, "--corpus", str(corpus), "--model", args.model,
                    "--cutoff-len", str(args.cutoff_len), "--num-proc", str(args.num_proc), "--seed", str(args.seed)]
@@ -142,11 +142,11 @@ def main() -> None:
                 sys.exit(f"{name} failed:\n{r.stderr[-3000:]}")
             rows[name] = {**json.loads(r.stdout.strip().splitlines()[-1]), "process_s": time.perf_counter() - t}
             print(f"{name}: {rows[name]}")
-    ref = rows["lists (today)"]
+    ref = rows["Python lists"]
     assert len({r["sequences"] for r in rows.values()}) == 1, "the paths disagree on the training set"
     print(f"\n{args.docs:,} documents ({args.lang}), cutoff {args.cutoff_len}, tokenizer of {args.model}, "
           f"num_proc {args.num_proc}\n")
-    print("| path | data ready (s) | first step done (s) | vs today | data-path peak RSS (MiB) | vs today |")
+    print("| path | data ready (s) | first step done (s) | vs lists | data-path peak RSS (MiB) | vs lists |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['data_s']:.2f} | {r['first_step_s']:.2f} | "

@@ -124,7 +124,7 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     pass is needed (the product is divided by the row sums instead), and the product is with the
     triangular factor of the values, which for a row seeing keys < s has only min(s, D) columns.
     The cost is bounded by the formula itself: H * D * sum_t keys_t * min(keys_t, D) multiply-adds
-    per layer (README: about 4x a decoder forward at 256 tokens on the embedded model)."""
+    per layer (docs/detection.md, the detection cost: about 4x a decoder forward at 256 tokens on the embedded model)."""
     B, H, T, D = query.shape
     KV, S = key.shape[1], key.shape[2]
     rep = H // KV

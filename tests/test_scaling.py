@@ -1,6 +1,6 @@
 """Scaling out without GPUs: where `--device auto` puts the modules of a model too large for one GPU
 (accelerate's device map on a meta-device skeleton with fake GPU budgets), which stages ask for it, and the
-README's multi-process recipes run in their exact command shape with two CPU processes (gloo).
+multi-process recipes of docs/gpu.md and docs/training.md run in their exact command shape with two CPU processes (gloo).
 
 On the CPU `accelerate launch` starts several processes only with `--multi_gpu` (on a machine with several
 GPUs, `--num_processes N` implies it). FSDP through accelerate refuses the CPU ("no available devices"),
@@ -132,7 +132,7 @@ def test_every_stage_that_loads_a_model_asks_for_the_map(stage, wants_map, tmp_p
     assert bool(calls[0].get("device_map_auto")) == wants_map
 
 
-# ---------------------------------------------------------------- the README's launch recipes, two CPU processes
+# ---------------------------------------------------------------- the launch recipes of docs/gpu.md, two CPU processes
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
