@@ -308,17 +308,24 @@ def test_fingerprint_words_and_the_digest_cache(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- kills
 
-@pytest.mark.parametrize("name", list(STAGES))
-def test_a_run_killed_at_a_random_point_then_rerun_leaves_the_files_of_an_uninterrupted_run(base, detected, tmp_path,
-                                                                                              name):
-    argv = STAGES[name](base)
+def uninterrupted(argv: list, name: str, detected: Path, tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """Folder a with the stage run uninterrupted (its filesystem changes counted and returned) and folder b,
+    ready for the same run stopped somewhere; figures get the detected outputs in both."""
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
         d.mkdir()
         if name == "figures":
             shutil.copytree(detected / "out", d / "out")
-    with fs_changes() as changes:  # the uninterrupted run, counting its filesystem changes
+    with fs_changes() as changes:
         ok(*argv, cwd=a)
+    return a, b, changes
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_a_run_killed_at_a_random_point_then_rerun_leaves_the_files_of_an_uninterrupted_run(base, detected, tmp_path,
+                                                                                              name):
+    argv = STAGES[name](base)
+    a, b, changes = uninterrupted(argv, name, detected, tmp_path)
     k = random.Random(name).randint(1, len(changes))
     killed = process(*argv, cwd=b, kill_at=k)
     _, err = killed.communicate(timeout=600)
@@ -337,13 +344,7 @@ def last_line(err: str) -> str:
 def test_ctrl_c_or_sigterm_is_one_line_exit_130_or_143_and_the_same_command_resumes(base, detected, tmp_path, name,
                                                                                       sig):
     argv = STAGES[name](base)
-    a, b = tmp_path / "a", tmp_path / "b"
-    for d in (a, b):
-        d.mkdir()
-        if name == "figures":
-            shutil.copytree(detected / "out", d / "out")
-    with fs_changes() as changes:
-        ok(*argv, cwd=a)
+    a, b, changes = uninterrupted(argv, name, detected, tmp_path)
     k = random.Random(name + sig).randint(1, len(changes))
     # counted from the stage's own first change: imports in a fresh process make some of their own
     stopped = process(*argv, cwd=b, kill_at=f"{k}@{changes[0]}", sig=sig)
