@@ -48,9 +48,16 @@ def read_text(path: str | Path, what: str) -> str:
         raise InputError(f"{what} {path}: line {line} is not UTF-8") from None
 
 
+def text_lines(text: str) -> list[str]:
+    """The lines of a text file's content: split at "\n" (a "\r\n" ending counts as one), as line-based tools
+    and JSON Lines split them. str.splitlines() also splits at U+2028, U+0085 and other separators that may
+    stand inside a sentence, or inside a JSON string, where they are valid unescaped."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def read_lines(path: str | Path, what: str = "text file") -> list[str]:
     """Non-empty stripped lines; an empty file is an error."""
-    lines = [s.strip() for s in read_text(path, what).splitlines()]
+    lines = [s.strip() for s in text_lines(read_text(path, what))]
     lines = [s for s in lines if s]
     if not lines:
         raise InputError(f"{what} {path}: empty")
@@ -114,7 +121,7 @@ def json_lines_texts(path: Path, what: str, text_column: str = "text") -> list[s
     """The `text_column` string of every line of a JSON Lines file; the first bad line is an error naming
     file and line."""
     texts = []
-    for i, line in enumerate(read_text(path, what).splitlines(), 1):
+    for i, line in enumerate(text_lines(read_text(path, what)), 1):
         if not line.strip():
             continue
         try:
@@ -312,7 +319,7 @@ def read_mgsm(dataset: str | Path, lang: str) -> list[tuple[str, float]]:
     """(question, gold number) pairs of test/mgsm/mgsm_<lang>.tsv."""
     path = mgsm_file(dataset, lang)
     items = []
-    for i, line in enumerate(read_text(path, "MGSM file").splitlines(), 1):
+    for i, line in enumerate(text_lines(read_text(path, "MGSM file")), 1):
         if not line.strip():
             continue
         parts = line.rstrip("\n").split("\t")
@@ -337,7 +344,7 @@ def mgsm_texts(dataset: str | Path, lang: str, fmt: str = "question") -> list[st
     if fmt == "question":
         return [q for q, _ in items]
     path = Path(dataset) / "test" / "mgsm" / f"mgsm_{lang}.tsv"
-    rows = [line.split("\t") for line in read_text(path, "MGSM file").splitlines() if line.strip()]
+    rows = [line.split("\t") for line in text_lines(read_text(path, "MGSM file")) if line.strip()]
     return [f"Question: {q}\nAnswer: {a}" for q, a in rows]
 
 

@@ -230,3 +230,21 @@ def test_a_byte_order_mark_is_not_part_of_any_text(tmp_path):
     (tmp_path / "set.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(obj).encode())
     assert read_json(tmp_path / "set.json") == obj
     assert read_text(jsonl, "x") == (plain / "train" / jsonl.name).read_text(encoding="utf-8")
+
+
+def test_a_line_is_cut_only_at_a_newline(tmp_path):
+    """U+2028 (line separator), U+0085 (next line) and form feeds stand inside sentences of web text, and JSON
+    allows U+2028 unescaped in a string (json.dumps(ensure_ascii=False) writes it so): a text file's line and
+    a JSON Lines record are one text each, as `datasets` reads them; str.splitlines() would cut them."""
+    from langneurons.data import json_lines_texts, read_mgsm
+    sentences = ["One sentence\u2028with a line separator.", "Next\x85line\x0cand form feed.", "Plain, CRLF."]
+    txt = tmp_path / "en.txt"
+    txt.write_bytes("\r\n".join(sentences).encode("utf-8"))
+    assert read_lines(txt) == sentences
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": s}, ensure_ascii=False) + "\n" for s in sentences), encoding="utf-8")
+    assert json_lines_texts(jsonl, "training file") == sentences
+    assert read_corpus(str(jsonl), "corpus") == sentences  # the datasets path agrees
+    (tmp_path / "test" / "mgsm").mkdir(parents=True)
+    (tmp_path / "test" / "mgsm" / "mgsm_en.tsv").write_text("Tom has\u20282 apples and 3 more?\t5\n", encoding="utf-8")
+    assert read_mgsm(tmp_path, "en") == [("Tom has\u20282 apples and 3 more?", 5.0)]
