@@ -336,7 +336,7 @@ class LapeActivation(DetectionMethod):
 METHODS = {"importance": TopImportance, "authors": AuthorsTop, "activation": LapeActivation}
 
 
-def detection_model(args, state):
+def detection_model(args: argparse.Namespace, state) -> tuple[Any, Any]:
     """The model and tokenizer, on this process's device."""
     if state.num_processes > 1:  # data parallel: one model per process, on that process's device
         if state.is_main_process:
