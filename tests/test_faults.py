@@ -2,7 +2,9 @@
 (the flag or the file), before the expensive part, leaving nothing partial behind.
 
 Every case is a real process (its own exit status and stderr), forked from one server that has imported
-torch and transformers once (conftest.ForkServer), so the catalogue stays fast."""
+torch and transformers once (conftest.ForkServer), so the catalogue stays fast. The faults of a running stage
+(Ctrl-C and SIGTERM at a random point, a full disk, a closed stdout) need a process of their own, stopped from
+outside or given a tiny file system: they are in tests/test_reuse.py, beside the kills."""
 from __future__ import annotations
 
 import json
