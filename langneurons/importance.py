@@ -237,7 +237,7 @@ def _rotate(module, x: torch.Tensor, position_embeddings) -> torch.Tensor:
                          "use --qk-score channel")
     cos, sin = position_embeddings
     r = cos.shape[-1]
-    if r < x.shape[-1]:  # partial rotary (StableLM, Phi, GPT-NeoX): the first r channels rotate, the rest pass
+    if r < x.shape[-1]:  # partial rotary (StableLM): the first r channels rotate, the others pass unchanged
         return torch.cat((fn(x[..., :r], x[..., :r], cos, sin)[0], x[..., r:]), -1)
     return fn(x, x, cos, sin)[0]
 

@@ -67,7 +67,7 @@ def w(tmp_path_factory):
     # configs that do not match their weights (loading would initialise what is missing at random)
     from safetensors.torch import load_file, save_file
     m["more_layers"] = copy_model(model, root / "more_layers")
-    (m["more_layers"] / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] + 1}))
+    (m["more_layers"] / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 4}))  # the weights have 3
     m["other_ffn"] = copy_model(model, root / "other_ffn")
     (m["other_ffn"] / "config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] - 16}))
     m["extra_tensor"] = copy_model(model, root / "extra_tensor")
@@ -178,7 +178,8 @@ BROKEN_MODELS = [
     ("no_config", "config.json"),
     ("missing_shard", "model-00002-of-00002.safetensors"),
     ("more_layers", "config.json does not match the weights: model.layers.3.input_layernorm.weight is missing"),
-    ("other_ffn", "model.layers.0.mlp.down_proj.weight has shape [64, 96] in model.safetensors but [64, 80] in the config"),
+    ("other_ffn", "model.layers.0.mlp.down_proj.weight has shape [64, 96] in model.safetensors but [64, 80] in the "
+                  "config"),
     ("extra_tensor", "model.layers.1.mlp.extra.weight in model.safetensors is not a tensor of the model"),
     ("bin_more_layers", "model.layers.3.input_layernorm.weight is missing from the weight files"),
     ("bin_pickle", "pytorch_model.bin is not a plain state dict"),
