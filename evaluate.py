@@ -113,8 +113,9 @@ def to_compute(tasks: list[str], results: dict, task_meta: dict, fps: dict, forc
 def write_merged(out_file: Path, args: argparse.Namespace, name: str, tasks: list[str], results: dict,
                  task_meta: dict, model_fp: dict) -> dict:
     """Read-modify-write under the file's lock: a run evaluating other tasks of this model at the same time
-    keeps its results, and its other tasks stay when measured on the same model files. Returns all results."""
-    with reuse.locked(out_file):
+    keeps its results, and its other tasks stay when measured on the same model files (each task's reuse was
+    decided per task before the model ran: the lock is held only here). Returns all results."""
+    with reuse.unit(out_file, f"--out {args.out}", force=args.force, folder=False):
         now, now_meta = stored(out_file, tasks, model_fp, args.force)
         for t in tasks:
             now[t], now_meta[t] = results[t], task_meta[t]
