@@ -8,6 +8,7 @@ import re
 import unicodedata
 
 import numpy as np
+from scipy import stats
 import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -249,23 +250,16 @@ def language_agnostic(sets: dict[str, dict], langs: list[str]) -> tuple[dict[str
 # ---------------------------------------------------------------- correlations (figures, benchmarks)
 
 def pearson(x, y) -> float | None:
-    """Pearson's r of two equally long sequences; None below 3 points or for a constant sequence."""
+    """Pearson's r of two equally long sequences (scipy); None below 3 points or for a constant sequence."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) < 3 or x.std() == 0 or y.std() == 0:
         return None
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-def average_ranks(v) -> np.ndarray:
-    """0-based ranks of `v`, tied values sharing the mean of their ranks."""
-    v = np.asarray(v, dtype=float)
-    order = v.argsort(kind="stable")
-    _, first, counts = np.unique(v[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(v))
-    ranks[order] = np.repeat(first + (counts - 1) / 2, counts)
-    return ranks
+    return float(stats.pearsonr(x, y).statistic)
 
 
 def spearman(x, y) -> float | None:
-    """Spearman's rho (Pearson's r of the average ranks)."""
-    return pearson(average_ranks(x), average_ranks(y)) if len(x) >= 3 else None
+    """Spearman's rho (scipy: Pearson's r of the average ranks); None where pearson of the ranks is."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return None
+    return float(stats.spearmanr(x, y).statistic)

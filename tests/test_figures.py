@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from matplotlib.container import BarContainer
 
@@ -302,3 +303,15 @@ def test_models_flag_selects(outputs):
     figs = outputs / "figures"
     assert (figs / "layers_big-model.png").is_file() and not (figs / "layers_small-model.png").exists()
     assert not (figs / "ability.png").exists()  # one model: no cross-model figure
+
+
+def test_correlations_against_hand_computed_values():
+    """The figures' correlations (scipy): r from the definition, rho with tied ranks, None where undefined."""
+    from langneurons.metrics import pearson, spearman
+    x, y = np.array([1.0, 2, 3, 4]), np.array([2.0, 4, 5, 9])
+    dx, dy = x - x.mean(), y - y.mean()
+    assert pearson(x, y) == pytest.approx((dx @ dy) / np.sqrt((dx @ dx) * (dy @ dy)))
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(1 - 6 * 2 / (4 * (16 - 1)))
+    # ties: ranks (0.5, 0.5, 2, 3) and (0, 1.5, 1.5, 3), whose Pearson r is 5/6
+    assert spearman([1, 1, 2, 3], [1, 2, 2, 3]) == pytest.approx(5 / 6)
+    assert pearson([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [2, 1]) is None
