@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from langneurons import layout, reuse
 from langneurons.cli import InputError, common_parser, int_at_least, parse_langs, run, split_list
-from langneurons.data import lang_file, val_texts
+from langneurons.data import val_file, val_texts
 from langneurons.files import atomic_dir, safe_name, write_json
 from langneurons.layout import NEURON_FILE_COPY, PROVENANCE_FILE, SCHEMA_VERSION, Outputs
 from langneurons.masking import zero_neurons_streaming, zeroed
@@ -155,7 +155,7 @@ def plan(args: argparse.Namespace, out: Outputs, specs: list[tuple[str, Path]], 
                                               record=p if p == out.deactivation else p / PROVENANCE_FILE))
              for p in paths}
     ppl_fp = reuse.fingerprint(args, __file__, "deactivation.ppl", ignore=PPL_IGNORED, models=[args.model], files=[
-        *(file for _, file in specs), *(lang_file(args.dataset, "val", l, ".txt") for l in langs)]) \
+        *(file for _, file in specs), *(val_file(args.dataset, l) for l in langs)]) \
         if args.measure_ppl else None
     variant_fp = {n: reuse.fingerprint(args, __file__, "deactivation.variant", ignore=VARIANT_IGNORED,
                                        models=[args.model], files=[dict(specs)[n]]) for n in to_save}

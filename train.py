@@ -35,7 +35,8 @@ from accelerate import PartialState
 from langneurons import cli, layout, reuse
 from langneurons.cli import (InputError, choice_list, common_parser, float_in, int_at_least, parse_langs,
                              split_list)
-from langneurons.data import PadCollator, lang_file, pad_id, read_corpus, tokenize_documents, training_documents
+from langneurons.data import (PadCollator, lang_file, pad_id, read_corpus, tokenize_documents, training_documents,
+                              val_file)
 from langneurons.files import atomic_dir, read_json, remove_empty, safe_name, write_json, writing
 from langneurons.metrics import perplexity_by_lang
 from langneurons.model import (Geometry, check_model, load_model, load_tokenizer, lora_targets, model_record,
@@ -276,7 +277,7 @@ def validation_text(args: argparse.Namespace) -> tuple[dict[str, str], dict[str,
     if args.val_data and "{lang}" not in args.val_data and langs != [args.lang]:
         raise InputError(f"--val-data {args.val_data}: has no {{lang}} but perplexity is measured in "
                          f"{','.join(langs)}; put {{lang}} in it or pass --langs {args.lang}")
-    specs = {l: args.val_data.replace("{lang}", l) if args.val_data else str(lang_file(args.dataset, "val", l, ".txt"))
+    specs = {l: args.val_data.replace("{lang}", l) if args.val_data else str(val_file(args.dataset, l))
              for l in langs}
     return specs, {l: read_corpus(s, "validation text", args.text_column)[:args.val_limit or None]
                    for l, s in specs.items()}

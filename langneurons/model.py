@@ -267,9 +267,10 @@ def meta_tensors(f: Path) -> dict[str, torch.Tensor]:
     if f.suffix == ".safetensors":
         from safetensors import safe_open
         with safe_open(str(f), "pt") as h:
-            return {k: torch.empty(h.get_slice(k).get_shape(), device="meta",
-                                   dtype=_SAFETENSORS_DTYPES.get(h.get_slice(k).get_dtype(), torch.float32))
-                    for k in h.keys()}
+            slices = {k: h.get_slice(k) for k in h.keys()}
+            return {k: torch.empty(s.get_shape(), device="meta",
+                                   dtype=_SAFETENSORS_DTYPES.get(s.get_dtype(), torch.float32))
+                    for k, s in slices.items()}
     sd = torch.load(f, mmap=True, weights_only=True, map_location="cpu")
     return {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in sd.items() if isinstance(t, torch.Tensor)}
 

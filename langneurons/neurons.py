@@ -148,7 +148,11 @@ def read_neuron_file(path: str | Path, geom: Geometry, legacy_kv: bool = False) 
 
     The authors' query-head index i = h*head_dim + d belongs to key/value row (h // n_rep)*head_dim + d.
     Their own code used i // n_rep (wrong whenever head_dim > 1); `legacy_kv` reproduces it."""
-    obj = read_json(path, "neuron file")
+    return neuron_set_from_json(read_json(path, "neuron file"), path, geom, legacy_kv)
+
+
+def neuron_set_from_json(obj: Any, path: str | Path, geom: Geometry, legacy_kv: bool = False) -> tuple[NeuronSet, dict]:
+    """read_neuron_file on the file's parsed JSON `obj` (`path` names it in errors)."""
     if not isinstance(obj, dict):
         raise InputError(f"neuron file {path}: expected a JSON object of groups")
     meta = obj.get("meta") or {}
@@ -223,8 +227,8 @@ def load_neuron_set(path: str | Path, geom: Geometry, legacy_kv: bool = False, m
     other = other_model(path, meta, model) if model is not None else None
     if other and not allow_other_model:
         raise InputError(f"neuron file {path}: detected on {other}; --allow-other-model uses it anyway")
-    nset, meta = read_neuron_file(path, geom, legacy_kv=legacy_kv)
-    ours = bool(meta) or "meta" in obj  # the authors' files have no `meta`
+    nset, meta = neuron_set_from_json(obj, path, geom, legacy_kv)
+    ours = "meta" in obj  # the authors' files have no `meta`
     return nset, {"name": path.stem, "file": str(path.resolve()), "sha256": file_digest(path), "size": size(nset),
                   "fraction": size(nset) / geom.total_neurons, "groups": {g: int(m.sum()) for g, m in nset.items()},
                   "format": "ours" if ours else "authors",

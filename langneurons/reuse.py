@@ -311,17 +311,16 @@ class Unit:
         """The earlier output's metadata (None when there is none, or with --force)."""
         return None if self.force else read_stored(self.record)
 
-    def up_to_date(self, fp: dict[str, Any], what: str | Path | None = None) -> bool:
+    def up_to_date(self, fp: dict[str, Any]) -> bool:
         """True (and says so) when the stored output records fingerprint `fp`; otherwise False, with one line
         saying what changed when there is an earlier output."""
-        what = what or self.path
         meta = self.stored()
         if meta is None:
             return False
         if diffs := changes(stored_fingerprint(meta), fp):
-            print(recompute_line(diffs, what))
+            print(recompute_line(diffs, self.path))
             return False
-        print(reuse_line(stored_fingerprint(meta), fp, what))
+        print(reuse_line(stored_fingerprint(meta), fp, self.path))
         return True
 
 
