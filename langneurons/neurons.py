@@ -62,6 +62,21 @@ def random_set(n: int, geom: Geometry, seed: int, name: str, sizes: dict[str, in
     return out
 
 
+def random_like(s: NeuronSet, seed: int, name: str) -> NeuronSet:
+    """A random control matched to `s`: in every layer and group, as many neurons as `s` has there, drawn
+    uniformly from that layer's group (so a control never differs from its set in where its neurons sit, only
+    in which). The seed is mixed with `name`: controls random-1 ... random-K of one set are all different."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    out = {}
+    for g in GROUPS:
+        mask = torch.zeros_like(s[g])
+        for layer, k in enumerate(s[g].sum(1).tolist()):
+            if k:
+                mask[layer, torch.from_numpy(rng.choice(s[g].shape[1], size=int(k), replace=False))] = True
+        out[g] = mask
+    return out
+
+
 def language_sets(related: dict[str, NeuronSet], geom: Geometry, seed: int) -> dict[str, NeuronSet]:
     """All sets of docs/outputs.md from the language-related sets N_l (docs/method.md section 4)."""
     langs = list(related)

@@ -194,3 +194,16 @@ def test_embedded_model_end_to_end(tmp_path):
                                 "head_dim": 256}
     st = json.loads((nd / "stats.json").read_text())
     assert 0 < st["sets"]["shared"]["size"] < st["sets"]["related_all"]["size"]
+
+
+def test_random_like_matches_every_layer_and_group():
+    import torch
+    from langneurons.model import GROUPS
+    from langneurons.neurons import random_like
+    g = torch.Generator().manual_seed(0)
+    s = {grp: torch.rand(3, 40, generator=g) < 0.2 for grp in GROUPS}
+    a, b, a2 = random_like(s, 1, "random-1"), random_like(s, 1, "random-2"), random_like(s, 1, "random-1")
+    for grp in GROUPS:
+        assert torch.equal(a[grp].sum(1), s[grp].sum(1))  # same count per layer and group
+        assert torch.equal(a[grp], a2[grp])               # seeded
+    assert any(not torch.equal(a[grp], b[grp]) for grp in GROUPS)  # controls differ from each other
