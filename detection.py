@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from langneurons import authors, cli, files, reuse, runinfo
+from langneurons import authors, cli, files, langid, reuse, runinfo
 from langneurons.data import batches_by_length, corpus_file, detection_corpus, external_corpus, pad_batch, pad_id
 from langneurons.importance import ImportanceProbe
 from langneurons.model import GROUPS, Geometry, check_model, load_model, model_record
@@ -66,6 +66,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=cli.int_at_least(1), default=8, help="sentences per forward pass")
     p.add_argument("--max-length", type=cli.int_at_least(2), default=256,
                    help="tokens per sentence (longer ones are cut)")
+    p.add_argument("--drop-other-language", action="store_true",
+                   help="leave out the corpus texts that language identification assigns to another language "
+                        "(they are counted in meta.json and named on stderr either way)")
     return p.parse_args()
 
 
@@ -73,6 +76,7 @@ def main() -> None:
     args = parse_args()
     groups, langs, undo, mgsm_format = validate(args)
     corpora = read_corpora(args, langs, mgsm_format)
+    corpora, language_record = language_check(args, corpora)
     out_dir = outputs(args.out, args.model).neurons
     # a second run on the same --out waits for this one, then reuses its outputs
     with reuse.unit(out_dir, f"--out {args.out}", force=args.force, record=out_dir / META,
@@ -99,6 +103,7 @@ def main() -> None:
         sets = language_sets(related, geom, args.seed)
         summary = stats(sets, langs, geom)
         meta = run_record(args, langs, groups, corpora, mgsm_format, geom, config, record, fp)
+        meta["corpus"]["language_check"] = language_record
         kv_space = "kv_rows"
         if args.method == "authors":
             meta["authors"] = authors_record(args, undo, geom)
@@ -146,12 +151,40 @@ def read_corpora(args, langs: list[str], mgsm_format: str) -> dict[str, list[str
 
 def fingerprint(args, langs: list[str], corpora: dict[str, list[str]]) -> dict:
     """What the outputs are computed from; a corpus outside the dataset layout may be a folder or a dataset id,
-    so there its text is what counts."""
+    so there its text is what counts. --drop-other-language enters it only when given (with the identifier's
+    version, which decides what is dropped), so that runs without it keep their fingerprint."""
+    ignore, context = (), {}
+    if args.drop_other_language:
+        context["language_identifier"] = langid.library_version()
+    else:
+        ignore = ("drop_other_language",)
     if builtin_corpus(args):
-        return reuse.fingerprint(args, __file__, "detection", models=[args.model],
+        return reuse.fingerprint(args, __file__, "detection", models=[args.model], ignore=ignore, context=context or None,
                                  files=[corpus_file(args.dataset, l, args.corpus) for l in langs])
-    return reuse.fingerprint(args, __file__, "detection", models=[args.model],
-                             context={"corpus_sha256": {l: reuse.text_digest(corpora[l]) for l in langs}})
+    return reuse.fingerprint(args, __file__, "detection", models=[args.model], ignore=ignore,
+                             context={**context, "corpus_sha256": {l: reuse.text_digest(corpora[l]) for l in langs}})
+
+
+def language_check(args, corpora: dict[str, list[str]]) -> tuple[dict[str, list[str]], dict]:
+    """Per language, the share of its texts that language identification assigns to another language: a
+    warning on stderr, a record for meta.json, and with --drop-other-language the corpora without them
+    (a language left with no text is an error)."""
+    report = langid.corpus_check(corpora)
+    langid.warn_other_language(report, "detection corpus", args.drop_other_language)
+    record = {"identifier": langid.library_version(), "dropped": bool(args.drop_other_language),
+              "langs": {l: {k: v for k, v in r.items() if k != "indices"} for l, r in report.items()}}
+    if not args.drop_other_language:
+        return corpora, record
+    kept = {}
+    for lang, texts in corpora.items():
+        gone = set(report[lang]["indices"])
+        kept[lang] = [t for i, t in enumerate(texts) if i not in gone]
+        if not kept[lang]:
+            raise cli.InputError(f"--drop-other-language: no text of {lang} is identified as {lang} "
+                                 f"({len(texts)} dropped); check the corpus")
+        if gone:
+            print(f"--drop-other-language: {lang}: dropped {len(gone)} of {len(texts)} texts, {len(kept[lang])} left")
+    return kept, record
 
 
 @dataclass
