@@ -38,6 +38,7 @@ from .model import cache_root, local_dir, resolve_model
 # results (tests/test_golden.py fails until you do, and names it), so that stored results are recomputed.
 VERSIONS = {"detection": 1, "deactivation.ppl": 1, "deactivation.variant": 1, "train": 1,
             "evaluate.ppl": 1, "evaluate.mgsm": 1, "evaluate.mmmlu": 1,
+            "means": 1,
             "steering": 1,
             }
 # where the results go and whether to recompute them, never what they are
