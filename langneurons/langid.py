@@ -39,6 +39,11 @@ def identify(texts: Iterable[str]) -> list[str]:
     return out
 
 
+def known_codes() -> list[str]:
+    """Every language code the identifier can answer."""
+    return list(_identifier().nb_classes)
+
+
 def library_version() -> str:
     from importlib.metadata import version
     return f"{LIBRARY} {version(LIBRARY)}"

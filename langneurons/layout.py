@@ -7,6 +7,7 @@ find their files through here, so the layout is spelled out once:
     <out>/<tag>/variants/<set>/     deactivation.py: a deactivated model folder
     <out>/<tag>/trained/<run>/      train.py: a trained model folder with train_log.json
     <out>/<tag>/eval/<name>.json    evaluate.py: accuracy and perplexity per task and language
+    <out>/<tag>/steering/<name>.json steering.py: rate of generations in the target language per condition
     <out>/figures/                  figures.py: PNG figures and report.md
 
 `<tag>` names the *base* model: a variant or a trained model carries its base's tag in its provenance
@@ -113,6 +114,17 @@ class Outputs:
     def evaluation(self, name: str) -> Path:
         return self.eval / f"{name}.json"
 
+    @property
+    def steering(self) -> Path:
+        return self.root / "steering"
+
+    def steering_file(self, name: str) -> Path:
+        return self.steering / f"{name}.json"
+
+    def steerings(self) -> list[str]:
+        """The names of every steering run of this tag, sorted (steering_file(name) is its file)."""
+        return sorted(f.stem for f in self.steering.glob("*.json") if not f.name.startswith("."))
+
     def evaluations(self) -> list[str]:
         """The names of every evaluation of this tag, sorted (evaluation(name) is its file)."""
         return sorted(f.stem for f in self.eval.glob("*.json") if not f.name.startswith("."))
@@ -124,7 +136,7 @@ class Outputs:
 
     def has_results(self) -> bool:
         return ((self.neurons / STATS).is_file() or self.deactivation.is_file() or self.eval.is_dir()
-                or self.trained.is_dir())
+                or self.trained.is_dir() or self.steering.is_dir())
 
 
 def outputs(out: str | Path, model: str) -> Outputs:
@@ -154,9 +166,9 @@ if __name__ == "__main__":  # for the .sh scripts: they never spell a path of th
     what, *rest = sys.argv[1:] or ["--help"]
     if what == "tag" and len(rest) == 1:
         print(model_tag(rest[0]))
-    elif what in ("neurons", "variants", "trained", "eval") and rest[:1] and rest[0].startswith("--"):
+    elif what in ("neurons", "variants", "trained", "eval", "steering") and rest[:1] and rest[0].startswith("--"):
         print(getattr(stage_outputs(rest), what))
-    elif what in ("neurons", "variants", "trained", "eval") and len(rest) == 2:
+    elif what in ("neurons", "variants", "trained", "eval", "steering") and len(rest) == 2:
         print(getattr(outputs(rest[0], rest[1]), what))
     else:
         sys.exit(__doc__.split("\n\n")[-1])

@@ -159,6 +159,20 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     return out
 
 
+def repeated_ngram_share(seqs: list[list[int]], n: int) -> float | None:
+    """Of all token n-grams of the sequences, the share that already occurred earlier in the same sequence
+    (0 for text that never repeats itself, near 1 for a loop); None when no sequence has n tokens."""
+    total = repeated = 0
+    for s in seqs:
+        seen = set()
+        for i in range(len(s) - n + 1):
+            g = tuple(s[i:i + n])
+            repeated += g in seen
+            seen.add(g)
+            total += 1
+    return repeated / total if total else None
+
+
 # ---------------------------------------------------------------- MMMLU (docs/method.md section 7)
 
 CHOICES = ("A", "B", "C", "D")
