@@ -89,7 +89,7 @@ def test_alphas_give_one_table_per_strength(tiny, tmp_path):
     root = tiny[2]
     steer(tiny, tmp_path, "--langs", "en", "--target", "de", "--neurons", str(root / "some.json"),
           "--intervention", "scale=2", "--alphas", "1,4", "--random-controls", "1")
-    obj = result(tmp_path, "some.scale-2.alphas-1-4")
+    obj = result(tmp_path, "some.scale-2.alphas-1-2-4")
     assert list(obj["strengths"]) == ["scale=1", "scale=2", "scale=4"] and obj["meta"]["alphas"] == [1, 2, 4]
     assert obj["strengths"]["scale=2"] == obj["results"]
     # scale=1 is the identity: the set's row equals the unmodified model's
