@@ -11,7 +11,11 @@ the figures). A figure whose inputs are missing is skipped with a note in report
   components.png            QK / VO / FFN split of shared and exclusive neurons (Table 2)
   ability.png               shared ratio and LAS against multilingual ability across models (Fig. 3/5)
   training_<tag>.png        validation perplexity of every language before/after targeted training, and the
-                            accuracy change, changes within the evaluation's noise marked as such (Table 1)"""
+                            accuracy change, changes within the evaluation's noise marked as such (Table 1)
+  steering_<tag>.png        steering.py: rate of generations in the target language, source x target, for the
+                            exclusive sets, one panel per intervention (docs/steering.md)
+  dose_<tag>_<name>.png     steering.py --alphas: target rate against the scale factor, set and random controls,
+                            with 95% Wilson intervals"""
 from __future__ import annotations
 
 import argparse
@@ -609,6 +613,141 @@ def report_training(tags: list[TagResults], emit: Emit) -> str:
     return text
 
 
+# ---------------------------------------------------------------- steering (docs/steering.md)
+
+def steering_runs(o: layout.Outputs, notes: list[str]) -> dict[str, dict]:
+    """name -> steering file content, for the files with a readable results table."""
+    runs = {}
+    for name in o.steerings():
+        obj = load(o.steering_file(name))
+        if isinstance(obj, dict) and isinstance(obj.get("results"), dict) and isinstance(obj.get("meta"), dict):
+            runs[name] = obj
+        else:
+            notes.append(f"{o.tag}: steering/{name}.json has no readable results: left out")
+    return runs
+
+
+def steering_kind(meta: dict) -> str:
+    """The intervention with the target written as TGT and a shift's source as SRC, so that runs on different
+    targets share one panel."""
+    iv, tgt = meta.get("intervention") or {}, meta.get("target")
+    if iv.get("kind") == "mean":
+        return "mean=TGT" if iv.get("lang") == tgt else f"mean={iv.get('lang')}"
+    if iv.get("kind") == "shift":
+        return f"shift={iv.get('source')}:" + ("TGT" if iv.get("target") == tgt else str(iv.get("target")))
+    return str(iv.get("spec"))
+
+
+def random_rate(table: dict, src: str) -> float | None:
+    """The mean target rate of the random controls for one source language."""
+    rates = [num((by_src.get(src) or {}).get("target_rate")) for c, by_src in table.items() if c.startswith("random-")]
+    rates = [r for r in rates if r is not None]
+    return sum(rates) / len(rates) if rates else None
+
+
+def exclusive_cells(runs: dict[str, dict]) -> dict[str, dict[tuple[str, str], float]]:
+    """intervention kind -> {(source, target): target rate of the set} over the runs on exclusive sets."""
+    cells: dict[str, dict[tuple[str, str], float]] = {}
+    for obj in runs.values():
+        meta = obj["meta"]
+        set_name, tgt = (meta.get("set") or {}).get("name", ""), meta.get("target")
+        if not str(set_name).startswith("exclusive_") or set_name not in obj["results"]:
+            continue
+        for src, row in obj["results"][set_name].items():
+            if (r := num(row.get("target_rate"))) is not None:
+                cells.setdefault(steering_kind(meta), {})[(src, tgt)] = r
+    return cells
+
+
+def fig_steering(tag: str, cells: dict[str, dict[tuple[str, str], float]]) -> Figure:
+    """One heatmap per intervention: rows source languages, columns target languages, the rate of generations
+    identified as the target with the intervention on the target's (or source's) exclusive set."""
+    fig, axes = plt.subplots(1, len(cells), figsize=(3.6 * len(cells) + 1, 3.6), squeeze=False)
+    for ax, (kind, c) in zip(axes[0], cells.items()):
+        srcs = sorted({s for s, _ in c})
+        tgts = sorted({t for _, t in c})
+        grid = np.full((len(srcs), len(tgts)), np.nan)
+        for (s, t), r in c.items():
+            grid[srcs.index(s), tgts.index(t)] = r
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        for i in range(len(srcs)):
+            for j in range(len(tgts)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center",
+                            color="white" if grid[i, j] < 0.5 else "black", fontsize=8)
+        ax.set_xticks(range(len(tgts)), [lang_name(t) for t in tgts], rotation=30, ha="right")
+        ax.set_yticks(range(len(srcs)), [lang_name(s) for s in srcs])
+        ax.set_xlabel("target")
+        ax.set_ylabel("source")
+        ax.set_title(kind)
+    fig.colorbar(im, ax=axes[0].tolist(), label="rate in the target language")
+    fig.suptitle(f"{tag}: steering with the exclusive sets")
+    return fig
+
+
+def fig_dose(tag: str, name: str, obj: dict) -> Figure:
+    """Target rate against the scale factor, per source language: the set (with its 95% Wilson interval) and
+    the mean of the random controls."""
+    strengths = obj["strengths"]
+    set_name, tgt = obj["meta"]["set"]["name"], obj["meta"]["target"]
+    alphas = [(float(k.split("=", 1)[1]), t) for k, t in strengths.items()]
+    alphas.sort()
+    srcs = list(next(iter(strengths.values()))[set_name])
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for src in srcs:
+        xs = [a for a, _ in alphas]
+        rows = [t[set_name][src] for _, t in alphas]
+        ys = [r["target_rate"] for r in rows]
+        err = [[y - r["target_rate_ci"][0] for y, r in zip(ys, rows)], [r["target_rate_ci"][1] - y for y, r in zip(ys, rows)]]
+        line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{set_name}, from {lang_name(src)}")
+        rnd = [random_rate(t, src) for _, t in alphas]
+        if any(r is not None for r in rnd):
+            ax.plot(xs, rnd, ls="--", color=line[0].get_color(), alpha=0.7, label=f"random controls, from {lang_name(src)}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("scale factor A")
+    ax.set_ylabel(f"rate in {lang_name(tgt)}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{tag}: {name}")
+    fig.tight_layout()
+    return fig
+
+
+def report_steering(tags: list[TagResults], emit: Emit) -> str:
+    text = "\n## Output-language steering (docs/steering.md)\n"
+    notes: list[str] = []
+    done = [(t, r) for t in tags if (r := steering_runs(t.outputs, notes))]
+    if not done:
+        return text + "_Skipped: no steering/<name>.json (run steering.py)._\n" + "".join(f"\n{n}\n" for n in notes)
+    for t, runs in done:
+        text += f"\n### {t.tag}\n\n"
+        if cells := exclusive_cells(runs):
+            text += emit(fig_steering(t.tag, cells), f"steering_{t.tag}.png")
+        rows = []
+        for name, obj in runs.items():
+            meta, res = obj["meta"], obj["results"]
+            set_name = (meta.get("set") or {}).get("name")
+            for src, row in (res.get(set_name) or {}).items():
+                none = (res.get("none") or {}).get(src) or {}
+                lo, hi = row.get("target_rate_ci") or (None, None)
+                rows.append([name, str(set_name), str((meta.get("intervention") or {}).get("spec")), lang_name(src),
+                             lang_name(str(meta.get("target"))), str(row.get("n")), fmt(none.get("target_rate"), ".2f"),
+                             f"{fmt(row.get('target_rate'), '.2f')} [{fmt(lo, '.2f')}, {fmt(hi, '.2f')}]",
+                             fmt(random_rate(res, src), ".2f"), fmt(row.get("source_rate"), ".2f"),
+                             fmt((none.get("fluency") or {}).get("ppl"), ".1f"),
+                             fmt((row.get("fluency") or {}).get("ppl"), ".1f"),
+                             fmt((row.get("fluency") or {}).get("repeated_ngrams"), ".2f")])
+            if isinstance(obj.get("strengths"), dict) and set_name:
+                text += emit(fig_dose(t.tag, name, obj), f"dose_{t.tag}_{name}.png")
+        text += ("\nRate of generations identified as the target: without intervention (none), with it on the set "
+                 "(95% Wilson interval), and the mean over the random controls; PPL of the generations under the "
+                 "unmodified model; rep = share of repeated token 3-grams.\n\n"
+                 + table(["run", "set", "intervention", "source", "target", "n", "none", "set", "random", "still source",
+                          "PPL none", "PPL set", "rep"], rows))
+    return text + "".join(f"\n{n}\n" for n in notes)
+
+
 class FigureFolder:
     """<out>/figures: writes each figure (files.write_bytes: never half a file) and removes, at the end, the
     figures of models or inputs gone since the last run."""
@@ -638,7 +777,7 @@ def main() -> None:
         report = (f"# Language neurons: figures and tables\n\nGenerated by `figures.py` from the files under "
                   f"`{out}` (models: {', '.join(t.tag for t in tags) or 'none'}).\n")
         for section in (report_distribution, report_deactivation, report_layers, report_components, report_ability,
-                        report_training):
+                        report_training, report_steering):
             report += section(tags, figs.emit)
         if notes:
             report += "\n## Notes\n\n" + "".join(f"- {n}\n" for n in notes)

@@ -87,14 +87,23 @@ def test_empty_set_equals_no_intervention_and_same_seed_same_file(tiny, tmp_path
 
 def test_alphas_give_one_table_per_strength(tiny, tmp_path):
     root = tiny[2]
-    steer(tiny, tmp_path, "--langs", "en", "--target", "de", "--neurons", str(root / "some.json"),
+    steer(tiny, tmp_path, "--langs", "en", "--target", "de", "--neurons", f"exclusive_de={root / 'some.json'}",
           "--intervention", "scale=2", "--alphas", "1,4", "--random-controls", "1")
-    obj = result(tmp_path, "some.scale-2.alphas-1-2-4")
+    name = "exclusive_de.scale-2.alphas-1-2-4"
+    obj = result(tmp_path, name)
     assert list(obj["strengths"]) == ["scale=1", "scale=2", "scale=4"] and obj["meta"]["alphas"] == [1, 2, 4]
     assert obj["strengths"]["scale=2"] == obj["results"]
     # scale=1 is the identity: the set's row equals the unmodified model's
-    assert obj["strengths"]["scale=1"]["some"] == obj["strengths"]["scale=1"]["none"]
+    assert obj["strengths"]["scale=1"]["exclusive_de"] == obj["strengths"]["scale=1"]["none"]
     assert all(t["none"] == obj["results"]["none"] for t in obj["strengths"].values())
+    # figures.py draws the heatmap of the exclusive sets and the dose-response curve, and tabulates the run
+    run_script("figures.py", "--out", tmp_path, check=True)
+    figs = tmp_path / "figures"
+    for png in ("steering_model.png", f"dose_model_{name}.png"):
+        assert (figs / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in (figs / "report.md").read_text()
+    rate = obj["results"]["exclusive_de"]["en"]["target_rate"]
+    assert f"| {name} | exclusive_de | scale=2 | English | German | 3 |" in (figs / "report.md").read_text()
+    assert f"{rate:.2f} [" in (figs / "report.md").read_text()
 
 
 def test_random_controls_have_the_sets_counts_and_differ(tiny):
