@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from langneurons import interventions, langid, layout, reuse
-from langneurons.cli import InputError, common_parser, int_at_least, parse_langs, run, split_list
+from langneurons.cli import DEFAULT_LANGS, InputError, common_parser, int_at_least, parse_langs, run, split_list
 from langneurons.data import mgsm_texts, read_lines, val_file, val_texts
 from langneurons.files import json_safe, safe_name, write_json
 from langneurons.layout import SCHEMA_VERSION
@@ -37,7 +37,7 @@ NONE = "none"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = common_parser(__doc__.split("\n\n")[0])
-    p.set_defaults(langs="en")
+    p.set_defaults(langs=None)
     p.add_argument("--target", required=True, metavar="LANG",
                    help="the language the intervention should make the model write (an ISO 639-1 code)")
     p.add_argument("--neurons", default=None, metavar="[NAME=]FILE",
@@ -230,8 +230,10 @@ def print_table(title: str, results: dict, target: str) -> None:
 
 def main() -> None:
     args = parse_args()
-    langs = parse_langs(args.langs)
     target = check_target(args.target)
+    # by default every language of the common default but the target: steering a language into itself is moot
+    langs = parse_langs(args.langs) if args.langs is not None else \
+        [l for l in parse_langs(DEFAULT_LANGS) if l != target]
     spec = args.intervention if args.intervention is not None else f"mean={target}"
     iv = interventions.parse_intervention(spec)
     alphas = parse_alphas(args.alphas, iv)
