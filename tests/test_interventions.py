@@ -327,6 +327,19 @@ def test_evaluate_under_an_intervention(forked, stage_setup):
     one = json.loads((eval_dir / "tiny+s@scale-1.json").read_text())
     assert one["results"] == base["results"]
 
+    # figures.py: the intervened results beside the base model's; the base evaluation stays the base
+    import figures
+    t = figures.load_tag(Outputs(root / "out" / "tiny"), [])
+    assert t.base_evals == ["tiny"]
+    made = []
+    text = figures.report_interventions([t], lambda fig, name: made.append(name) or f"![{name}]({name})\n")
+    assert made == ["interventions_tiny.png"]
+    assert "shared @ mean=fr" in text and "s @ scale=1" in text
+    base_row = next(line for line in text.splitlines() if line.startswith("| base | tiny | PPL |"))
+    assert f"{base['results']['ppl']['en']['ppl']:.3f}" in base_row
+    meaned_row = next(line for line in text.splitlines() if line.startswith("| shared @ mean=fr |") and "| PPL |" in line)
+    assert f"{under['results']['ppl']['en']['ppl']:.3f}" in meaned_row
+
 
 @pytest.mark.parametrize("spec", ["scale=x", "shift=en", "mean=xx"])
 def test_evaluate_bad_spec_exits_2(forked, stage_setup, spec):
