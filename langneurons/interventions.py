@@ -28,7 +28,6 @@ from .data import (batches_by_length, corpus_file, detection_corpus, external_co
                    tokenize)
 from .files import atomic_dir, safe_name, write_json
 from .layout import META, Outputs, SCHEMA_VERSION
-from .layout import model_name as layout_model_name
 from .masking import _check_fits
 from .model import GROUPS, decoder_layers, projections
 from .neurons import NeuronSet
@@ -346,8 +345,7 @@ def mean_inputs(dataset: str | Path, corpus: str, texts: dict[str, list[str]]) -
 def means_dir(out: Outputs, model_name: str, corpus: str, lang: str) -> Path:
     """<out>/<tag>/means/<model>/<corpus>/<lang>/: one unit per model (a variant or trained model of the tag
     has its own means), corpus and language."""
-    name = corpus if builtin_corpus(corpus) else safe_name(corpus.replace("{lang}", "LANG"), "corpus")
-    return out.root / "means" / layout_model_name(model_name) / name / lang
+    return out.means(model_name, corpus, lang)
 
 
 def neuron_spec(spec: str) -> tuple[str, Path]:
