@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .cli import InputError
+from .cli import InputError, int_at_least
 from .data import (batches_by_length, corpus_file, detection_corpus, external_corpus, pad_batch, pad_id,
                    tokenize)
 from .files import atomic_dir, safe_name, write_json
@@ -136,17 +136,12 @@ def add_arguments(parser: argparse.ArgumentParser, default: str | None = "zero")
     parser.add_argument("--intervention", default=default, metavar="SPEC",
                         help="what is done to the set's neurons: zero, scale=A (multiply; A=1 changes nothing), "
                              "mean=L (set to their mean on language L), shift=A:B (add mean_B - mean_A); "
-                             "docs/interventions.md")
+                             "docs/interventions.md" + ("" if default else "; zero when a set is given"))
     parser.add_argument("--mean-corpus", default="detect", metavar="detect|mgsm|PATH|ID",
                         help="the texts whose tokens the means of mean=L / shift=A:B average over, in the forms "
-                             "of detection's --corpus (default <dataset>/detect/<lang>.txt)")
-    parser.add_argument("--mean-max-length", type=_int_at_least_2, default=MEAN_MAX_LENGTH,
+                             "of detection's --corpus (detect: <dataset>/detect/<lang>.txt)")
+    parser.add_argument("--mean-max-length", type=int_at_least(2), default=MEAN_MAX_LENGTH, metavar="N",
                         help="tokens per text for the means (longer texts are cut, as detection cuts them)")
-
-
-def _int_at_least_2(text: str) -> int:
-    from .cli import int_at_least
-    return int_at_least(2)(text)
 
 
 # ---------------------------------------------------------------- hook points

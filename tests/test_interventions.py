@@ -387,3 +387,36 @@ def test_deactivation_zero_is_todays_and_mean_is_recorded(forked, stage_setup):
     assert meaned["results"]["ppl"] == plain["results"]["ppl"]  # the base model is the base model
     r = forked("deactivation.py", *args, "--intervention", "shift=en")
     assert r.returncode == 2
+
+
+def test_means_of_an_external_corpus_follow_its_texts(tmp_path):
+    model_dir = save_tiny("llama", tmp_path / "m")
+    model, tok = load_model(str(model_dir), "cpu", "float32")
+    calls = []
+    model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    (tmp_path / "corpus_en.txt").write_text("one line\nanother line here\n", encoding="utf-8")
+    spec = str(tmp_path / "corpus_{lang}.txt")
+    out = Outputs(tmp_path / "out" / "m")
+    first = stored_means(out, str(model_dir), model, tok, tmp_path / "nodata", spec, ["en"], 32, 2)
+    n = len(calls)
+    assert n > 0 and iv_mod.means_dir(out, str(model_dir), spec, "en").parent.name.endswith("corpus_LANG.txt")
+    stored_means(out, str(model_dir), model, tok, tmp_path / "nodata", spec, ["en"], 32, 2)
+    assert len(calls) == n
+    (tmp_path / "corpus_en.txt").write_text("a different text entirely\n", encoding="utf-8")
+    second = stored_means(out, str(model_dir), model, tok, tmp_path / "nodata", spec, ["en"], 32, 2)
+    assert len(calls) > n  # other texts: recomputed
+    assert not torch.equal(first["en"]["attn_q"], second["en"]["attn_q"])
+
+
+def test_evaluate_refuses_another_models_set(forked, stage_setup, tmp_path):
+    root, model_dir, data = stage_setup
+    other = save_tiny("llama", tmp_path / "other")  # the same geometry, another model
+    from transformers import AutoConfig
+    s = some_set(tiny_model("qwen2"))
+    write_neuron_file(tmp_path / "theirs.json", s, {"model": model_record(str(other), AutoConfig.from_pretrained(other))})
+    args = [*common(tmp_path / "o", model_dir, data), "--tasks", "ppl", "--neurons", tmp_path / "theirs.json"]
+    r = forked("evaluate.py", *args)
+    assert r.returncode == 2 and "--allow-other-model" in r.stderr
+    r = forked("evaluate.py", *args, "--allow-other-model")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "o" / "out" / "tiny" / "eval" / "tiny+theirs@zero.json").is_file()
