@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .cli import InputError
+from .cli import InputError, int_at_least
 from .data import (batches_by_length, corpus_file, detection_corpus, external_corpus, pad_batch, pad_id,
                    tokenize)
 from .files import atomic_dir, safe_name, write_json
@@ -136,17 +136,12 @@ def add_arguments(parser: argparse.ArgumentParser, default: str | None = "zero")
     parser.add_argument("--intervention", default=default, metavar="SPEC",
                         help="what is done to the set's neurons: zero, scale=A (multiply; A=1 changes nothing), "
                              "mean=L (set to their mean on language L), shift=A:B (add mean_B - mean_A); "
-                             "docs/interventions.md")
+                             "docs/interventions.md" + ("" if default else "; zero when a set is given"))
     parser.add_argument("--mean-corpus", default="detect", metavar="detect|mgsm|PATH|ID",
                         help="the texts whose tokens the means of mean=L / shift=A:B average over, in the forms "
-                             "of detection's --corpus (default <dataset>/detect/<lang>.txt)")
-    parser.add_argument("--mean-max-length", type=_int_at_least_2, default=MEAN_MAX_LENGTH,
+                             "of detection's --corpus (detect: <dataset>/detect/<lang>.txt)")
+    parser.add_argument("--mean-max-length", type=int_at_least(2), default=MEAN_MAX_LENGTH, metavar="N",
                         help="tokens per text for the means (longer texts are cut, as detection cuts them)")
-
-
-def _int_at_least_2(text: str) -> int:
-    from .cli import int_at_least
-    return int_at_least(2)(text)
 
 
 # ---------------------------------------------------------------- hook points
@@ -342,10 +337,23 @@ def mean_inputs(dataset: str | Path, corpus: str, texts: dict[str, list[str]]) -
     return [], {"mean_corpus_sha256": {l: text_digest(t) for l, t in texts.items()}}
 
 
-def means_dir(out: Outputs, corpus: str, lang: str) -> Path:
-    """<out>/<tag>/means/<corpus>/<lang>/: one unit per model, corpus and language."""
-    name = corpus if builtin_corpus(corpus) else safe_name(corpus.replace("{lang}", "LANG"), "corpus")
-    return out.root / "means" / name / lang
+def means_dir(out: Outputs, model_name: str, corpus: str, lang: str) -> Path:
+    """<out>/<tag>/means/<model>/<corpus>/<lang>/: one unit per model (a variant or trained model of the tag
+    has its own means), corpus and language."""
+    return out.means(model_name, corpus, lang)
+
+
+def neuron_spec(spec: str) -> tuple[str, Path]:
+    """(set name, file) of a --neurons [NAME=]FILE: the file's stem unless NAME is given (a path that exists
+    as written is a file, even with '=' in it); the name must be usable as a file name."""
+    name, sep, file = spec.partition("=")
+    if not sep or Path(spec).exists():
+        name, file = Path(spec).stem, spec
+    if not Path(file).is_file():
+        raise InputError(f"--neurons {file}: no such file")
+    if safe_name(name) != name:  # the set name becomes a directory or file name
+        raise InputError(f"--neurons {file}: set name '{name}' is not a safe file name; use NAME=FILE")
+    return name, Path(file)
 
 
 def _fingerprint(model_name: str, corpus: str, lang: str, max_length: int, dtype: str, dataset: str | Path,
@@ -383,7 +391,7 @@ def stored_means(out: Outputs, model_name: str, model, tok, dataset: str | Path,
     result = {}
     for lang in langs:
         lines = (texts or {}).get(lang) or mean_texts(dataset, corpus, lang)
-        path = means_dir(out, corpus, lang)
+        path = means_dir(out, model_name, corpus, lang)
         fp = _fingerprint(model_name, corpus, lang, max_length, dtype, dataset, lines)
         with reuse.unit(path, f"--out {out.root.parent}", force=force, record=path / META) as unit:
             if unit.up_to_date(fp):
@@ -400,3 +408,26 @@ def stored_means(out: Outputs, model_name: str, model, tok, dataset: str | Path,
                                         "fingerprint": fp})
             result[lang] = means
     return result
+
+
+# ---------------------------------------------------------------- what a stage's fingerprint takes from the flags
+
+INTERVENTION_FLAGS = ("intervention", "mean_corpus", "mean_max_length")
+
+
+def unused_args(iv: Intervention | None) -> tuple[str, ...]:
+    """The add_arguments flags that cannot change an output computed under `iv`: all of them for zero (an
+    output under zero is the one computed before the flag existed, and is reused) and None, the mean flags
+    for scale. A stage passes them to reuse.fingerprint's `ignore`."""
+    if iv is None or iv.kind == "zero" or (iv.kind == "scale" and iv.alpha == 0.0):
+        return INTERVENTION_FLAGS
+    return INTERVENTION_FLAGS[1:] if not iv.mean_langs() else ()
+
+
+def fingerprint_inputs(args: argparse.Namespace) -> tuple[Intervention, tuple[str, ...], list[Path], dict]:
+    """(the intervention of args.intervention, the flags to ignore, the mean corpus files, the fingerprint
+    context) for a stage with add_arguments' flags and --dataset; reads (and so checks) the means' texts."""
+    iv = parse_intervention(args.intervention or "zero")
+    texts = {l: mean_texts(args.dataset, args.mean_corpus, l) for l in iv.mean_langs()}
+    files, context = mean_inputs(args.dataset, args.mean_corpus, texts)
+    return iv, unused_args(iv), files, context

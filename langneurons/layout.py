@@ -8,6 +8,7 @@ find their files through here, so the layout is spelled out once:
     <out>/<tag>/trained/<run>/      train.py: a trained model folder with train_log.json
     <out>/<tag>/eval/<name>.json    evaluate.py: accuracy and perplexity per task and language
     <out>/<tag>/steering/<name>.json steering.py: rate of generations in the target language per condition
+    <out>/<tag>/means/...           evaluate.py, deactivation.py: mean neuron values (interventions)
     <out>/figures/                  figures.py: PNG figures and report.md
 
 `<tag>` names the *base* model: a variant or a trained model carries its base's tag in its provenance
@@ -124,6 +125,12 @@ class Outputs:
     def steerings(self) -> list[str]:
         """The names of every steering run of this tag, sorted (steering_file(name) is its file)."""
         return sorted(f.stem for f in self.steering.glob("*.json") if not f.name.startswith("."))
+    def means(self, model: str, corpus: str, lang: str) -> Path:
+        """<tag>/means/<model name>/<corpus>/<lang>/: the mean neuron values of one model (a variant or trained
+        model of the tag has its own), corpus (detect, mgsm, or a safe-named spec with {lang} as LANG) and
+        language (langneurons.interventions)."""
+        name = corpus if corpus in ("detect", "mgsm") else safe_name(corpus.replace("{lang}", "LANG"), "corpus")
+        return self.root / "means" / model_name(model) / name / lang
 
     def evaluations(self) -> list[str]:
         """The names of every evaluation of this tag, sorted (evaluation(name) is its file)."""

@@ -65,7 +65,7 @@ def test_rates_intervals_and_counts_are_consistent(tiny, tmp_path):
     assert obj["generations"]["x"] != obj["generations"]["none"]
     assert obj["meta"]["intervention"]["spec"] == "mean=fr"
     assert obj["meta"]["set"]["size"] == 2 * len(GROUPS) * tiny[3].num_layers
-    assert (tmp_path / "a" / "model" / "means" / "detect" / "fr" / "means.safetensors").is_file()
+    assert (tmp_path / "a" / "model" / "means" / "model" / "detect" / "fr" / "means.safetensors").is_file()
 
 
 def test_empty_set_equals_no_intervention_and_same_seed_same_file(tiny, tmp_path):
