@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int_at_least(8), default=512,
                    help="tokens per prompt (and per continuation for its perplexity)")
     p.add_argument("--name", default=None,
-                   help="results file <out>/<tag>/steering/<name>.json (default: <set>.<intervention>)")
+                   help="results file <out>/<tag>/steering/<name>.json (default: <set>.<intervention>.to-<target>)")
     return p.parse_args(argv)
 
 
@@ -148,14 +148,15 @@ def neuron_spec(args: argparse.Namespace, out: layout.Outputs, target: str) -> t
 
 
 def results_name(args: argparse.Namespace, set_name: str, iv: interventions.Intervention,
-                 alphas: list[float]) -> str:
+                 alphas: list[float], target: str) -> str:
     if args.name:
         name = safe_name(args.name)
         if not name:
             raise InputError(f"--name {args.name}: not usable as a file name")
         return name
     tail = ".alphas-" + "-".join(f"{a:g}" for a in alphas) if alphas else ""
-    return safe_name(f"{set_name}.{iv.safe_spec}{tail}")
+    # the target is part of the name: one set and intervention (the source's set zeroed) serve every target
+    return safe_name(f"{set_name}.{iv.safe_spec}{tail}.to-{target}")
 
 
 # ---------------------------------------------------------------- the measurement
@@ -242,7 +243,7 @@ def main() -> None:
     set_name, set_file = neuron_spec(args, out, target)
     prompts = read_prompts(args, langs)
     mean_texts = {l: interventions.mean_texts(args.dataset, args.mean_corpus, l) for l in iv.mean_langs()}
-    name = results_name(args, set_name, iv, alphas)
+    name = results_name(args, set_name, iv, alphas, target)
     out_file = out.steering_file(name)
 
     mean_files, mean_context = interventions.mean_inputs(args.dataset, args.mean_corpus, mean_texts)

@@ -52,7 +52,9 @@ def outputs(forked, tmp_path_factory):
                   "--lr", "1e-2", "--val-limit", "3"],
                  ["evaluate.py", *common, "--langs", "en,fr", "--limit", "2", "--max-new-tokens", "4"],
                  ["evaluate.py", *common, "--langs", "en", "--limit", "2", "--tasks", "ppl",
-                  "--neurons", "out/tiny/neurons/shared.json", "--intervention", "mean=fr"]):
+                  "--neurons", "out/tiny/neurons/shared.json", "--intervention", "mean=fr"],
+                 ["steering.py", *common, "--langs", "en", "--target", "fr", "--neurons", "out/tiny/neurons/related_fr.json",
+                  "--intervention", "mean=fr", "--limit", "2", "--max-new-tokens", "4", "--random-controls", "1"]):
         r = forked(*argv, cwd=root)
         assert r.returncode == 0, r.stderr[-3000:]
     return root / "out" / "tiny"
@@ -68,6 +70,7 @@ def results(out: Path) -> dict[str, object]:
     evaluation = json.loads((out / "eval" / "tiny.json").read_text())["results"]
     variant = load_file(out / "variants" / "shared" / "model.safetensors")
     means = load_file(out / "means" / "tiny" / "detect" / "fr" / "means.safetensors")
+    steer = json.loads((out / "steering" / "related_fr.mean-fr.to-fr.json").read_text())
     return {
         "detection": {"sets": sets, "stats": json.loads((neurons / "stats.json").read_text()),
                       "firing": {k: v.tolist() for k, v in sorted(load_file(neurons / "firing.safetensors").items())}},
@@ -76,6 +79,7 @@ def results(out: Path) -> dict[str, object]:
         "train": {k: log[k] for k in ("train_loss", "loss_curve", "val", "steps", "tokens_seen", "trainable_parameters")},
         **{f"evaluate.{t}": evaluation[t] for t in ("ppl", "mgsm", "mmmlu")},
         "means": {k: v.tolist() for k, v in sorted(means.items())},
+        "steering": {k: steer[k] for k in ("results", "generations")},
     }
 
 

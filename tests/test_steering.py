@@ -43,7 +43,7 @@ def test_rates_intervals_and_counts_are_consistent(tiny, tmp_path):
     root = tiny[2]
     r = steer(tiny, tmp_path / "a", "--langs", "en,fr", "--target", "fr", "--neurons", f"x={root / 'some.json'}",
               "--intervention", "mean=fr", "--random-controls", "2")
-    obj = result(tmp_path / "a", "x.mean-fr")
+    obj = result(tmp_path / "a", "x.mean-fr.to-fr")
     assert "Wrote" in r.stdout
     assert list(obj["results"]) == obj["meta"]["conditions"] == ["none", "x", "random-1", "random-2"]
     for cname, by_src in obj["results"].items():
@@ -74,22 +74,22 @@ def test_empty_set_equals_no_intervention_and_same_seed_same_file(tiny, tmp_path
             "--random-controls", "1"]
     steer(tiny, tmp_path / "a", *args)
     steer(tiny, tmp_path / "b", *args)
-    a, b = result(tmp_path / "a", "e.scale-8"), result(tmp_path / "b", "e.scale-8")
+    a, b = result(tmp_path / "a", "e.scale-8.to-fr"), result(tmp_path / "b", "e.scale-8.to-fr")
     assert a["results"]["e"] == a["results"]["none"] == a["results"]["random-1"]
     assert a["generations"]["e"] == a["generations"]["none"]
     assert (a["results"], a["generations"], a["meta"]["fingerprint"]["args"]) == \
         (b["results"], b["generations"], b["meta"]["fingerprint"]["args"])
-    before = (tmp_path / "a" / "model" / "steering" / "e.scale-8.json").read_bytes()
+    before = (tmp_path / "a" / "model" / "steering" / "e.scale-8.to-fr.json").read_bytes()
     r = steer(tiny, tmp_path / "a", *args)
     assert "reus" in r.stdout.lower()
-    assert (tmp_path / "a" / "model" / "steering" / "e.scale-8.json").read_bytes() == before
+    assert (tmp_path / "a" / "model" / "steering" / "e.scale-8.to-fr.json").read_bytes() == before
 
 
 def test_alphas_give_one_table_per_strength(tiny, tmp_path):
     root = tiny[2]
     steer(tiny, tmp_path, "--langs", "en", "--target", "de", "--neurons", f"exclusive_de={root / 'some.json'}",
           "--intervention", "scale=2", "--alphas", "1,4", "--random-controls", "1")
-    name = "exclusive_de.scale-2.alphas-1-2-4"
+    name = "exclusive_de.scale-2.alphas-1-2-4.to-de"
     obj = result(tmp_path, name)
     assert list(obj["strengths"]) == ["scale=1", "scale=2", "scale=4"] and obj["meta"]["alphas"] == [1, 2, 4]
     assert obj["strengths"]["scale=2"] == obj["results"]
