@@ -719,6 +719,10 @@ def fig_dose(tag: str, name: str, obj: dict) -> Figure:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(f"{tag}: {name}")
+    fig.tight_layout()
+    return fig
+
+
 def intervention_label(ev: dict) -> str:
     rec = intervention_of(ev) or {}
     return f"{(rec.get('neuron_set') or {}).get('name', '?')} @ {rec.get('spec', '?')}"
