@@ -170,7 +170,9 @@ def language_check(args, corpora: dict[str, list[str]]) -> tuple[dict[str, list[
     warning on stderr, a record for meta.json, and with --drop-other-language the corpora without them
     (a language left with no text is an error)."""
     report = langid.corpus_check(corpora)
-    langid.warn_other_language(report, "detection corpus", args.drop_other_language)
+    main = reuse.main_process()  # every process of a launch checks its corpora; the first one says so
+    if main:
+        langid.warn_other_language(report, "detection corpus", args.drop_other_language)
     record = {"identifier": langid.library_version(), "dropped": bool(args.drop_other_language),
               "langs": {l: {k: v for k, v in r.items() if k != "indices"} for l, r in report.items()}}
     if not args.drop_other_language:
@@ -182,7 +184,7 @@ def language_check(args, corpora: dict[str, list[str]]) -> tuple[dict[str, list[
         if not kept[lang]:
             raise cli.InputError(f"--drop-other-language: no text of {lang} is identified as {lang} "
                                  f"({len(texts)} dropped); check the corpus")
-        if gone:
+        if gone and main:
             print(f"--drop-other-language: {lang}: dropped {len(gone)} of {len(texts)} texts, {len(kept[lang])} left")
     return kept, record
 
