@@ -672,7 +672,7 @@ def fig_steering(tag: str, cells: dict[str, dict[tuple[str, str], float]]) -> Fi
     """One heatmap per intervention: rows source languages, columns target languages, the rate of generations
     identified as the target with the intervention on the target's (or source's) exclusive set."""
     fig, axes = plt.subplots(1, len(cells), figsize=(3.6 * len(cells) + 1, 3.6), squeeze=False)
-    for ax, (kind, c) in zip(axes[0], cells.items()):
+    for k, (ax, (kind, c)) in enumerate(zip(axes[0], cells.items())):
         srcs = sorted({s for s, _ in c})
         tgts = sorted({t for _, t in c})
         grid = np.full((len(srcs), len(tgts)), np.nan)
@@ -687,7 +687,8 @@ def fig_steering(tag: str, cells: dict[str, dict[tuple[str, str], float]]) -> Fi
         ax.set_xticks(range(len(tgts)), [lang_name(t) for t in tgts], rotation=30, ha="right")
         ax.set_yticks(range(len(srcs)), [lang_name(s) for s in srcs])
         ax.set_xlabel("target")
-        ax.set_ylabel("source")
+        if k == 0:  # the panels share their rows' meaning; a label on each would overlap the next panel's ticks
+            ax.set_ylabel("source")
         ax.set_title(kind)
     fig.colorbar(im, ax=axes[0].tolist(), label="rate in the target language")
     fig.suptitle(f"{tag}: steering with the exclusive sets")
