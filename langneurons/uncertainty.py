@@ -45,3 +45,70 @@ def paired_bootstrap(statistic: Callable[[np.ndarray], float], n: int, resamples
     """Interval of `statistic(indices)` over bootstrap resamples of n paired items: the same items are drawn
     for every condition the statistic compares (the same validation lines with and without a set)."""
     return percentile_interval([statistic(idx) for idx in resample_indices(n, resamples, seed)], level)
+
+
+# ---------------------------------------------------------------- accuracies and paired comparisons
+
+ALPHA = 0.05       # a paired difference is marked significant when its p-value is below this
+RESAMPLES = 2000   # bootstrap resamples of a paired comparison in the report
+
+
+def significant(p: float | None, alpha: float = ALPHA) -> bool | None:
+    """Whether a p-value marks a difference as significant (None: no test was possible)."""
+    return None if p is None or not np.isfinite(p) else bool(p < alpha)
+
+
+def accuracy_summary(correct: Sequence[int], level: float = LEVEL) -> dict:
+    """accuracy, n and the Wilson interval `accuracy_ci` of per-item outcomes (1 right, 0 wrong)."""
+    n, k = len(correct), int(sum(int(c) for c in correct))
+    return {"accuracy": k / n if n else None, "n": n, "accuracy_ci": list(wilson(k, n, level))}
+
+
+def paired_accuracy(before: Sequence[int], after: Sequence[int], resamples: int = RESAMPLES, seed: int = 0,
+                    level: float = LEVEL) -> dict:
+    """Two models scored on the same n items (outcome lists in item order): the difference after − before, the
+    exact McNemar p-value on the discordant items, and a paired bootstrap interval of the difference (the same
+    resampled items for both models)."""
+    a, b = np.asarray(before, dtype=int), np.asarray(after, dtype=int)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired outcomes need two equal, non-empty lists (have {a.size} and {b.size} items)")
+    only_before, only_after = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+    d = (b - a).astype(float)
+    p = mcnemar_exact(only_before, only_after)
+    return {"n": int(a.size), "before": float(a.mean()), "after": float(b.mean()), "delta": float(d.mean()),
+            "delta_ci": list(paired_bootstrap(lambda idx: float(d[idx].mean()), a.size, resamples, seed, level)),
+            "only_before": only_before, "only_after": only_after, "p": p, "significant": significant(p)}
+
+
+def lines_ppl(nll: np.ndarray, tokens: np.ndarray) -> float:
+    """exp(sum of NLLs / sum of predicted tokens) over lines (docs/method.md section 7); inf without tokens."""
+    t = float(tokens.sum())
+    return float(np.exp(nll.sum() / t)) if t > 0 else float("inf")
+
+
+def paired_ppl_change(before_nll: Sequence[float], before_tokens: Sequence[int], after_nll: Sequence[float],
+                      after_tokens: Sequence[int], resamples: int = RESAMPLES, seed: int = 0,
+                      level: float = LEVEL) -> dict:
+    """The change of perplexity after − before of two models on the same validation lines (per-line summed NLL
+    and predicted-token counts, aligned), with a paired bootstrap interval over lines: every resample draws the
+    same lines for both models. The lines must tokenize to the same counts in both (the same lines, the same
+    tokenizer), else the two perplexities do not compare line for line."""
+    bn, bt, an, at = (np.asarray(x, dtype=float) for x in (before_nll, before_tokens, after_nll, after_tokens))
+    if not (bn.shape == bt.shape == an.shape == at.shape) or bn.ndim != 1 or bn.size == 0:
+        raise ValueError("paired perplexity needs four aligned, non-empty per-line lists")
+    if not np.array_equal(bt, at):
+        raise ValueError("the two models predicted different numbers of tokens per line: not the same lines")
+    before, after = lines_ppl(bn, bt), lines_ppl(an, at)
+    ci = paired_bootstrap(lambda idx: lines_ppl(an[idx], at[idx]) - lines_ppl(bn[idx], bt[idx]), bn.size,
+                          resamples, seed, level)
+    return {"lines": int(bn.size), "before": before, "after": after, "delta": after - before, "delta_ci": list(ci),
+            "significant": None if not all(np.isfinite(ci)) else bool(ci[0] > 0 or ci[1] < 0)}
+
+
+def spread(values: Sequence[float]) -> dict:
+    """mean, min, max and sample standard deviation (ddof 1; None for one value) of repeated measurements."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if x.size == 0:
+        return {"n": 0, "mean": None, "min": None, "max": None, "sd": None}
+    return {"n": int(x.size), "mean": float(x.mean()), "min": float(x.min()), "max": float(x.max()),
+            "sd": float(x.std(ddof=1)) if x.size > 1 else None}
