@@ -368,3 +368,78 @@ def test_correlations_against_hand_computed_values():
     # ties: ranks (0.5, 0.5, 2, 3) and (0, 1.5, 1.5, 3), whose Pearson r is 5/6
     assert spearman([1, 1, 2, 3], [1, 2, 2, 3]) == pytest.approx(5 / 6)
     assert pearson([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [2, 1]) is None
+
+
+def write_log(run: Path, seed: int, lr: float, after_ppl: dict[str, float]) -> None:
+    """A train_log.json as train.py writes it: its arguments (fingerprint and run record) and per-language
+    validation perplexity before/after."""
+    args = {"lang": "sw", "neurons": "n/exclusive_sw.json", "lr": lr, "seed": seed, "max_steps": 20}
+    run.mkdir(parents=True)
+    (run / "train_log.json").write_text(json.dumps({
+        "trained_lang": "sw", "mode": "neurons", "neurons": {"name": "exclusive_sw", "size": 9},
+        "run": {"args": {**args, "run_name": run.name, "out": "o"}, "seed": seed}, "fingerprint": {"args": args},
+        "val": {"lang": "sw", "langs": ["en", "sw"], "max_length": 512,
+                "before": {"en": {"loss": 3.0, "ppl": 20.0, "tokens": 9}, "sw": {"loss": 5.0, "ppl": 200.0, "tokens": 9}},
+                "after": {l: {"loss": 1.0, "ppl": p, "tokens": 9} for l, p in after_ppl.items()}}}))
+
+
+def test_spread_over_seeds_of_runs_that_differ_only_in_seed(outputs):
+    trained = outputs / "small-model" / "trained"
+    for seed, (en, sw) in zip((1, 2, 3), ((19.0, 120.0), (21.0, 150.0), (20.0, 90.0))):
+        write_log(trained / f"sw-exclusive_sw-seed{seed}", seed, 5e-5, {"en": en, "sw": sw})
+    write_log(trained / "sw-exclusive_sw-lr", 1, 1e-3, {"en": 30.0, "sw": 10.0})  # another lr: not a repeat
+    t = figures.load_tag(figures.layout.Outputs(outputs / "small-model"), [])
+    [(rs, l0, _), (_, l1, sw)] = figures.seed_spread(t.runs)
+    assert [r["run"] for r in rs] == [f"sw-exclusive_sw-seed{s}" for s in (1, 2, 3)] and (l0, l1) == ("en", "sw")
+    # ΔPPL of Swahili over the seeds: -80, -50, -110: mean -80, sd sqrt((0 + 900 + 900) / 2) = 30
+    assert sw == {"n": 3, "mean": pytest.approx(-80.0), "min": -110.0, "max": -50.0, "sd": pytest.approx(30.0)}
+    assert run_script("figures.py", "--out", outputs).returncode == 0
+    report = (outputs / "figures" / "report.md").read_text()
+    assert ("| sw-exclusive_sw-seed1, sw-exclusive_sw-seed2, sw-exclusive_sw-seed3 | 1, 2, 3 | Swahili (target) | 3 | "
+            "-80.000 | -110.000 | -50.000 | 30.000 |") in report
+    assert "| English | 3 | +0.000 | -1.000 | +1.000 | 1.000 |" in report
+    assert "sw-exclusive_sw-lr | " not in report.split("spread over seeds")[1].split("\n\n")[1]
+
+
+def test_deactivated_and_intervened_models_against_the_base(outputs):
+    """Every evaluation that is neither the base nor a trained run is compared with the base question by
+    question: Wilson error bars, significance marks, other questions refused with the reason, PPL paired over
+    lines where both files have per-line values."""
+    ev = outputs / "small-model" / "eval"
+    base = json.loads((ev / "small-model.json").read_text())
+    rng = np.random.default_rng(0)
+    tok = rng.integers(5, 30, 40).tolist()
+    nll = (np.array(tok) * 2.5).tolist()
+    base["results"]["ppl"]["en"] |= {"line_nll": nll, "line_tokens": tok}
+    (ev / "small-model.json").write_text(json.dumps(base))
+    en_b, en_a = outcomes(250, 25, 20, 0)   # loses 20 of its 25 right answers: significant
+    zh_b, zh_a = outcomes(250, 15, 1, 2)    # +1 question: not significant
+    variant = {"model": "v", "meta": {"role": "variant", "provenance": {"tag": "small-model", "neuron_set": "shared"}},
+               "results": {"mgsm": {"en": scored(en_a, "mgsm-en"), "zh": scored(zh_a, "mgsm-zh"),
+                                    "sw": scored(outcomes(100, 2)[0], "mgsm-sw-first-100")},
+                           "ppl": {"en": {"ppl": 20.0, "tokens": sum(tok), "line_nll": [x * 1.2 for x in nll],
+                                          "line_tokens": tok}}}}
+    (ev / "shared.json").write_text(json.dumps(variant))
+    t = figures.load_tag(figures.layout.Outputs(outputs / "small-model"), [])
+    c = t.compared["shared"]["mgsm"]
+    assert [c[l]["significant"] for l in ("en", "zh", "sw")] == [True, False, None]
+    assert "different questions" in c["sw"]["reason"]
+    assert t.compared_ppl["shared"]["en"]["significant"] is True and t.compared_ppl["shared"]["en"]["delta"] > 0
+    fig = figures.fig_comparison("small-model", t.base_eval, {"shared": (t.evals["shared"], t.compared["shared"])})
+    ax = fig.axes[0]
+    base_bars, model_bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [p.get_hatch() or "" for p in model_bars] == ["", "//", ".."]  # significant, not, no paired test
+    errs = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert [len(e.lines[2][0].get_segments()) for e in errs] == [3, 3]  # a Wilson interval on every bar
+    lo, hi = errs[0].lines[2][0].get_segments()[0][:, 1]  # the base's English bar: 25/250
+    assert (lo / 100, hi / 100) == pytest.approx(figures.uncertainty.wilson(25, 250))
+    figures.plt.close(fig)
+    assert run_script("figures.py", "--out", outputs).returncode == 0
+    report = (outputs / "figures" / "report.md").read_text()
+    section = report.split("## Deactivated and intervened models against the base")[1].split("\n## ")[0]
+    assert "![comparison_small-model.png](comparison_small-model.png)" in section
+    assert (outputs / "figures" / "comparison_small-model.png").is_file()
+    assert "| shared | MGSM | English | 0.100 [0.069, 0.143] | 0.020 [" in section
+    assert "| 250 | significant |" in section and "| 250 | not significant |" in section
+    assert "| shared | MGSM | Swahili |" in section and "no paired test: different questions" in section
+    assert "| shared | English | " in section and "| 40 | significant |" in section  # PPL over 40 lines
