@@ -336,8 +336,8 @@ def accuracy_panel(ax, r: dict, task: str) -> None:
     ax.axhline(0, color="black", lw=0.6)
     label_langs(ax, ls, r["lang"])
     ax.set_ylabel(f"Δ {TASKS[task].label} accuracy (points)")
-    ax.set_title(f"{r['run']}: {TASKS[task].label} after − before, " + (n_label(cs) if ls else
-                                                                         "\n(no evaluation to compare)"), fontsize=9)
+    ax.set_title(f"{r['run']}: {TASKS[task].label} after − before" + (f", {n_label(cs)}" if ls else
+                                                                       "\n(no evaluation to compare)"), fontsize=9)
     ax.legend(handles=SIG_LEGEND, fontsize=7)
     ax.grid(axis="y", alpha=0.3)
 

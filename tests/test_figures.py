@@ -388,7 +388,23 @@ def test_spread_over_seeds_of_runs_that_differ_only_in_seed(outputs):
     for seed, (en, sw) in zip((1, 2, 3), ((19.0, 120.0), (21.0, 150.0), (20.0, 90.0))):
         write_log(trained / f"sw-exclusive_sw-seed{seed}", seed, 5e-5, {"en": en, "sw": sw})
     write_log(trained / "sw-exclusive_sw-lr", 1, 1e-3, {"en": 30.0, "sw": 10.0})  # another lr: not a repeat
+    # per-line values in one log (train.py records metrics.perplexity_by_lang's): the PPL change gets an interval
+    log_file = trained / "sw-exclusive_sw-seed1" / "train_log.json"
+    log = json.loads(log_file.read_text())
+    tok = list(range(5, 45))
+    log["val"]["before"]["sw"] |= {"line_nll": [5.3 * t for t in tok], "line_tokens": tok}
+    log["val"]["after"]["sw"] |= {"line_nll": [4.8 * t + (0.5 if i % 2 else -0.5) for i, t in enumerate(tok)],
+                                  "line_tokens": tok}
+    log_file.write_text(json.dumps(log))
     t = figures.load_tag(figures.layout.Outputs(outputs / "small-model"), [])
+    [r1] = [r for r in t.runs if r["run"] == "sw-exclusive_sw-seed1"]
+    c = r1["ppl_change"]["sw"]
+    assert list(r1["ppl_change"]) == ["sw"] and c["delta_ci"][0] <= c["delta"] <= c["delta_ci"][1] < 0
+    fig = figures.fig_training("small-model", [r1])
+    [err] = [e for e in fig.axes[0].containers if isinstance(e, ErrorbarContainer)]
+    lo, hi = err.lines[2][0].get_segments()[0][:, 1]  # on Swahili's 'after' bar: before + the interval of the change
+    assert (lo, hi) == pytest.approx((c["before"] + c["delta_ci"][0], c["before"] + c["delta_ci"][1]))
+    figures.plt.close(fig)
     [(rs, l0, _), (_, l1, sw)] = figures.seed_spread(t.runs)
     assert [r["run"] for r in rs] == [f"sw-exclusive_sw-seed{s}" for s in (1, 2, 3)] and (l0, l1) == ("en", "sw")
     # ΔPPL of Swahili over the seeds: -80, -50, -110: mean -80, sd sqrt((0 + 900 + 900) / 2) = 30
@@ -398,6 +414,7 @@ def test_spread_over_seeds_of_runs_that_differ_only_in_seed(outputs):
     assert ("| sw-exclusive_sw-seed1, sw-exclusive_sw-seed2, sw-exclusive_sw-seed3 | 1, 2, 3 | Swahili (target) | 3 | "
             "-80.000 | -110.000 | -50.000 | 30.000 |") in report
     assert "| English | 3 | +0.000 | -1.000 | +1.000 | 1.000 |" in report
+    assert "| sw-exclusive_sw-seed1 | Swahili (target) | " in report.split("paired bootstrap 95% interval over lines")[1]
     assert "sw-exclusive_sw-lr | " not in report.split("spread over seeds")[1].split("\n\n")[1]
 
 
