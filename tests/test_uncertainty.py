@@ -3,6 +3,9 @@ paired bootstraps (of an accuracy difference and of a perplexity change) hold th
 the significance mark follows p < 0.05, and the per-question records evaluate.py writes (langneurons.tasks)."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -102,3 +105,35 @@ def test_accuracy_records_of_evaluate():
     assert tasks.items_sha256(["a\tb"]) != tasks.items_sha256(["a", "b"])
     assert accuracy_summary([]) == {"accuracy": None, "n": 0, "accuracy_ci": [0.0, 1.0]}
     assert uncertainty.ALPHA == 0.05
+
+
+def test_evaluate_records_pair_in_the_report(forked, tmp_path):
+    """Through the command lines: evaluate.py's MGSM/MMMLU records of the base and of a variant with identical
+    weights pair question by question (no change, p = 1, not significant); a variant scored on fewer questions
+    (another --limit) is refused with the reason."""
+    from tiny import save_tiny, tiny_dataset
+    base = save_tiny("llama", tmp_path / "tinyllama")
+    data = tiny_dataset(tmp_path / "dataset")
+    common = ["--langs", "en,fr", "--dataset", data, "--out", tmp_path / "out", "--device", "cpu",
+              "--tasks", "mgsm,mmmlu", "--max-new-tokens", "3"]
+    for name in ("same", "fewer"):
+        shutil.copytree(base, tmp_path / name)  # a "variant" with the base's weights
+        (tmp_path / name / "langneurons.json").write_text(json.dumps({"tag": "tinyllama", "neuron_set": name}))
+    for model, limit in ((base, 3), (tmp_path / "same", 3), (tmp_path / "fewer", 2)):
+        r = forked("evaluate.py", "--model", model, "--limit", limit, *common)
+        assert r.returncode == 0, r.stderr[-2000:]
+    ev = json.loads((tmp_path / "out" / "tinyllama" / "eval" / "tinyllama.json").read_text())
+    for task in ("mgsm", "mmmlu"):
+        for lang, res in ev["results"][task].items():
+            assert len(res["correct"]) == res["n"] == 3 and sum(res["correct"]) / 3 == res["accuracy"]
+            assert res["accuracy_ci"] == list(wilson(sum(res["correct"]), 3))
+            assert len(res["items_sha256"]) == 64
+    assert ev["results"]["mgsm"]["en"]["items_sha256"] != ev["results"]["mmmlu"]["en"]["items_sha256"]
+    r = forked("figures.py", "--out", tmp_path / "out", "--resamples", "200")
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = (tmp_path / "out" / "figures" / "report.md").read_text()
+    same = [line for line in report.splitlines() if line.startswith("| same | ")]
+    fewer = [line for line in report.splitlines() if line.startswith("| fewer | ")]
+    assert len(same) == len(fewer) == 4  # two tasks, two languages
+    assert all(line.endswith("| 1 | 3 | not significant |") and "+0.0 [+0.0, +0.0]" in line for line in same)
+    assert all("no paired test: different questions" in line for line in fewer)
