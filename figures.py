@@ -3,7 +3,9 @@
     python figures.py --out ./outputs [--models gemma-3-270m,Llama-3.2-1B]
 
 Writes <out>/figures/*.png and <out>/figures/report.md (markdown tables of the same numbers, with links to
-the figures). A figure whose inputs are missing is skipped with a note in report.md.
+the figures). A figure whose inputs are missing is skipped with a note in report.md. Accuracies carry 95%
+Wilson intervals; every trained, deactivated or intervened model is compared with the base on the same
+questions (exact McNemar test, significant at p < 0.05; paired bootstrap interval, --seed, --resamples).
 
   neuron_distribution.png   shared / exclusive / unique neurons per language, % of all neurons (paper Fig. 2)
   deactivation_<tag>.png    dPPL per language when random, shared or exclusive neurons are off (Fig. 4)
@@ -45,7 +47,7 @@ from langneurons.tasks import ACCURACY_TASKS, TASKS  # noqa: E402
 
 COLORS = {"shared": "#1f77b4", "exclusive": "#ff7f0e", "unique": "#d62728", "random": "#7f7f7f",
           "random_exclusive": "#bcbd22", "QK": "#1f77b4", "VO": "#2ca02c", "FFN": "#ff7f0e",
-          "before": "#9ecae1", "after": "#08519c", "noise": "#d9d9d9", "untested": "#f0f0f0"}
+          "before": "#9ecae1", "after": "#08519c", "not_significant": "#d9d9d9", "untested": "#f0f0f0"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -292,7 +294,7 @@ def perplexity_panel(ax, r: dict) -> None:
 
 SIG_LEGEND = [Patch(facecolor=COLORS["after"], label="significant gain (p < 0.05)"),
               Patch(facecolor=COLORS["unique"], label="significant loss (p < 0.05)"),
-              Patch(facecolor=COLORS["noise"], edgecolor="grey", hatch="//", label="not significant (p ≥ 0.05)"),
+              Patch(facecolor=COLORS["not_significant"], edgecolor="grey", hatch="//", label="not significant (p ≥ 0.05)"),
               Patch(facecolor=COLORS["untested"], edgecolor="grey", hatch="..", label="no paired test")]
 
 
@@ -303,7 +305,7 @@ def mark_bars(bars, verdicts: list[bool | None], deltas: list[float]) -> None:
         if v is True:
             bar.set_color(COLORS["after"] if d >= 0 else COLORS["unique"])
         else:
-            bar.set_facecolor(COLORS["noise"] if v is False else COLORS["untested"])
+            bar.set_facecolor(COLORS["not_significant"] if v is False else COLORS["untested"])
             bar.set_hatch("//" if v is False else "..")
             bar.set_edgecolor("grey")
 
@@ -515,13 +517,15 @@ def mean_acc(ev: dict | None, task: str) -> float | None:
 
 
 def eval_role(ev: dict) -> str:
-    """'base' | 'variant' | 'trained': the file's meta.role, or for a file written before evaluate recorded
-    it, the role its provenance gives (none: the base model)."""
+    """'base' | 'variant' | 'trained' | 'intervened': the file's meta.role, or for a file written before
+    evaluate recorded it, the role its provenance gives (none: the base model). A model evaluated under
+    `evaluate.py --neurons/--intervention` (its recorded arguments) is never the base's own evaluation."""
     meta = ev.get("meta") if isinstance(ev.get("meta"), dict) else {}
-    if isinstance(meta.get("role"), str):
-        return meta["role"]
     prov = meta.get("provenance")
-    return layout.provenance_role(prov) if isinstance(prov, dict) else "base"
+    role = meta["role"] if isinstance(meta.get("role"), str) else \
+        layout.provenance_role(prov) if isinstance(prov, dict) else "base"
+    args = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    return "intervened" if role == "base" and (args.get("neurons") or args.get("intervention")) else role
 
 
 def run_evaluation(evals: dict[str, dict], run_name: str) -> str | None:

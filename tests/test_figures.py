@@ -437,7 +437,14 @@ def test_deactivated_and_intervened_models_against_the_base(outputs):
                            "ppl": {"en": {"ppl": 20.0, "tokens": sum(tok), "line_nll": [x * 1.2 for x in nll],
                                           "line_tokens": tok}}}}
     (ev / "shared.json").write_text(json.dumps(variant))
+    # the base model evaluated under an intervention (evaluate.py --neurons/--intervention): compared, not a base
+    intervened = {"model": "small-model", "meta": {"role": "base", "provenance": {},
+                                                   "args": {"neurons": ["n.json"], "intervention": "scale=0.5"}},
+                  "results": {"mgsm": {"en": scored(en_b, "mgsm-en")}}}
+    (ev / "small-model+shared@scale0.5.json").write_text(json.dumps(intervened))
     t = figures.load_tag(figures.layout.Outputs(outputs / "small-model"), [])
+    assert t.base_evals == ["small-model"] and set(t.compared) == {"shared", "small-model+shared@scale0.5"}
+    assert t.compared["small-model+shared@scale0.5"]["mgsm"]["en"]["delta"] == 0
     c = t.compared["shared"]["mgsm"]
     assert [c[l]["significant"] for l in ("en", "zh", "sw")] == [True, False, None]
     assert "different questions" in c["sw"]["reason"]
