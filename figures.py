@@ -294,7 +294,8 @@ def perplexity_panel(ax, r: dict) -> None:
 
 SIG_LEGEND = [Patch(facecolor=COLORS["after"], label="significant gain (p < 0.05)"),
               Patch(facecolor=COLORS["unique"], label="significant loss (p < 0.05)"),
-              Patch(facecolor=COLORS["not_significant"], edgecolor="grey", hatch="//", label="not significant (p ≥ 0.05)"),
+              Patch(facecolor=COLORS["not_significant"], edgecolor="grey", hatch="//",
+                    label="not significant (p ≥ 0.05)"),
               Patch(facecolor=COLORS["untested"], edgecolor="grey", hatch="..", label="no paired test")]
 
 
@@ -316,7 +317,9 @@ def ci_errors(changes: list[dict], scale: float = 100.0) -> tuple[list[float], l
     for i, c in enumerate(changes):
         if c.get("delta_ci"):
             lo, hi = c["delta_ci"]
-            xs.append(i), err[0].append(scale * max(0.0, c["delta"] - lo)), err[1].append(scale * max(0.0, hi - c["delta"]))
+            xs.append(i)
+            err[0].append(scale * max(0.0, c["delta"] - lo))
+            err[1].append(scale * max(0.0, hi - c["delta"]))
     return xs, err
 
 
@@ -861,7 +864,8 @@ def report_training(tags: list[TagResults], emit: Emit, resamples: int = uncerta
                  + report_seeds(t)
                  + f"\nAccuracy before: {used}; after: the run's evaluation (meta.role 'trained', provenance.run_name = "
                    f"the run; {runs_eval}). {PAIRED_RULE.format(resamples=resamples, seed=seed)}\n\n"
-                 + (table(["run", "task", "language", *ACC_HEADER], acc_rows) if acc_rows else "_No accuracy to compare._\n"))
+                 + (table(["run", "task", "language", *ACC_HEADER], acc_rows) if acc_rows
+                    else "_No accuracy to compare._\n"))
     return text
 
 
@@ -884,9 +888,10 @@ def report_comparison(tags: list[TagResults], emit: Emit, resamples: int = uncer
                  + (emit(fig_comparison(t.tag, t.base_eval, models), f"comparison_{t.tag}.png") if models else "")
                  + f"\nBefore: {t.file(t.outputs.evaluation(t.base_evals[0]))} (the base model); after: each model's "
                    f"evaluation. {PAIRED_RULE.format(resamples=resamples, seed=seed)}\n\n"
-                 + (table(["model", "task", "language", *ACC_HEADER], acc_rows) if acc_rows else "_No accuracy to compare._\n")
-                 + (f"\n{PPL_RULE.format(resamples=resamples, seed=seed)}\n\n" + table(["model", "language", *PPL_HEADER],
-                                                                                    ppl_rows) if ppl_rows else ""))
+                 + (table(["model", "task", "language", *ACC_HEADER], acc_rows) if acc_rows
+                    else "_No accuracy to compare._\n")
+                 + (f"\n{PPL_RULE.format(resamples=resamples, seed=seed)}\n\n"
+                    + table(["model", "language", *PPL_HEADER], ppl_rows) if ppl_rows else ""))
     return text
 
 
