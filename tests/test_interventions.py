@@ -420,3 +420,18 @@ def test_evaluate_refuses_another_models_set(forked, stage_setup, tmp_path):
     r = forked("evaluate.py", *args, "--allow-other-model")
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "o" / "out" / "tiny" / "eval" / "tiny+theirs@zero.json").is_file()
+
+
+def test_evaluate_fingerprint_arguments():
+    """A base evaluation's fingerprint is the one it had before these flags existed; under an intervention the
+    SPEC (and for mean/shift the mean flags) decide reuse."""
+    import evaluate
+    base = evaluate.result_args(evaluate.parse_args([]), "ppl")
+    assert not set(base) & evaluate.INTERVENTION_ARGS
+    args = evaluate.parse_args(["--neurons", "x.json", "--intervention", "scale=2"])
+    kept = evaluate.result_args(args, "ppl", parse_intervention("scale=2"))
+    assert {"neurons", "intervention", "allow_other_model"} <= set(kept) and not {"mean_corpus"} & set(kept)
+    kept = evaluate.result_args(args, "ppl", parse_intervention("mean=en"))
+    assert {"mean_corpus", "mean_max_length", "intervention"} <= set(kept)
+    assert iv_mod.unused_args(parse_intervention("zero")) == iv_mod.INTERVENTION_FLAGS
+    assert iv_mod.unused_args(parse_intervention("shift=en:fr")) == ()
