@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import tiny
 from tiny import save_tiny, tiny_dataset, tiny_model, tiny_tokenizer
 
 from langneurons import interventions as iv_mod
@@ -19,7 +20,9 @@ from langneurons.masking import zeroed
 from langneurons.model import Geometry, load_model, model_record
 from langneurons.neurons import empty_set, write_neuron_file
 
-ARCHS = ["qwen2", "gemma3", "llama"]  # Qwen2: grouped-query attention with q/k/v biases; Gemma3: q/k norms
+# every tiny architecture: Qwen2 has grouped-query attention with q/k/v biases, Qwen3 and Gemma3 q/k norms,
+# Gemma2 soft-capping
+ARCHS = tiny.ARCHS
 TEXTS = ["The cat sleeps on the warm mat.", "Rain.", "We walked to the market early in the morning."]
 
 
