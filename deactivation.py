@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from langneurons import layout, reuse
+from langneurons import interventions, layout, reuse
 from langneurons.cli import InputError, common_parser, int_at_least, parse_langs, run, split_list
 from langneurons.data import val_file, val_texts
 from langneurons.files import atomic_dir, safe_name, write_json
@@ -27,12 +27,14 @@ from langneurons.metrics import language_agnostic, perplexity_by_lang
 from langneurons.model import (Geometry, check_model, load_model, local_dir, model_record, resolve_model,
                                save_model_dir)
 from langneurons.neurons import NeuronSet, load_neuron_set, size
+from langneurons.interventions import neuron_spec
 from langneurons.runinfo import run_meta, seed_everything
 
 # arguments that cannot change the PPL table (they pick which variants are written, and how)
 PPL_IGNORED = ("save_variants", "streaming")
 # arguments that cannot change a variant: the measurement's, and which sets (its own file is fingerprinted)
-VARIANT_IGNORED = ("measure_ppl", "save_variants", "batch_size", "max_length", "limit", "dataset", "langs", "neurons")
+VARIANT_IGNORED = ("measure_ppl", "save_variants", "batch_size", "max_length", "limit", "dataset", "langs", "neurons",
+                   *interventions.INTERVENTION_FLAGS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write variants without building the model: copy each safetensors shard and zero only "
                         "the affected tensors in it (needs a local safetensors model directory; memory stays at "
                         "one projection matrix; tensors keep their stored dtype)")
+    interventions.add_arguments(p)  # --measure-ppl under an intervention (variants are always zeroed)
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="sequences per forward pass (perplexity)")
     p.add_argument("--max-length", type=int_at_least(2), default=512,
                    help="tokens per text for perplexity (truncated; one token is predicted from another)")
@@ -71,14 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def neuron_specs(args: argparse.Namespace, out: Outputs, langs: list[str]) -> list[tuple[str, Path]]:
     """(set name, file) for every set to deactivate: --neurons, else detection's sets of this model."""
     if args.neurons:
-        specs = []
-        for spec in args.neurons:
-            name, sep, file = spec.partition("=")
-            if not sep or Path(spec).exists():
-                name, file = Path(spec).stem, spec
-            if not Path(file).is_file():
-                raise InputError(f"--neurons {file}: no such file")
-            specs.append((name, Path(file)))
+        specs = [neuron_spec(spec) for spec in args.neurons]
     else:
         names = (["shared"] + [f"exclusive_{l}" for l in langs] + ["random_shared"]
                  + [f"random_exclusive_{l}" for l in langs])
@@ -154,8 +150,10 @@ def plan(args: argparse.Namespace, out: Outputs, specs: list[tuple[str, Path]], 
                                               folder=p != out.deactivation,
                                               record=p if p == out.deactivation else p / PROVENANCE_FILE))
              for p in paths}
-    ppl_fp = reuse.fingerprint(args, __file__, "deactivation.ppl", ignore=PPL_IGNORED, models=[args.model], files=[
-        *(file for _, file in specs), *(val_file(args.dataset, l) for l in langs)]) \
+    _, unused, mean_files, context = interventions.fingerprint_inputs(args)
+    ppl_fp = reuse.fingerprint(args, __file__, "deactivation.ppl", ignore=PPL_IGNORED + unused, models=[args.model],
+                               files=[*(file for _, file in specs), *(val_file(args.dataset, l) for l in langs),
+                                      *mean_files], context=context) \
         if args.measure_ppl else None
     variant_fp = {n: reuse.fingerprint(args, __file__, "deactivation.variant", ignore=VARIANT_IGNORED,
                                        models=[args.model], files=[dict(specs)[n]]) for n in to_save}
@@ -167,13 +165,14 @@ def plan(args: argparse.Namespace, out: Outputs, specs: list[tuple[str, Path]], 
 # ---------------------------------------------------------------- perplexity
 
 def measure(model, tok, sets: dict[str, NeuronSet], texts: dict[str, list[str]],
-            args: argparse.Namespace) -> tuple[dict, dict]:
-    """Base perplexity, then each set's and its dPPL. Each set is zeroed in place and restored exactly
-    afterwards: no model copy, no save/reload per set."""
+            args: argparse.Namespace, means: dict | None = None) -> tuple[dict, dict]:
+    """Base perplexity, then each set's and its dPPL under --intervention (hooks removed after each set: no
+    model copy, no save/reload per set); `means`: interventions.stored_means of its languages."""
+    iv = interventions.parse_intervention(args.intervention)
     base = perplexity_by_lang(model, tok, texts, args.max_length, args.batch_size, "base")
     results = {}
     for name in tqdm(sets, desc="sets (ppl)"):
-        with zeroed(model, sets[name]):
+        with interventions.intervened(model, sets[name], iv, means):
             ppl = perplexity_by_lang(model, tok, texts, args.max_length, args.batch_size, name)
         dppl = {l: (ppl[l]["ppl"] - base[l]["ppl"] if ppl[l]["ppl"] is not None and base[l]["ppl"] is not None
                     else None) for l in texts}
@@ -208,6 +207,7 @@ def write_deactivation(out: Outputs, args: argparse.Namespace, langs: list[str],
                  "geometry": vars(geom), "langs": langs, "dataset": str(args.dataset),
                  "batch_size": args.batch_size, "max_length": args.max_length,
                  "legacy_kv_mapping": args.legacy_kv_mapping, "allow_other_model": args.allow_other_model,
+                 "intervention": interventions.parse_intervention(args.intervention).record(),
                  "neuron_files": files,
                  "neuron_sha256": {n: f["sha256"] for n, f in files.items()}, "run": run_meta(args),
                  "fingerprint": fp},
@@ -265,6 +265,7 @@ def main() -> None:
     sets, files = read_sets(specs, geom, args.legacy_kv_mapping, model_record(args.model, config),
                             args.allow_other_model)
     to_save = variants_to_save(args, sets)
+    interventions.fingerprint_inputs(args)  # a bad --intervention or a missing mean corpus: before any output
     texts = {l: val_texts(args.dataset, l)[:args.limit or None] for l in langs} if args.measure_ppl else {}
 
     with contextlib.ExitStack() as held:
@@ -277,7 +278,10 @@ def main() -> None:
             # --device auto spreads a model too large for one GPU over all of them
             model, tok = load_model(args.model, args.device, args.dtype, device_map_auto=True)
         if todo.measure:
-            base, results = measure(model, tok, sets, texts, args)
+            iv = interventions.parse_intervention(args.intervention)
+            means = interventions.stored_means(out, args.model, model, tok, args.dataset, args.mean_corpus,
+                                               iv.mean_langs(), args.mean_max_length, args.batch_size, args.force)
+            base, results = measure(model, tok, sets, texts, args, means)
             write_deactivation(out, args, langs, geom, files, base, results, todo.ppl_fp)
         if todo.variants:
             write_variants(out, args, model, tok, config, geom, sets, files, todo, src_dir)

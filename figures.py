@@ -16,7 +16,9 @@ questions (exact McNemar test, significant at p < 0.05; paired bootstrap interva
                             Wilson intervals, significant paired differences marked
   training_<tag>.png        validation perplexity of every language before/after targeted training, and the
                             accuracy change with its paired 95% interval, significant (exact McNemar p < 0.05)
-                            and not significant changes told apart (Table 1)"""
+                            and not significant changes told apart (Table 1)
+  interventions_<tag>.png   every task per language under each intervention (evaluate.py --neurons) beside
+                            the base model's"""
 from __future__ import annotations
 
 import argparse
@@ -531,6 +533,12 @@ def eval_role(ev: dict) -> str:
     return "intervened" if role == "base" and (args.get("neurons") or args.get("intervention")) else role
 
 
+def intervention_of(ev: dict) -> dict | None:
+    """meta.intervention of an evaluation under an intervention (evaluate.py --neurons), else None."""
+    rec = (ev.get("meta") or {}).get("intervention") if isinstance(ev.get("meta"), dict) else None
+    return rec if isinstance(rec, dict) else None
+
+
 def run_evaluation(evals: dict[str, dict], run_name: str) -> str | None:
     """The evaluation of trained run `run_name`: role 'trained' and provenance.run_name == the run (the first
     in sorted order if several), never found by its file name."""
@@ -575,8 +583,9 @@ class TagResults:
 
     @property
     def base_evals(self) -> list[str]:
-        """The evaluations of the base model (role 'base'), sorted: the first is the one the figures use."""
-        return [name for name, ev in sorted(self.evals.items()) if eval_role(ev) == "base"]
+        """The evaluations of the base model (role 'base', under no intervention), sorted: the first is the one
+        the figures use."""
+        return [name for name, ev in sorted(self.evals.items()) if eval_role(ev) == "base" and not intervention_of(ev)]
 
     @property
     def base_eval(self) -> dict | None:
@@ -895,6 +904,60 @@ def report_comparison(tags: list[TagResults], emit: Emit, resamples: int = uncer
     return text
 
 
+def intervention_label(ev: dict) -> str:
+    rec = intervention_of(ev) or {}
+    return f"{(rec.get('neuron_set') or {}).get('name', '?')} @ {rec.get('spec', '?')}"
+
+
+def task_values(ev: dict | None, task: str, langs: list[str]) -> list[float | None]:
+    res = ((ev or {}).get("results") or {}).get(task) or {}
+    return [num((res.get(l) or {}).get(TASKS[task].metric)) if isinstance(res.get(l), dict) else None for l in langs]
+
+
+def fig_interventions(tag: str, base: dict | None, under: dict[str, dict], tasks: list[str],
+                      langs: list[str]) -> Figure:
+    """One panel per task: the value per language of the base model and under each intervention."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(6, (1.2 * len(langs) + 2) * len(tasks)), 4.2), squeeze=False)
+    rows = ([("base", base)] if base is not None else []) + [(intervention_label(ev), ev) for ev in under.values()]
+    colors = plt.cm.tab10(np.arange(len(rows)) % 10)
+    x, w = np.arange(len(langs)), 0.8 / max(1, len(rows))
+    for ax, task in zip(axes[0], tasks):
+        for i, (label, ev) in enumerate(rows):
+            v = task_values(ev, task, langs)
+            ax.bar(x + (i - (len(rows) - 1) / 2) * w, [a if a is not None else 0.0 for a in v], w,
+                   color="#7f7f7f" if label == "base" else colors[i], label=label)
+        if TASKS[task].metric == "ppl":
+            ax.set_yscale("log")  # an intervention can raise PPL by orders of magnitude
+        ax.set_xticks(x, [lang_name(l) for l in langs], rotation=30, ha="right")
+        ax.set_title(TASKS[task].label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle(f"{tag}: evaluation under interventions, beside the base model")
+    fig.tight_layout()
+    return fig
+
+
+def report_interventions(tags: list[TagResults], emit: Emit) -> str:
+    text = "\n## Evaluation under interventions (evaluate.py --neurons --intervention)\n"
+    done = [t for t in tags if any(intervention_of(ev) for ev in t.evals.values())]
+    if not done:
+        return text + "_Skipped: no eval/<name>.json under an intervention._\n"
+    for t in done:
+        under = {n: ev for n, ev in sorted(t.evals.items()) if intervention_of(ev)}
+        evs = [*under.values(), *([t.base_eval] if t.base_eval else [])]
+        tasks = [k for k in TASKS if any(k in (ev.get("results") or {}) for ev in evs)]
+        langs = list(dict.fromkeys(l for ev in evs for k in tasks for l in ((ev.get("results") or {}).get(k) or {})))
+        rows = [[label, name, TASKS[k].label, *(fmt(v) for v in task_values(ev, k, langs))]
+                for label, name, ev in ([("base", t.base_evals[0], t.base_eval)] if t.base_eval else [])
+                + [(intervention_label(ev), n, ev) for n, ev in under.items()] for k in tasks]
+        text += (f"\n### {t.tag}\n\n" + emit(fig_interventions(t.tag, t.base_eval, under, tasks, langs),
+                                              f"interventions_{t.tag}.png")
+                 + "\nEach task per language under each intervention (set @ SPEC, docs/interventions.md) and for the "
+                   "base model (" + (t.file(t.outputs.evaluation(t.base_evals[0])) if t.base_eval else "none") + ").\n\n"
+                 + table(["intervention", "evaluation", "task", *(lang_name(l) for l in langs)], rows))
+    return text
+
+
 class FigureFolder:
     """<out>/figures: writes each figure (files.write_bytes: never half a file) and removes, at the end, the
     figures of models or inputs gone since the last run."""
@@ -923,7 +986,8 @@ def main() -> None:
         tags = [load_tag(o, notes, args.resamples, args.seed) for o in selected]
         report = (f"# Language neurons: figures and tables\n\nGenerated by `figures.py` from the files under "
                   f"`{out}` (models: {', '.join(t.tag for t in tags) or 'none'}).\n")
-        for section in (report_distribution, report_deactivation, report_layers, report_components, report_ability):
+        for section in (report_distribution, report_deactivation, report_layers, report_components, report_ability,
+                        report_interventions):
             report += section(tags, figs.emit)
         for paired in (report_comparison, report_training):  # the sections with seeded bootstrap intervals
             report += paired(tags, figs.emit, args.resamples, args.seed)

@@ -7,6 +7,7 @@ find their files through here, so the layout is spelled out once:
     <out>/<tag>/variants/<set>/     deactivation.py: a deactivated model folder
     <out>/<tag>/trained/<run>/      train.py: a trained model folder with train_log.json
     <out>/<tag>/eval/<name>.json    evaluate.py: accuracy and perplexity per task and language
+    <out>/<tag>/means/...           evaluate.py, deactivation.py: mean neuron values (interventions)
     <out>/figures/                  figures.py: PNG figures and report.md
 
 `<tag>` names the *base* model: a variant or a trained model carries its base's tag in its provenance
@@ -112,6 +113,13 @@ class Outputs:
 
     def evaluation(self, name: str) -> Path:
         return self.eval / f"{name}.json"
+
+    def means(self, model: str, corpus: str, lang: str) -> Path:
+        """<tag>/means/<model name>/<corpus>/<lang>/: the mean neuron values of one model (a variant or trained
+        model of the tag has its own), corpus (detect, mgsm, or a safe-named spec with {lang} as LANG) and
+        language (langneurons.interventions)."""
+        name = corpus if corpus in ("detect", "mgsm") else safe_name(corpus.replace("{lang}", "LANG"), "corpus")
+        return self.root / "means" / model_name(model) / name / lang
 
     def evaluations(self) -> list[str]:
         """The names of every evaluation of this tag, sorted (evaluation(name) is its file)."""

@@ -40,6 +40,7 @@ VERSIONS = {"detection": 1, "deactivation.ppl": 1, "deactivation.variant": 1, "t
             "evaluate.ppl": 1,
             "evaluate.mgsm": 2,
             "evaluate.mmmlu": 2,
+            "means": 1,
             }
 # where the results go and whether to recompute them, never what they are
 ALWAYS_IGNORED = ("force", "out")

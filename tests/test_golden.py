@@ -50,7 +50,9 @@ def outputs(forked, tmp_path_factory):
                  ["train.py", *common, "--lang", "en", "--langs", "en", "--neurons", "out/tiny/neurons/shared.json",
                   "--max-steps", "2", "--global-batch-size", "2", "--micro-batch-size", "1", "--cutoff-len", "32",
                   "--lr", "1e-2", "--val-limit", "3"],
-                 ["evaluate.py", *common, "--langs", "en,fr", "--limit", "2", "--max-new-tokens", "4"]):
+                 ["evaluate.py", *common, "--langs", "en,fr", "--limit", "2", "--max-new-tokens", "4"],
+                 ["evaluate.py", *common, "--langs", "en", "--limit", "2", "--tasks", "ppl",
+                  "--neurons", "out/tiny/neurons/shared.json", "--intervention", "mean=fr"]):
         r = forked(*argv, cwd=root)
         assert r.returncode == 0, r.stderr[-3000:]
     return root / "out" / "tiny"
@@ -65,6 +67,7 @@ def results(out: Path) -> dict[str, object]:
     log = json.loads((out / "trained" / "en-shared" / "train_log.json").read_text())
     evaluation = json.loads((out / "eval" / "tiny.json").read_text())["results"]
     variant = load_file(out / "variants" / "shared" / "model.safetensors")
+    means = load_file(out / "means" / "tiny" / "detect" / "fr" / "means.safetensors")
     return {
         "detection": {"sets": sets, "stats": json.loads((neurons / "stats.json").read_text()),
                       "firing": {k: v.tolist() for k, v in sorted(load_file(neurons / "firing.safetensors").items())}},
@@ -72,6 +75,7 @@ def results(out: Path) -> dict[str, object]:
         "deactivation.variant": {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in sorted(variant.items())},
         "train": {k: log[k] for k in ("train_loss", "loss_curve", "val", "steps", "tokens_seen", "trainable_parameters")},
         **{f"evaluate.{t}": evaluation[t] for t in ("ppl", "mgsm", "mmmlu")},
+        "means": {k: v.tolist() for k, v in sorted(means.items())},
     }
 
 
