@@ -45,3 +45,48 @@ def paired_bootstrap(statistic: Callable[[np.ndarray], float], n: int, resamples
     """Interval of `statistic(indices)` over bootstrap resamples of n paired items: the same items are drawn
     for every condition the statistic compares (the same validation lines with and without a set)."""
     return percentile_interval([statistic(idx) for idx in resample_indices(n, resamples, seed)], level)
+
+
+# ---------------------------------------------------------------- perplexity over resampled lines
+
+def derived_seed(seed: int, *names: str) -> int:
+    """A seed of its own for each named part of one run (e.g. each language's resamples), all fixed by `seed`:
+    independent draws for independent data, the same draws on a rerun."""
+    import zlib
+    words = [int(seed) & 0xFFFFFFFF, *(zlib.crc32(n.encode("utf-8")) for n in names)]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0])
+
+
+def _line_arrays(line_nll: Sequence[float | None], line_tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    # a line whose NLL is not finite was stored as null (files.json_safe): it is infinitely unlikely
+    nll = np.asarray([np.inf if x is None else x for x in line_nll], dtype=np.float64)
+    return nll, np.asarray(line_tokens, dtype=np.int64)
+
+
+def ppl_of_lines(line_nll: Sequence[float | None], line_tokens: Sequence[int]) -> float:
+    """PPL = exp(sum NLL / sum predicted tokens) of lines given by their summed NLL and predicted tokens; NaN
+    when no token is predicted. metrics.perplexity computes its PPL with it."""
+    nll, tok = _line_arrays(line_nll, line_tokens)
+    count = int(tok.sum())
+    return float(np.exp(nll.sum() / count)) if count else float("nan")
+
+
+def resampled_ppl(line_nll: Sequence[float | None], line_tokens: Sequence[int], indices: np.ndarray,
+                  chunk: int = 256) -> np.ndarray:
+    """[resamples] PPL of the lines each row of `indices` ([resamples, n], resample_indices) draws (a line
+    drawn twice counts twice); NaN where a resample predicts no token. Conditions measured on the same lines
+    and given the same `indices` are paired resamples."""
+    nll, tok = _line_arrays(line_nll, line_tokens)
+    out = np.empty(len(indices), dtype=np.float64)
+    for start in range(0, len(indices), chunk):  # [chunk, n] at a time: memory stays small for long files
+        rows = indices[start:start + chunk]
+        count = tok[rows].sum(1)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            out[start:start + chunk] = np.where(count > 0, np.exp(nll[rows].sum(1) / np.maximum(count, 1)), np.nan)
+    return out
+
+
+def interval_or_none(samples: Sequence[float], level: float = LEVEL) -> list[float] | None:
+    """percentile_interval as a JSON pair, None when no sample is finite (the statistic is never defined)."""
+    lo, hi = percentile_interval(samples, level)
+    return None if not (np.isfinite(lo) and np.isfinite(hi)) else [lo, hi]
