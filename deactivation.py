@@ -256,7 +256,8 @@ def intervals(base: dict, results: dict[str, dict], langs: list[str], resamples:
     """95% intervals from a paired bootstrap over each language's validation lines: the same resampled lines
     for the base model and every set (each language resampled on its own, seeded by `seed` and the
     language). dPPL per set and language; Imp_l and LAS recomputed from each resample's dPPLs (resample b of
-    every language together). Returns ({set: {lang: [lo, hi] or None}}, {lang: [lo, hi] or None}, LAS's)."""
+    every language together). Resamples where a statistic is undefined (e.g. a zero dPPL under Imp's
+    division) are left out of its interval; an undefined estimate has none. Returns ({set: {lang: [lo, hi] or None}}, {lang: [lo, hi] or None}, LAS's)."""
     samples: dict[str, dict[str, np.ndarray]] = {name: {} for name in results}
     for l in langs:
         lines = base[l]["line_tokens"]
@@ -264,7 +265,9 @@ def intervals(base: dict, results: dict[str, dict], langs: list[str], resamples:
         base_b = resampled_ppl(base[l]["line_nll"], lines, idx)
         for name, r in results.items():
             samples[name][l] = resampled_ppl(r["ppl"][l]["line_nll"], r["ppl"][l]["line_tokens"], idx) - base_b
-    dppl_ci = {name: {l: interval_or_none(samples[name][l]) for l in langs} for name in results}
+    # an estimate that is not defined gets no interval, though some resamples may define it
+    dppl_ci = {name: {l: interval_or_none(samples[name][l]) if results[name]["dppl"][l] is not None else None
+                      for l in langs} for name in results}
     # Imp and LAS of every resample, by the same function as the estimate (metrics.language_agnostic)
     ratio_sets = [n for n in results if n == "shared" or n.startswith("exclusive_")]
     imp_b: dict[str, list[float]] = {}
@@ -277,8 +280,9 @@ def intervals(base: dict, results: dict[str, dict], langs: list[str], resamples:
         for l, v in imp.items():
             imp_b.setdefault(l, []).append(float("nan") if v is None else v)
         las_b.append(float("nan") if las is None else las)
-    imp_ci = {l: interval_or_none(v) for l, v in imp_b.items()}
-    las_ci = interval_or_none(las_b) if "shared" in results else None
+    importance, las = language_agnostic(results, langs)
+    imp_ci = {l: interval_or_none(imp_b[l]) if v is not None else None for l, v in importance.items()}
+    las_ci = interval_or_none(las_b) if las is not None else None
     return dppl_ci, imp_ci, las_ci
 
 

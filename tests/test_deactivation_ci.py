@@ -123,6 +123,23 @@ def test_intervals_contain_estimates_are_paired_and_seeded():
     assert width[1] < width[0]
 
 
+def test_undefined_estimate_has_no_interval():
+    """exclusive_fr leaves fr's PPL as it is: Imp_fr divides by a zero dPPL and is undefined, and so is its
+    interval; LAS then rests on en alone."""
+    base, results = _synthetic()
+    results["exclusive_fr"]["ppl"]["fr"] = copy.deepcopy(base["fr"])
+    results["exclusive_fr"]["dppl"]["fr"] = 0.0
+    imp, las = language_agnostic(results, LANGS)
+    assert imp["fr"] is None and imp["en"] is not None
+    _, imp_ci, las_ci = deactivation.intervals(base, results, LANGS, 200, seed=0)
+    assert imp_ci["fr"] is None and inside(imp_ci["en"], imp["en"]) and inside(las_ci, las)
+    # Imp below -1 everywhere: LAS = log(1 + mean Imp) is undefined, and has no interval even where
+    # some resamples give a mean above -1
+    results["shared"]["dppl"] = {l: -abs(v) * 1e3 for l, v in results["shared"]["dppl"].items()}
+    assert language_agnostic(results, LANGS)[1] is None
+    assert deactivation.intervals(base, results, LANGS, 200, seed=0)[2] is None
+
+
 def test_dppl_interval_is_the_paired_difference():
     """A set that adds the same NLL per token to every line multiplies every resample's PPL by the same factor:
     its dPPL interval is the base PPL's interval times (factor - 1) exactly when the same lines are drawn for
