@@ -203,17 +203,17 @@ def measure(model, tok, sets: dict[str, NeuronSet], texts: dict[str, list[str]],
     """Perplexity per language (with each line's NLL) of the base model, of every set switched off and of
     --random-controls K random sets like each set in `controlled`: (base, {set: ppl}, {set: {control: ppl}}).
     Each condition is applied in place and undone exactly afterwards: no model copy, no save/reload."""
-    # (set name, control number or 0 for the set itself, what is switched off); the base model first
-    conditions: list[tuple[str, int, NeuronSet | None]] = [("base", 0, None)]
-    conditions += [(name, 0, sets[name]) for name in sets]
-    conditions += [(name, i, random_like(sets[name], args.seed, control_name(name, i)))
-                   for name in controlled for i in range(1, args.random_controls + 1)]
+    # (set name, control number or 0 for the set itself); the base model (None) first. A control is drawn
+    # when it is measured: one is held at a time
+    conditions: list[tuple[str | None, int]] = [(None, 0)] + [(name, 0) for name in sets] + \
+        [(name, i) for name in controlled for i in range(1, args.random_controls + 1)]
     base, ppl, controls = {}, {}, {name: {} for name in controlled}
-    for name, i, nset in tqdm(conditions, desc="conditions (ppl)"):
-        label = control_name(name, i) if i else name
+    for name, i in tqdm(conditions, desc="conditions (ppl)"):
+        nset = None if name is None else random_like(sets[name], args.seed, control_name(name, i)) if i else sets[name]
+        label = "base" if name is None else control_name(name, i) if i else name
         with switched_off(model, nset):
             r = perplexity_by_lang(model, tok, texts, args.max_length, args.batch_size, label, per_line=True)
-        if nset is None:
+        if name is None:
             base = r
         elif i == 0:
             ppl[name] = r
