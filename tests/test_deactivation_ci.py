@@ -327,3 +327,17 @@ def test_figures_draw_intervals_and_controls():
         s.pop("dppl_ci"), s.pop("controls", None)
     ax = figures.fig_deactivation("tiny", deact, LANGS).axes[0]
     assert not [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+
+
+def test_report_gives_intervals_and_controls(tmp_path):
+    from langneurons import layout
+    deact = _deact_file()
+    t = figures.TagResults(layout.outputs(tmp_path, "tiny"), deact=deact, deact_langs=LANGS)
+    emitted = []
+    text = figures.report_deactivation([t], lambda fig, name: emitted.append(name) or f"![]({name})\n")
+    assert emitted == ["deactivation_tiny.png", "importance_tiny.png"]
+    lo, hi = deact["sets"]["shared"]["dppl_ci"]["en"]
+    assert f"[{lo:.3g}, {hi:.3g}]" in text  # the shared set's en interval in its table cell
+    assert "↳ 2 random controls" in text and "+1.000 [0.5, 1.5]" in text
+    lo, hi = deact["language_agnostic_score_ci"]
+    assert f"[{lo:.4f}, {hi:.4f}]" in text
