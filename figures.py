@@ -8,7 +8,9 @@ Wilson intervals; every trained, deactivated or intervened model is compared wit
 questions (exact McNemar test, significant at p < 0.05; paired bootstrap interval, --seed, --resamples).
 
   neuron_distribution.png   shared / exclusive / unique neurons per language, % of all neurons (paper Fig. 2)
-  deactivation_<tag>.png    dPPL per language when random, shared or exclusive neurons are off (Fig. 4)
+  deactivation_<tag>.png    dPPL per language when random, shared or exclusive neurons are off (Fig. 4), with
+                            95% intervals and the random controls' range
+  importance_<tag>.png      Imp per language and LAS, with 95% intervals
   layers_<tag>.png          shared and exclusive neurons per layer (Fig. 6/7)
   components.png            QK / VO / FFN split of shared and exclusive neurons (Table 2)
   ability.png               shared ratio and LAS against multilingual ability across models (Fig. 3/5)
@@ -144,8 +146,18 @@ def fig_distribution(models: dict[str, tuple[dict, list[str]]]) -> Figure:
     return fig
 
 
+def interval_err(value: float | None, ci: Any) -> tuple[float, float] | None:
+    """(below, above) of an interval [lo, hi] around `value` for matplotlib's yerr (never negative: a
+    percentile interval of a skewed statistic may end just short of its estimate); None without one."""
+    if value is None or not (isinstance(ci, list) and len(ci) == 2) or num(ci[0]) is None or num(ci[1]) is None:
+        return None
+    return max(0.0, value - ci[0]), max(0.0, ci[1] - value)
+
+
 def fig_deactivation(tag: str, deact: dict, langs: list[str]) -> Figure:
-    """Paper Fig. 4: dPPL per language after deactivating random, shared and exclusive neurons."""
+    """Paper Fig. 4: dPPL per language after deactivating random, shared and exclusive neurons, with the
+    95% interval of each dPPL (bootstrap over the validation lines) and, beside a set with random controls,
+    their mean and range."""
     sets = deact.get("sets", {})
     bars = [("random (shared size)", lambda l: "random_shared", COLORS["random"]),
             ("shared", lambda l: "shared", COLORS["shared"]),
@@ -156,10 +168,28 @@ def fig_deactivation(tag: str, deact: dict, langs: list[str]) -> Figure:
     x = np.arange(len(langs))
     w = 0.8 / max(1, len(bars))
     values = []
+    ci_pts: list[tuple[float, float, tuple[float, float]]] = []
+    ctl_pts: list[tuple[float, float, tuple[float, float]]] = []
     for i, (label, name, color) in enumerate(bars):
         v = [num(sets.get(name(l), {}).get("dppl", {}).get(l)) for l in langs]
         values += [a for a in v if a is not None]
-        ax.bar(x + (i - (len(bars) - 1) / 2) * w, [a if a is not None else 0.0 for a in v], w, color=color, label=label)
+        pos = x + (i - (len(bars) - 1) / 2) * w
+        ax.bar(pos, [a if a is not None else 0.0 for a in v], w, color=color, label=label)
+        for p, l, a in zip(pos, langs, v):
+            s = sets.get(name(l), {})
+            if (err := interval_err(a, (s.get("dppl_ci") or {}).get(l))) is not None:
+                ci_pts.append((p, a, err))
+            c = s.get("controls") or {}
+            mean = num((c.get("dppl_mean") or {}).get(l))
+            if (err := interval_err(mean, (c.get("dppl_range") or {}).get(l))) is not None:
+                ctl_pts.append((p + w * 0.3, mean, err))
+                values += [mean - err[0], mean + err[1]]
+    for pts, label, style in ((ci_pts, "95% interval", {"fmt": "none", "ecolor": "black"}),
+                              (ctl_pts, "random controls (mean, range)",
+                               {"fmt": "D", "color": "dimgray", "ms": 3, "mfc": "white"})):
+        if pts:
+            ax.errorbar([p for p, _, _ in pts], [a for _, a, _ in pts],
+                        yerr=np.array([e for _, _, e in pts]).T, capsize=2, lw=0.8, label=label, **style)
     # dPPL spans orders of magnitude (random ~0, shared/exclusive often > 100x); symlog keeps small and
     # negative values visible
     if values and max(abs(a) for a in values) > 50:
@@ -171,6 +201,38 @@ def fig_deactivation(tag: str, deact: dict, langs: list[str]) -> Figure:
     ax.set_title(f"{tag}: perplexity increase after deactivation" + (f" (LAS {las:.3f})" if las is not None else ""))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: bars reach the top
+    fig.tight_layout()
+    return fig
+
+
+def fig_importance(tag: str, deact: dict) -> Figure:
+    """Imp_l per language with its 95% interval, and LAS with its interval in the title; Imp = 1 (a shared
+    neuron matters as much as an exclusive one) marked."""
+    imp = deact.get("importance") or {}
+    cis = deact.get("importance_ci") or {}
+    langs = list(imp)
+    fig, ax = plt.subplots(figsize=(max(5, 1.0 * len(langs) + 2), 3.8))
+    x = np.arange(len(langs))
+    v = [num(imp[l]) for l in langs]
+    ax.bar(x, [a if a is not None else 0.0 for a in v], 0.6, color=COLORS["shared"], label="Imp")
+    pts = [(p, a, err) for p, l, a in zip(x, langs, v) if (err := interval_err(a, cis.get(l))) is not None]
+    if pts:
+        ax.errorbar([p for p, _, _ in pts], [a for _, a, _ in pts], yerr=np.array([e for _, _, e in pts]).T,
+                    fmt="none", ecolor="black", capsize=3, lw=0.8, label="95% interval")
+    spread = [a for a in v if a is not None] + [a + e[1] for _, a, e in pts] + [a - e[0] for _, a, e in pts]
+    if spread and max(abs(a) for a in spread) > 50:
+        ax.set_yscale("symlog", linthresh=1.0)
+    ax.axhline(1, color="black", lw=0.6, ls="--")
+    ax.set_xticks(x, [lang_name(l) for l in langs], rotation=30, ha="right")
+    ax.set_ylabel("Imp (shared / exclusive, per neuron)")
+    las, las_ci = num(deact.get("language_agnostic_score")), deact.get("language_agnostic_score_ci")
+    title = f"{tag}: importance of the shared neurons"
+    if las is not None:
+        title += f"\nLAS {las:.3f}" + (f" [{las_ci[0]:.3f}, {las_ci[1]:.3f}]" if interval_err(las, las_ci) else "")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    if pts:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -700,6 +762,13 @@ def report_distribution(tags: list[TagResults], emit: Emit) -> str:
                       fmt(s.get("shared_ratio"))] for t, (s, _) in models.items()]))
 
 
+def fmt_ci(ci: Any, spec: str = ".3g") -> str:
+    """ " [lo, hi]" of an interval, "" without one."""
+    if not (isinstance(ci, list) and len(ci) == 2) or num(ci[0]) is None or num(ci[1]) is None:
+        return ""
+    return f" [{format(ci[0], spec)}, {format(ci[1], spec)}]"
+
+
 def report_deactivation(tags: list[TagResults], emit: Emit) -> str:
     text = "\n## Perplexity increase after deactivation (paper Fig. 4)\n"
     done = [t for t in tags if t.deact is not None]
@@ -711,14 +780,24 @@ def report_deactivation(tags: list[TagResults], emit: Emit) -> str:
         rows = [["base", "–"] + [fmt((base.get(l) or {}).get("ppl")) for l in langs]]
         for name, s in deact["sets"].items():
             rows.append([name, str(s.get("size", "–"))]
-                        + [f"{fmt(((s.get('ppl') or {}).get(l) or {}).get('ppl'))} ({fmt((s.get('dppl') or {}).get(l), '+.3f')})"
-                           for l in langs])
+                        + [f"{fmt(((s.get('ppl') or {}).get(l) or {}).get('ppl'))} ({fmt((s.get('dppl') or {}).get(l), '+.3f')}"
+                           f"{fmt_ci((s.get('dppl_ci') or {}).get(l))})" for l in langs])
+            if c := s.get("controls"):
+                rows.append([f"↳ {c.get('k', '?')} random controls", "–"]
+                            + [f"{fmt((c.get('dppl_mean') or {}).get(l), '+.3f')}{fmt_ci((c.get('dppl_range') or {}).get(l))}"
+                               f" (×{fmt((c.get('dppl_ratio') or {}).get(l), '.3g')})" for l in langs])
         imp = deact.get("importance") or {}
+        imp_ci = deact.get("importance_ci") or {}
         text += (f"\n### {t.tag}\n\n" + emit(fig_deactivation(t.tag, deact, langs), f"deactivation_{t.tag}.png")
-                 + "\nPPL per language, ΔPPL in brackets.\n\n" + table(["set", "size"] + [lang_name(l) for l in langs], rows)
+                 + "\nPPL per language, ΔPPL and its 95% interval (paired bootstrap over the validation lines) in "
+                   "brackets; under a set, its random controls' mean ΔPPL, [min, max] and (× the set's ΔPPL over "
+                   "their mean).\n\n" + table(["set", "size"] + [lang_name(l) for l in langs], rows)
                  + "\n" + table(["", *[lang_name(l) for l in imp], "LAS"],
-                                [["Imp", *[fmt(v, ".4g") for v in imp.values()],
-                                  fmt(deact.get("language_agnostic_score"), ".4f")]]))
+                                [["Imp", *[fmt(v, ".4g") + fmt_ci(imp_ci.get(l)) for l, v in imp.items()],
+                                  fmt(deact.get("language_agnostic_score"), ".4f")
+                                  + fmt_ci(deact.get("language_agnostic_score_ci"), ".4f")]]))
+        if imp:
+            text += "\n" + emit(fig_importance(t.tag, deact), f"importance_{t.tag}.png")
     return text
 
 

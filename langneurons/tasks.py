@@ -28,8 +28,8 @@ def scored(correct: list[bool], texts: list[str]) -> dict:
 
 
 def eval_ppl(model, tok, data: dict[str, list[str]], args: argparse.Namespace) -> dict[str, dict]:
-    """Perplexity of every validation line scored on its own."""
-    return metrics.perplexity_by_lang(model, tok, data, args.max_length, args.batch_size, "ppl")
+    """Perplexity of every validation line scored on its own, with each line's NLL (intervals over lines)."""
+    return metrics.perplexity_by_lang(model, tok, data, args.max_length, args.batch_size, "ppl", per_line=True)
 
 
 def eval_mgsm(model, tok, data: dict[str, list[tuple[str, float]]], args: argparse.Namespace) -> dict[str, dict]:

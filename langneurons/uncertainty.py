@@ -47,6 +47,51 @@ def paired_bootstrap(statistic: Callable[[np.ndarray], float], n: int, resamples
     return percentile_interval([statistic(idx) for idx in resample_indices(n, resamples, seed)], level)
 
 
+# ---------------------------------------------------------------- perplexity over resampled lines
+
+def derived_seed(seed: int, *names: str) -> int:
+    """A seed of its own for each named part of one run (e.g. each language's resamples), all fixed by `seed`:
+    independent draws for independent data, the same draws on a rerun."""
+    import zlib
+    words = [int(seed) & 0xFFFFFFFF, *(zlib.crc32(n.encode("utf-8")) for n in names)]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0])
+
+
+def _line_arrays(line_nll: Sequence[float | None], line_tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    # a line whose NLL is not finite was stored as null (files.json_safe): it is infinitely unlikely
+    nll = np.asarray([np.inf if x is None else x for x in line_nll], dtype=np.float64)
+    return nll, np.asarray(line_tokens, dtype=np.int64)
+
+
+def ppl_of_lines(line_nll: Sequence[float | None], line_tokens: Sequence[int]) -> float:
+    """PPL = exp(sum NLL / sum predicted tokens) of lines given by their summed NLL and predicted tokens; NaN
+    when no token is predicted. metrics.perplexity computes its PPL with it."""
+    nll, tok = _line_arrays(line_nll, line_tokens)
+    count = int(tok.sum())
+    return float(np.exp(nll.sum() / count)) if count else float("nan")
+
+
+def resampled_ppl(line_nll: Sequence[float | None], line_tokens: Sequence[int], indices: np.ndarray,
+                  chunk: int = 256) -> np.ndarray:
+    """[resamples] PPL of the lines each row of `indices` ([resamples, n], resample_indices) draws (a line
+    drawn twice counts twice); NaN where a resample predicts no token. Conditions measured on the same lines
+    and given the same `indices` are paired resamples."""
+    nll, tok = _line_arrays(line_nll, line_tokens)
+    out = np.empty(len(indices), dtype=np.float64)
+    for start in range(0, len(indices), chunk):  # [chunk, n] at a time: memory stays small for long files
+        rows = indices[start:start + chunk]
+        count = tok[rows].sum(1)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            out[start:start + chunk] = np.where(count > 0, np.exp(nll[rows].sum(1) / np.maximum(count, 1)), np.nan)
+    return out
+
+
+def interval_or_none(samples: Sequence[float], level: float = LEVEL) -> list[float] | None:
+    """percentile_interval as a JSON pair, None when no sample is finite (the statistic is never defined)."""
+    lo, hi = percentile_interval(samples, level)
+    return None if not (np.isfinite(lo) and np.isfinite(hi)) else [lo, hi]
+
+
 # ---------------------------------------------------------------- accuracies and paired comparisons
 
 ALPHA = 0.05       # a paired difference is marked significant when its p-value is below this
@@ -80,12 +125,6 @@ def paired_accuracy(before: Sequence[int], after: Sequence[int], resamples: int 
             "only_before": only_before, "only_after": only_after, "p": p, "significant": significant(p)}
 
 
-def lines_ppl(nll: np.ndarray, tokens: np.ndarray) -> float:
-    """exp(sum of NLLs / sum of predicted tokens) over lines (docs/method.md section 7); inf without tokens."""
-    t = float(tokens.sum())
-    return float(np.exp(nll.sum() / t)) if t > 0 else float("inf")
-
-
 def paired_ppl_change(before_nll: Sequence[float], before_tokens: Sequence[int], after_nll: Sequence[float],
                       after_tokens: Sequence[int], resamples: int = RESAMPLES, seed: int = 0,
                       level: float = LEVEL) -> dict:
@@ -98,9 +137,9 @@ def paired_ppl_change(before_nll: Sequence[float], before_tokens: Sequence[int],
         raise ValueError("paired perplexity needs four aligned, non-empty per-line lists")
     if not np.array_equal(bt, at):
         raise ValueError("the two models predicted different numbers of tokens per line: not the same lines")
-    before, after = lines_ppl(bn, bt), lines_ppl(an, at)
-    ci = paired_bootstrap(lambda idx: lines_ppl(an[idx], at[idx]) - lines_ppl(bn[idx], bt[idx]), bn.size,
-                          resamples, seed, level)
+    before, after = ppl_of_lines(bn, bt), ppl_of_lines(an, at)
+    idx = resample_indices(bn.size, resamples, seed)  # the same resampled lines for both models
+    ci = percentile_interval(resampled_ppl(an, at, idx) - resampled_ppl(bn, bt, idx), level)
     return {"lines": int(bn.size), "before": before, "after": after, "delta": after - before, "delta_ci": list(ci),
             "significant": None if not all(np.isfinite(ci)) else bool(ci[0] > 0 or ci[1] < 0)}
 
