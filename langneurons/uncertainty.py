@@ -45,3 +45,12 @@ def paired_bootstrap(statistic: Callable[[np.ndarray], float], n: int, resamples
     """Interval of `statistic(indices)` over bootstrap resamples of n paired items: the same items are drawn
     for every condition the statistic compares (the same validation lines with and without a set)."""
     return percentile_interval([statistic(idx) for idx in resample_indices(n, resamples, seed)], level)
+
+
+def split_halves(n: int, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two [resamples, n // 2] index arrays: per resample a random permutation of n items cut into two disjoint
+    halves (an odd item out is left out), for split-half agreement."""
+    rng = np.random.default_rng(seed)
+    perm = np.stack([rng.permutation(n) for _ in range(resamples)]) if resamples else np.zeros((0, n), dtype=int)
+    h = n // 2
+    return perm[:, :h], perm[:, h:2 * h]
