@@ -31,8 +31,8 @@ from .uncertainty import LEVEL, percentile_interval, resample_indices, split_hal
 
 # every set detection writes but the random controls
 EMPTY_JACCARD = 1.0
-# bytes of boolean masks one chunk of resamples may hold (sets x resamples x neurons)
-CHUNK_BYTES = 1 << 26
+# bytes one chunk of resamples may hold: boolean masks of every set of three batches, int32 counts per language
+CHUNK_BYTES = 1 << 27
 
 
 @dataclass
@@ -104,50 +104,77 @@ def load_per_text(path: str | Path) -> PerText:
 # ---------------------------------------------------------------- firing counts of any draw of texts
 
 class _Counter:
-    """Weighted firing counts of one language: `X` [texts, candidates] holds each text's contribution to the
-    neurons any text selects (the others always count 0), so a batch of draws is one matrix product."""
+    """Weighted firing counts of one language. Only the neurons some text selects can count above 0, so the
+    counts live on those candidates: `X` [texts, candidates] holds each text's contribution (sparse 0/1 for top
+    lists, dense active-token counts for activation), and a batch of draws is one matrix product."""
 
     def __init__(self, pt: PerText, li: int):
         self.pt, self.keys = pt, list(pt.sizes)
-        self.cols, self.X, self.units = {}, {}, None
+        self.cols, self.X = {}, {}
         n = pt.texts()[li]
         if pt.counted:
             for g in self.keys:
                 top = pt.data[g][li]  # [texts, layers, k]
                 flat = (top + torch.arange(pt.num_layers)[None, :, None] * pt.sizes[g]).reshape(n, -1)
                 cols, inv = torch.unique(flat, return_inverse=True)
-                X = torch.zeros(n, cols.numel(), dtype=torch.float64)
-                X.scatter_(1, inv, 1.0)
-                self.cols[g], self.X[g] = cols, X
-            self.units = torch.ones(n, dtype=torch.float64)
+                rows = torch.arange(n)[:, None].expand_as(inv)
+                # transposed, [candidates, texts]: sparse.mm(X^T, w^T) costs one multiply-add per selection
+                self.cols[g] = cols
+                self.X[g] = torch.sparse_coo_tensor(torch.stack([inv.flatten(), rows.flatten()]),
+                                                    torch.ones(inv.numel()), (cols.numel(), n),
+                                                    check_invariants=False).coalesce()
+            units, peak = torch.ones(n), 1
         else:
             active = pt.data["active"][li].reshape(n, -1)
             cols = torch.nonzero(active.any(0)).flatten()
-            X = active[:, cols].double()
             for g in self.keys:  # both FFN groups get the same counts
-                self.cols[g], self.X[g] = cols, X
-            self.units = pt.data["tokens"][li].double()
+                self.cols[g], self.X[g] = cols, active[:, cols].T.contiguous()
+            units = pt.data["tokens"][li]
+            peak = int(max(int(active.max()) if active.numel() else 0, int(units.max()) if n else 0))
+        # float32 sums integers exactly below 2**24; a draw of n texts sums at most n * peak
+        self.dtype = torch.float32 if n * max(peak, 1) < 2 ** 24 else torch.float64
+        self.X = {g: x.to(self.dtype) for g, x in self.X.items()}
+        self.units = units.to(self.dtype)
 
-    def __call__(self, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """w [R, texts] (repeat counts) -> ({group: int64 [R, layers, n]}, units int64 [R])."""
+    def compact(self, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """w [R, texts] (repeat counts) -> ({group: int64 [R, candidates]}, units int64 [R])."""
+        wt = w.to(self.dtype).T.contiguous()  # [texts, R]
         out, done = {}, {}
         for g in self.keys:
             key = id(self.X[g])
             if key not in done:
-                done[key] = torch.round(w.double() @ self.X[g]).long()  # exact: integers far below 2**53
-            full = torch.zeros(w.shape[0], self.pt.num_layers * self.pt.sizes[g], dtype=torch.int64)
-            full[:, self.cols[g]] = done[key]
-            out[g] = full.reshape(w.shape[0], self.pt.num_layers, self.pt.sizes[g])
-        return out, torch.round(w.double() @ self.units).long()
+                x = self.X[g]
+                prod = torch.sparse.mm(x, wt) if x.is_sparse else x @ wt  # [candidates, R]
+                done[key] = torch.round(prod.T).long()
+            out[g] = done[key]
+        return out, torch.round(w.to(self.dtype) @ self.units).long()
+
+    def dense_batch(self, g: str, rows: torch.Tensor) -> torch.Tensor:
+        """A batch's candidate counts [R, candidates] -> int32 [R, layers, n]."""
+        full = torch.zeros(rows.shape[0], self.pt.num_layers * self.pt.sizes[g], dtype=torch.int32)
+        full[:, self.cols[g]] = rows.to(torch.int32)
+        return full.reshape(rows.shape[0], self.pt.num_layers, self.pt.sizes[g])
+
+    def dense(self, g: str, row: torch.Tensor) -> torch.Tensor:
+        """One draw's candidate counts -> int64 [layers, n]."""
+        full = torch.zeros(self.pt.num_layers * self.pt.sizes[g], dtype=torch.int64)
+        full[self.cols[g]] = row
+        return full.reshape(self.pt.num_layers, self.pt.sizes[g])
+
+
+def _counters(pt: PerText) -> list[_Counter]:
+    return [_Counter(pt, li) for li in range(len(pt.langs))]
 
 
 def weighted_counts(pt: PerText, weights: Sequence[torch.Tensor],
                     counters: list[_Counter] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The firing counts of R draws: `weights[l]` [R, texts of l] says how often each text is drawn.
     Returns ({group: int64 [R, langs, layers, n]}, units int64 [R, langs]): sentences, or tokens for activation."""
-    counters = counters or [_Counter(pt, li) for li in range(len(pt.langs))]
-    per_lang = [c(w) for c, w in zip(counters, weights)]
-    firing = {g: torch.stack([f[g] for f, _ in per_lang], 1) for g in pt.sizes}
+    counters = counters or _counters(pt)
+    per_lang = [c.compact(w) for c, w in zip(counters, weights)]
+    R = int(weights[0].shape[0])
+    firing = {g: torch.stack([torch.stack([c.dense(g, comp[g][r]) for c, (comp, _) in zip(counters, per_lang)])
+                              for r in range(R)]) for g in pt.sizes}
     return firing, torch.stack([u for _, u in per_lang], 1)
 
 
@@ -162,10 +189,15 @@ def related_sets(pt: PerText, weights: Sequence[torch.Tensor], geom: Geometry, t
     [R, layers, n]}}: per draw the firing counts, then exactly detection's rule (neurons.related_from_counts at
     `threshold`, or LAPE's neurons.lape_related at `ratio` for activation). With full_weights this is what
     detection writes."""
-    firing, units = weighted_counts(pt, weights, counters)
+    counters = counters or _counters(pt)
+    per_lang = [c.compact(w) for c, w in zip(counters, weights)]
+    units = torch.stack([u for _, u in per_lang], 1)  # [R, langs]
+    # dense counts of the whole batch, [langs, R, layers, n] per group (int32: at most texts x tokens)
+    batch = {g: torch.stack([c.dense_batch(g, comp[g]) for c, (comp, _) in zip(counters, per_lang)])
+             for g in pt.sizes}
     per_draw = []
     for r in range(units.shape[0]):
-        counts = {g: firing[g][r] for g in firing}
+        counts = {g: batch[g][:, r] for g in pt.sizes}
         if pt.counted:
             per_draw.append(related_from_counts(counts, units[r], pt.langs, threshold, geom))
         else:
@@ -205,13 +237,13 @@ def subset_weights(idx: np.ndarray, n: int) -> torch.Tensor:
 
 def sizes(sets: NeuronSet) -> torch.Tensor:
     """[R] neurons in each draw of a batched set."""
-    return sum(sets[g].flatten(1).sum(1) for g in GROUPS)
+    return sum(torch.count_nonzero(sets[g].flatten(1), dim=1) for g in GROUPS)
 
 
 def jaccard(a: NeuronSet, b: NeuronSet) -> np.ndarray:
     """[R] Jaccard |a & b| / |a | b| per draw (b may be one set broadcast to every draw); two empty sets: 1.0."""
-    inter = sum((a[g] & b[g]).flatten(1).sum(1) for g in GROUPS).double()
-    union = sum((a[g] | b[g]).flatten(1).sum(1) for g in GROUPS).double()
+    inter = sum(torch.count_nonzero((a[g] & b[g]).flatten(1), dim=1) for g in GROUPS).double()
+    union = sum(torch.count_nonzero((a[g] | b[g]).flatten(1), dim=1) for g in GROUPS).double()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.tensor(EMPTY_JACCARD)).numpy()
 
 
@@ -224,8 +256,8 @@ def summary(x: Sequence[float]) -> dict[str, Any]:
 
 def _chunk(pt: PerText, geom_total: int) -> int:
     """Resamples per chunk: the boolean masks of every set of a chunk stay within CHUNK_BYTES."""
-    nsets = 4 * len(pt.langs) + 2
-    return max(1, CHUNK_BYTES // max(1, geom_total * nsets * 2))
+    per_neuron = 3 * (3 * len(pt.langs) + 2) + 4 * len(pt.langs)
+    return max(1, CHUNK_BYTES // max(1, geom_total * per_neuron))
 
 
 def measure(pt: PerText, geom: Geometry, threshold: float, ratio: float, resamples: int, seed: int,
@@ -239,7 +271,7 @@ def measure(pt: PerText, geom: Geometry, threshold: float, ratio: float, resampl
                          f"({dict(zip(pt.langs, texts))})")
     halves = [split_halves(n, resamples, lang_seed(seed, li, "split-half")) for li, n in enumerate(texts)]
     boots = [bootstrap_weights(n, resamples, lang_seed(seed, li, "bootstrap")) for li, n in enumerate(texts)]
-    counters = [_Counter(pt, li) for li in range(len(pt.langs))]
+    counters = _counters(pt)
     total = sum(full[next(iter(full))][g].numel() for g in GROUPS)
     step = _chunk(pt, total)
     names = list(full)
@@ -316,7 +348,7 @@ def curve(pt: PerText, geom: Geometry, threshold: float, ratio: float, n_texts: 
     n are skipped. Every language draws the same n."""
     texts = pt.texts()
     pool = min(texts)
-    counters = [_Counter(pt, li) for li in range(len(pt.langs))]
+    counters = _counters(pt)
     build = lambda w: derived_sets(related_sets(pt, w, geom, threshold, ratio, counters))
     full = build(full_weights(pt))
     total = sum(full["shared"][g][0].numel() for g in GROUPS)
@@ -331,15 +363,15 @@ def curve(pt: PerText, geom: Geometry, threshold: float, ratio: float, n_texts: 
             continue
         vals = {name: [] for name in names}
         sz = {name: [] for name in names}
+        # per language: the first 2n of a random permutation, cut into two disjoint draws of n
+        perms = [np.stack([rng.permutation(m)[:2 * n] for _ in range(resamples)])
+                 for rng, m in ((np.random.default_rng(lang_seed(seed, li, f"curve-{n}")), m)
+                                for li, m in enumerate(texts))] if kind == "split_half" else []
         for start in range(0, resamples, step):
             stop = min(resamples, start + step)
             if kind == "split_half":
-                draws = []
-                for li, m in enumerate(texts):
-                    rng = np.random.default_rng(lang_seed(seed, li, f"curve-{n}"))
-                    perm = np.stack([rng.permutation(m)[:2 * n] for _ in range(resamples)])[start:stop]
-                    draws.append((subset_weights(perm[:, :n], m), subset_weights(perm[:, n:], m)))
-                a, b = build([d[0] for d in draws]), build([d[1] for d in draws])
+                a = build([subset_weights(pm[start:stop, :n], m) for pm, m in zip(perms, texts)])
+                b = build([subset_weights(pm[start:stop, n:], m) for pm, m in zip(perms, texts)])
                 for name in names:
                     vals[name] += jaccard(a[name], b[name]).tolist()
                     sz[name] += ((sizes(a[name]) + sizes(b[name])) / 2).tolist()
