@@ -200,3 +200,17 @@ def test_bad_stability_flags_exit_2_and_write_nothing(forked, tiny, tmp_path, ex
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json"))
+
+
+def test_figures_draw_the_stability_figure_when_stability_json_exists(forked, tiny, tmp_path):
+    _, _, root = tiny
+    d = detect(forked, tiny, tmp_path)
+    r = forked("figures.py", "--out", tmp_path, cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = (tmp_path / "figures" / "report.md").read_text()
+    assert (tmp_path / "figures" / "stability_model.png").is_file() and "stability_model.png" in report
+    shared = stats_of(d)["sets"]["shared"]["split_half"]
+    assert f"| shared | {stats_of(d)['sets']['shared']['size']} | {shared['mean']:.2f} [" in report
+    (d / "stability.json").unlink()
+    r = forked("figures.py", "--out", tmp_path, cwd=root)
+    assert r.returncode == 0 and not (tmp_path / "figures" / "stability_model.png").exists()
