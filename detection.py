@@ -86,6 +86,7 @@ def main() -> None:
     args = parse_args()
     groups, langs, undo, mgsm_format = validate(args)
     corpora = read_corpora(args, langs, mgsm_format)
+    check_stability_corpora(args, corpora)
     out_dir = outputs(args.out, args.model).neurons
     # a second run on the same --out waits for this one, then reuses its outputs
     with reuse.unit(out_dir, f"--out {args.out}", force=args.force, record=out_dir / META,
@@ -261,6 +262,13 @@ def write_outputs(out_dir: Path, args, langs, firing, sentences, geom, sets, sum
             write_stability(tmp, args, resampled, provenance, kv_space)
         files.write_json(tmp / STATS, summary)
         files.write_json(tmp / META, meta)
+
+
+def check_stability_corpora(args, corpora: dict[str, list[str]]) -> None:
+    """Before the model runs: split halves need two texts per language."""
+    if args.resamples and (few := {l: len(t) for l, t in corpora.items() if len(t) < 2}):
+        raise cli.InputError(f"--resamples {args.resamples}: split halves need at least 2 texts per language "
+                             f"({', '.join(f'{l}: {n}' for l, n in few.items())}); --resamples 0 turns them off")
 
 
 def measure_stability(args, per_text: stability.PerText, geom: Geometry, related: dict,

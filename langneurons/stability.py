@@ -56,14 +56,6 @@ class PerText:
         return [int(t.shape[0]) for t in self.data[key]]
 
 
-def from_batches(method: str, langs: list[str], num_layers: int, sizes: dict[str, int],
-                 batches: list[dict[str, list[torch.Tensor]]]) -> PerText:
-    """A PerText from per-language lists of batch tensors (`batches[l][key]`: list of [batch, ...])."""
-    keys = list(sizes) if method != "activation" else ["active", "tokens"]
-    data = {k: [torch.cat(b[k]) if b[k] else torch.zeros(0, dtype=torch.int64) for b in batches] for k in keys}
-    return PerText(method, langs, num_layers, dict(sizes), data)
-
-
 # ---------------------------------------------------------------- file
 
 def _index_dtype(limit: int) -> torch.dtype:

@@ -191,6 +191,7 @@ def test_twice_the_texts_is_at_least_as_stable(forked, tiny, tmp_path):
     (["--stable-core", "1.5"], "--stable-core"),
     (["--resamples", "-1"], "--resamples"),
     (["--resamples", "0", "--stable-core", "0.5"], "--stable-core 0.5: needs --resamples > 0"),
+    (["--sample-size", "1"], "--resamples 200: split halves need at least 2 texts per language (en: 1, fr: 1)"),
 ])
 def test_bad_stability_flags_exit_2_and_write_nothing(forked, tiny, tmp_path, extra, message):
     model, words, root = tiny
