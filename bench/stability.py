@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mgsm", action="store_true",
                    help=f"detect on the real MGSM questions in {MGSM} (250 per language) instead of detect/")
     p.add_argument("--neurons", type=Path, help="a detection output folder to read instead of running detection")
-    p.add_argument("--out", type=Path, default=REPO / "results" / "stability" / "outputs",
+    p.add_argument("--out", type=Path, default=REPO / "outputs",
                    help="detection's --out (a second run reuses it)")
     p.add_argument("--ratio", type=float, default=0.01)
     p.add_argument("--threshold", type=float, default=1.0)
@@ -43,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--resamples", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=REPO / "results" / "stability" / "stability_curve.json")
-    p.add_argument("--png", type=Path, default=REPO / "results" / "stability" / "stability_curve.png")
+    p.add_argument("--png", type=Path, default=REPO / "docs" / "figures" / "stability.png")
     return p.parse_args()
 
 
