@@ -188,7 +188,7 @@ class FiringCounts:
 @dataclass
 class Earlier:
     """What an earlier run in the output folder leaves to this one: everything (up_to_date), its firing
-    counts (only --threshold changed), or nothing (counts None: the model must run)."""
+    counts (only --threshold, --resamples or --stable-core changed), or nothing (counts None: the model must run)."""
     up_to_date: bool = False
     counts: FiringCounts | None = None
 
@@ -198,8 +198,8 @@ REDERIVED = ("threshold", "resamples", "stable_core")
 
 
 def earlier_counts(args, unit: reuse.Unit, fp: dict) -> Earlier:
-    """Whether the stored outputs were computed from exactly this, else the stored firing counts when only
-    --threshold changed (no model run)."""
+    """Whether the stored outputs were computed from exactly this, else the stored firing counts and per-text
+    selections when only flags of REDERIVED changed (no model run)."""
     out_dir, stored = unit.path, unit.stored()
     if stored is None:
         return Earlier()
