@@ -215,3 +215,23 @@ def test_figures_draw_the_stability_figure_when_stability_json_exists(forked, ti
     (d / "stability.json").unlink()
     r = forked("figures.py", "--out", tmp_path, cwd=root)
     assert r.returncode == 0 and not (tmp_path / "figures" / "stability_model.png").exists()
+
+
+@pytest.mark.parametrize("method", ["activation", "authors"])
+def test_every_method_rebuilds_its_sets_from_the_per_text_data(forked, tiny, tmp_path, method):
+    d = detect(forked, tiny, tmp_path, "--method", method, "--resamples", "20")
+    meta = json.loads((d / "meta.json").read_text())
+    geom = Geometry(**meta["geometry"])
+    pt = stability.load_per_text(d / "per_text.safetensors")
+    assert pt.method == method and pt.texts() == [24, 24, 24]
+    firing = load_file(d / "firing.safetensors")
+    counts, units = stability.weighted_counts(pt, stability.full_weights(pt))
+    assert units[0].tolist() == firing["sentences"].tolist()
+    for g in pt.sizes:
+        for layer in range(geom.num_layers):
+            assert torch.equal(counts[g][0, :, layer].int(), firing[f"{g}.{layer}"]), (g, layer)
+    kv = meta.get("authors", {}).get("kv_index_space", "kv_rows")
+    for name, s in language_sets(stability.full_data_related(pt, geom, 1.0, 0.2), geom, 0).items():
+        on_disk = {g: v for g, v in json.loads((d / f"{name}.json").read_text()).items() if g != "meta"}
+        assert {g: v for g, v in to_json(s, kv_index_space=kv).items() if g != "meta"} == on_disk, name
+    assert set(stats_of(d)["sets"]) >= {"shared", "related_all"}
