@@ -2,6 +2,7 @@
 formula of our own where a library has it). Every resampling takes a seed: the same seed, the same interval."""
 from __future__ import annotations
 
+import zlib
 from typing import Callable, Sequence
 
 import numpy as np
@@ -52,7 +53,6 @@ def paired_bootstrap(statistic: Callable[[np.ndarray], float], n: int, resamples
 def derived_seed(seed: int, *names: str) -> int:
     """A seed of its own for each named part of one run (e.g. each language's resamples), all fixed by `seed`:
     independent draws for independent data, the same draws on a rerun."""
-    import zlib
     words = [int(seed) & 0xFFFFFFFF, *(zlib.crc32(n.encode("utf-8")) for n in names)]
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0])
 
@@ -151,3 +151,12 @@ def spread(values: Sequence[float]) -> dict:
         return {"n": 0, "mean": None, "min": None, "max": None, "sd": None}
     return {"n": int(x.size), "mean": float(x.mean()), "min": float(x.min()), "max": float(x.max()),
             "sd": float(x.std(ddof=1)) if x.size > 1 else None}
+
+
+def split_halves(n: int, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two [resamples, n // 2] index arrays: per resample a random permutation of n items cut into two disjoint
+    halves (an odd item out is left out), for split-half agreement."""
+    rng = np.random.default_rng(seed)
+    perm = np.stack([rng.permutation(n) for _ in range(resamples)]) if resamples else np.zeros((0, n), dtype=int)
+    h = n // 2
+    return perm[:, :h], perm[:, h:2 * h]
