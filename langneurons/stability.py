@@ -9,8 +9,9 @@ exactly as detection does for all its texts (detection itself calls it with ever
 
 `measure` draws, per language and independently, `resamples` split halves (two disjoint random halves of
 floor(n/2) texts) and `resamples` bootstrap resamples (n texts with replacement); it reports split-half and
-bootstrap-vs-full Jaccard and the set sizes (mean, median and percentile interval, uncertainty.py) and each
-neuron's selection frequency over the bootstrap resamples. The Jaccard of two empty sets is 1.0 (they agree)."""
+bootstrap-vs-full Jaccard and the set sizes (mean, median and percentile interval, uncertainty.py), per
+bootstrap resample also each group's and each component's (QK, VO, FFN) count and the components' shares of
+the set, and each neuron's selection frequency over the bootstrap resamples. The Jaccard of two empty sets is 1.0 (they agree)."""
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .cli import InputError
 from .model import GROUPS, Geometry
-from .neurons import NeuronSet, derived_sets, lape_related, related_from_counts
+from .neurons import COMPONENTS, NeuronSet, derived_sets, lape_related, related_from_counts
 from .uncertainty import LEVEL, percentile_interval, resample_indices, split_halves
 
 # every set detection writes but the random controls
@@ -229,7 +230,23 @@ def subset_weights(idx: np.ndarray, n: int) -> torch.Tensor:
 
 def sizes(sets: NeuronSet) -> torch.Tensor:
     """[R] neurons in each draw of a batched set."""
-    return sum(torch.count_nonzero(sets[g].flatten(1), dim=1) for g in GROUPS)
+    return sum(group_sizes(sets).values())
+
+
+def group_sizes(sets: NeuronSet) -> dict[str, torch.Tensor]:
+    """{group: [R]} neurons of each group in each draw of a batched set."""
+    return {g: torch.count_nonzero(sets[g].flatten(1), dim=1) for g in GROUPS}
+
+
+def component_sizes(groups: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{component: [R]} of group_sizes: QK, VO and FFN counts (neurons.COMPONENTS) in each draw."""
+    return {c: sum(groups[g] for g in gs) for c, gs in COMPONENTS.items()}
+
+
+def shares(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{part: [R]} each part's fraction of the draw's set (0.0 for an empty draw, as neurons.set_stats)."""
+    total = sum(parts.values()).double()
+    return {k: torch.where(total > 0, v.double() / total.clamp(min=1), torch.tensor(0.0)) for k, v in parts.items()}
 
 
 def jaccard(a: NeuronSet, b: NeuronSet) -> np.ndarray:
@@ -268,6 +285,9 @@ def measure(pt: PerText, geom: Geometry, threshold: float, ratio: float, resampl
     step = _chunk(pt, total)
     names = list(full)
     vals = {name: {k: [] for k in ("split_half", "bootstrap", "size_split_half", "size_bootstrap")} for name in names}
+    # per bootstrap resample: each group's and component's count and each component's share of the set
+    parts = {name: {"groups": {g: [] for g in GROUPS}, "components": {c: [] for c in COMPONENTS},
+                    "component_shares": {c: [] for c in COMPONENTS}} for name in names}
     freq = {name: {g: torch.zeros(full[name][g].shape, dtype=torch.int64) for g in GROUPS} for name in names}
     batched_full = {name: {g: s[g][None] for g in GROUPS} for name, s in full.items()}
     build: Callable[[list[torch.Tensor]], dict[str, NeuronSet]] = \
@@ -282,11 +302,25 @@ def measure(pt: PerText, geom: Geometry, threshold: float, ratio: float, resampl
             v["split_half"] += jaccard(a[name], b[name]).tolist()
             v["bootstrap"] += jaccard(boot[name], batched_full[name]).tolist()
             v["size_split_half"] += ((sizes(a[name]) + sizes(b[name])) / 2).tolist()
-            v["size_bootstrap"] += sizes(boot[name]).tolist()
+            groups = group_sizes(boot[name])
+            comps = component_sizes(groups)
+            v["size_bootstrap"] += sum(groups.values()).tolist()
+            for key, got in (("groups", groups), ("components", comps), ("component_shares", shares(comps))):
+                for k, x in got.items():
+                    parts[name][key][k] += x.tolist()
             for g in GROUPS:
                 freq[name][g] += boot[name][g].sum(0)
-    out = {name: {"size": int(sum(int(full[name][g].sum()) for g in GROUPS)),
-                  **{k: summary(x) for k, x in vals[name].items()}} for name in names}
+    out = {}
+    for name in names:
+        # the full-data counts beside each bootstrap summary (the figures draw the interval at the set itself)
+        groups = {g: int(full[name][g].sum()) for g in GROUPS}
+        comps = {c: sum(groups[g] for g in gs) for c, gs in COMPONENTS.items()}
+        n = sum(groups.values())
+        out[name] = {"size": n, **{k: summary(x) for k, x in vals[name].items()},
+                     "groups": {g: {"size": groups[g], **summary(x)} for g, x in parts[name]["groups"].items()},
+                     "components": {c: {"size": comps[c], **summary(x)} for c, x in parts[name]["components"].items()},
+                     "component_shares": {c: {"share": comps[c] / n if n else 0.0, **summary(x)}
+                                          for c, x in parts[name]["component_shares"].items()}}
     return out, {name: {g: (c.double() / resamples).float() for g, c in f.items()} for name, f in freq.items()}
 
 

@@ -61,6 +61,17 @@ def test_jaccard_and_its_empty_case():
     assert stability.jaccard(batch(a), batch(e)).tolist() == [0.0]
 
 
+def test_component_counts_and_shares_of_a_batch():
+    g = Geometry(num_layers=2, intermediate_size=4, num_heads=1, num_kv_heads=1, head_dim=2)
+    a, e = empty_set(g), empty_set(g)
+    a["attn_q"][0, :2] = a["attn_k"][1, 0] = a["attn_o"][1, 1] = a["fwd_down"][0, 3] = True
+    batch = {k: torch.stack([a[k], e[k]]) for k in GROUPS}
+    comps = stability.component_sizes(stability.group_sizes(batch))
+    assert {c: v.tolist() for c, v in comps.items()} == {"QK": [3, 0], "VO": [1, 0], "FFN": [1, 0]}
+    assert {c: v.tolist() for c, v in stability.shares(comps).items()} == \
+        {"QK": [0.6, 0.0], "VO": [0.2, 0.0], "FFN": [0.2, 0.0]}  # an empty draw has no shares, as set_stats
+
+
 def test_full_data_rebuild_equals_the_written_files(forked, tiny, tmp_path):
     d = detect(forked, tiny, tmp_path)
     pt = stability.load_per_text(d / "per_text.safetensors")
@@ -97,6 +108,9 @@ def test_identical_texts_give_jaccard_one_for_every_set(forked, tiny, tmp_path):
         for key in ("split_half", "bootstrap"):
             assert s[key]["mean"] == s[key]["median"] == 1.0 and s[key]["ci"] == [1.0, 1.0], (name, key)
         assert s["size_bootstrap"]["ci"] == [s["size"], s["size"]], name
+        for c, v in s["components"].items():
+            assert v["ci"] == [v["size"], v["size"]], (name, c)
+            assert s["component_shares"][c]["ci"] == [s["component_shares"][c]["share"]] * 2, (name, c)
 
 
 def test_every_interval_holds_its_estimate_and_jaccard_is_a_fraction(forked, tiny, tmp_path):
@@ -111,6 +125,36 @@ def test_every_interval_holds_its_estimate_and_jaccard_is_a_fraction(forked, tin
                 assert 0.0 <= lo and hi <= 1.0, (name, key)
             varied += lo < hi
     assert varied  # real texts: resamples do disagree
+
+
+def test_component_and_group_counts_of_every_set_over_the_bootstrap(forked, tiny, tmp_path):
+    """Per set, each group's and each component's (QK, VO, FFN) count over the bootstrap resamples: the
+    full-data counts are the set file's and sum to the set size, every interval holds its median, the per-resample
+    counts add up to the resample's size (so their means add up to the size's mean), and the shares to 1."""
+    from langneurons.neurons import COMPONENTS, set_stats
+    d = detect(forked, tiny, tmp_path)
+    doc = stats_of(d)
+    geom = Geometry(**json.loads((d / "meta.json").read_text())["geometry"])
+    varied = 0
+    for name, s in doc["sets"].items():
+        assert set(s["components"]) == set(s["component_shares"]) == set(COMPONENTS) and set(s["groups"]) == set(GROUPS)
+        on_disk = set_stats(load_neuron_set(d / f"{name}.json", geom)[0], geom)
+        assert {c: v["size"] for c, v in s["components"].items()} == on_disk["components"], name
+        assert {g: v["size"] for g, v in s["groups"].items()} == on_disk["groups"], name
+        assert sum(v["size"] for v in s["components"].values()) == s["size"] == sum(v["size"] for v in s["groups"].values())
+        for key in ("components", "groups", "component_shares"):
+            for part, v in s[key].items():
+                lo, hi = v["ci"]
+                assert lo <= v["median"] <= hi, (name, key, part)
+                varied += lo < hi
+            mean = sum(v["mean"] for v in s[key].values())
+            if key == "component_shares":  # 1 per non-empty resample, 0 per empty one
+                assert 0.0 <= mean <= 1.0 + 1e-9, name
+            else:
+                assert mean == pytest.approx(s["size_bootstrap"]["mean"]), (name, key)
+        for c, v in s["component_shares"].items():
+            assert v["share"] == pytest.approx(on_disk["component_shares"][c]) and 0.0 <= v["ci"][0] <= v["ci"][1] <= 1.0
+    assert varied  # real texts: the components vary over resamples too
 
 
 def test_threshold_one_bootstrap_sets_contain_the_full_sets_so_the_core_at_one_does(forked, tiny, tmp_path):
