@@ -7,12 +7,14 @@ the figures). A figure whose inputs are missing is skipped with a note in report
 Wilson intervals; every trained, deactivated or intervened model is compared with the base on the same
 questions (exact McNemar test, significant at p < 0.05; paired bootstrap interval, --seed, --resamples).
 
-  neuron_distribution.png   shared / exclusive / unique neurons per language, % of all neurons (paper Fig. 2)
+  neuron_distribution.png   shared / exclusive / unique neurons per language, % of all neurons (paper Fig. 2),
+                            with the 95% bootstrap interval of each size where neurons/stability.json exists
   deactivation_<tag>.png    dPPL per language when random, shared or exclusive neurons are off (Fig. 4), with
                             95% intervals and the random controls' range
   importance_<tag>.png      Imp per language and LAS, with 95% intervals
   layers_<tag>.png          shared and exclusive neurons per layer (Fig. 6/7)
-  components.png            QK / VO / FFN split of shared and exclusive neurons (Table 2)
+  components.png            QK / VO / FFN split of shared and exclusive neurons (Table 2), with the 95% bootstrap
+                            interval of each share where neurons/stability.json exists
   ability.png               shared ratio and LAS against multilingual ability across models (Fig. 3/5)
   comparison_<tag>.png      MGSM / MMMLU accuracy of the base and of each deactivated or intervened model, 95%
                             Wilson intervals, significant paired differences marked
@@ -118,12 +120,44 @@ def set_value(stats: dict, name: str, key: str) -> Any:
     return stats.get("sets", {}).get(name, {}).get(key)
 
 
+def stable_ci(stab: dict | None, name: str, *keys: str) -> list[float] | None:
+    """The 95% interval [lo, hi] at stability.json's sets.<name>.<keys...>.ci (e.g. "size_bootstrap", or
+    "component_shares", "QK"), None without stability.json or that entry."""
+    entry: Any = (stab or {}).get("sets", {}).get(name)
+    for k in keys:
+        entry = entry.get(k) if isinstance(entry, dict) else None
+    ci = entry.get("ci") if isinstance(entry, dict) else None
+    return [float(ci[0]), float(ci[1])] if interval_err(0.0, ci) is not None else None
+
+
+def span_err(ci: list[float], scale: float = 1.0) -> tuple[float, tuple[float, float]]:
+    """(centre, (below, above)) that draws exactly [lo, hi] x scale as an error bar. A bootstrap interval need
+    not contain the full-data value (at --threshold 1.0 a resample's shared set only grows), so the bar spans the
+    interval itself rather than hanging on the full-data bar."""
+    mid = scale * (ci[0] + ci[1]) / 2
+    return mid, (mid - scale * ci[0], scale * ci[1] - mid)
+
+
+def draw_intervals(ax, pts: list[tuple[float, float, tuple[float, float]]], horizontal: bool = False) -> None:
+    """One error-bar series (position, centre, (below, above)) labelled as the sets' bootstrap intervals."""
+    if not pts:
+        return
+    err = np.array([e for _, _, e in pts]).T
+    pos, mid = [p for p, _, _ in pts], [m for _, m, _ in pts]
+    kw = {"fmt": "none", "ecolor": "black", "capsize": 2, "lw": 0.8, "label": "95% interval (resampled texts)"}
+    if horizontal:
+        ax.errorbar(mid, pos, xerr=err, **kw)
+    else:
+        ax.errorbar(pos, mid, yerr=err, **kw)
+
+
 # ---------------------------------------------------------------- figures (each returns its Figure)
 
-def fig_distribution(models: dict[str, tuple[dict, list[str]]]) -> Figure:
+def fig_distribution(models: dict[str, tuple[dict, list[str]]], stability: dict[str, dict] | None = None) -> Figure:
     """Paper Fig. 2: per model one panel; per language the shared neurons (the same for all languages)
     stacked under that language's exclusive ones (together: its language-related neurons), and the strictly
-    unique ones beside them; % of all neurons."""
+    unique ones beside them; % of all neurons. A model with a stability.json in `stability` (tag -> its content)
+    gets each size's 95% bootstrap interval (size_bootstrap), the exclusive one on top of the shared bar."""
     fig, axes = plt.subplots(1, len(models), figsize=(max(4.5, 1.0 * max(len(l) for _, l in models.values()) + 2)
                                                       * len(models), 4.2), squeeze=False)
     for ax, (tag, (stats, langs)) in zip(axes[0], models.items()):
@@ -135,6 +169,16 @@ def fig_distribution(models: dict[str, tuple[dict, list[str]]]) -> Figure:
         ax.bar(x - w / 2, [shared] * len(langs), w, color=COLORS["shared"], label="shared")
         ax.bar(x - w / 2, excl, w, bottom=[shared] * len(langs), color=COLORS["exclusive"], label="exclusive")
         ax.bar(x + w / 2, uniq, w, color=COLORS["unique"], label="strictly unique")
+        stab, total = (stability or {}).get(tag), num(stats.get("total_neurons"))
+        if stab and total:
+            pts = []
+            for i, l in enumerate(langs):
+                for pos, name, base in ((x[i] - w / 2, "shared", 0.0), (x[i] - w / 2, f"exclusive_{l}", shared),
+                                        (x[i] + w / 2, f"unique_{l}", 0.0)):
+                    if (ci := stable_ci(stab, name, "size_bootstrap")) is not None:
+                        mid, err = span_err(ci, 100 / total)
+                        pts.append((pos, base + mid, err))
+            draw_intervals(ax, pts)
         ax.set_xticks(x, [lang_name(l) for l in langs], rotation=30, ha="right")
         ax.set_ylabel("% of all neurons")
         ratio = num(stats.get("shared_ratio"))
@@ -260,24 +304,38 @@ def fig_layers(tag: str, stats: dict, langs: list[str]) -> Figure:
     return fig
 
 
-def component_rows(stats: dict, langs: list[str]) -> list[tuple[str, dict]]:
-    names = [("shared", "shared")] + [(f"exclusive {lang_name(l)}", f"exclusive_{l}") for l in langs]
-    return [(label, stats["sets"][n]) for label, n in names if n in stats.get("sets", {})]
+def component_rows(stats: dict, langs: list[str]) -> list[tuple[str, str, dict]]:
+    """(label, set name, stats.json entry) of the shared and each exclusive set."""
+    pairs = [("shared", "shared")] + [(f"exclusive {lang_name(l)}", f"exclusive_{l}") for l in langs]
+    return [(label, n, stats["sets"][n]) for label, n in pairs if n in stats.get("sets", {})]
 
 
-def fig_components(models: dict[str, tuple[dict, list[str]]]) -> Figure:
-    """Paper Table 2 as a figure: share of QK, VO and FFN neurons in the shared and each exclusive set."""
+def fig_components(models: dict[str, tuple[dict, list[str]]], stability: dict[str, dict] | None = None) -> Figure:
+    """Paper Table 2 as a figure: share of QK, VO and FFN neurons in the shared and each exclusive set. A model
+    with a stability.json in `stability` (tag -> its content) gets one bar per component and set, each with the
+    95% bootstrap interval of its share (intervals cannot be read off stacked segments); else stacked bars."""
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 0.45 * max(len(l) for _, l in models.values())
-                                                      + 2), squeeze=False)
+                                                      * (2 if stability else 1) + 2), squeeze=False)
     for ax, (tag, (stats, langs)) in zip(axes[0], models.items()):
         rows = component_rows(stats, langs)
         y = np.arange(len(rows))
         left = np.zeros(len(rows))
-        for comp in ("QK", "VO", "FFN"):
-            v = np.array([100 * (num(s.get("component_shares", {}).get(comp)) or 0.0) for _, s in rows])
-            ax.barh(y, v, left=left, color=COLORS[comp], label=comp)
-            left += v
-        ax.set_yticks(y, [label for label, _ in rows])
+        stab = (stability or {}).get(tag)
+        pts = []
+        for i, comp in enumerate(("QK", "VO", "FFN")):
+            v = np.array([100 * (num(s.get("component_shares", {}).get(comp)) or 0.0) for _, _, s in rows])
+            if stab:
+                h = 0.8 / 3
+                pos = y + (i - 1) * h
+                ax.barh(pos, v, h, color=COLORS[comp], label=comp)
+                for p, (_, name, _) in zip(pos, rows):
+                    if (ci := stable_ci(stab, name, "component_shares", comp)) is not None:
+                        pts.append((p, *span_err(ci, 100)))
+            else:
+                ax.barh(y, v, left=left, color=COLORS[comp], label=comp)
+                left += v
+        draw_intervals(ax, pts, horizontal=True)
+        ax.set_yticks(y, [label for label, _, _ in rows])
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
         ax.set_xlabel("% of the set's neurons")
@@ -632,6 +690,7 @@ class TagResults:
     outputs: layout.Outputs
     stats: dict | None = None
     langs: list[str] = field(default_factory=list)         # detection's languages
+    stability: dict | None = None                          # neurons/stability.json (detection.py --resamples)
     deact: dict | None = None
     deact_langs: list[str] = field(default_factory=list)
     evals: dict[str, dict] = field(default_factory=dict)   # evaluation name -> its file's content
@@ -685,6 +744,9 @@ def load_tag(o: layout.Outputs, notes: list[str], resamples: int = uncertainty.R
         t.stats, t.langs = stats, stats_langs(stats, load(o.neurons / layout.META))
     else:
         notes.append(f"{t.tag}: no readable {t.file(o.neurons / layout.STATS)} (run detection.py): neuron figures skipped")
+    stab = load(o.neurons / layout.STABILITY)
+    if isinstance(stab, dict) and isinstance(stab.get("sets"), dict) and stab["sets"]:
+        t.stability = stab
     deact = load(o.deactivation)
     if isinstance(deact, dict) and isinstance(deact.get("sets"), dict):
         t.deact = deact
@@ -747,18 +809,52 @@ def neuron_models(tags: list[TagResults]) -> dict[str, tuple[dict, list[str]]]:
     return {t.tag: (t.stats, t.langs) for t in tags if t.stats is not None}
 
 
+def stability_of(tags: list[TagResults]) -> dict[str, dict]:
+    """tag -> stability.json of the tags with neuron stats that have one."""
+    return {t.tag: t.stability for t in tags if t.stats is not None and t.stability is not None}
+
+
+def intervals_note(tags: list[TagResults], stab: dict[str, dict], what: str) -> str:
+    """What the brackets are, and which models have none (no stability.json)."""
+    text = ""
+    if stab:
+        first = next(iter(stab.values()))
+        text += (f"\nIn brackets and as error bars: the 95% interval of {what} over {first.get('resamples')} bootstrap "
+                 "resamples of each language's detection texts at the same model (neurons/stability.json, "
+                 "docs/stability.md); it need not contain the full-data value (at --threshold 1.0 a resample's "
+                 "shared and related sets only grow).\n")
+    if without := [t.tag for t in tags if t.stats is not None and t.tag not in stab]:
+        text += (f"\n_No intervals for {', '.join(without)}: no neurons/stability.json "
+                 "(detection.py --resamples N)._\n")
+    return text
+
+
+def pct_with_ci(stats: dict, stab: dict | None, name: str) -> str:
+    """A set's % of all neurons, with its bootstrap interval in brackets where stability.json has one."""
+    total, ci = num(stats.get("total_neurons")), stable_ci(stab, name, "size_bootstrap")
+    return pct(set_value(stats, name, "fraction")) + (f" [{pct(ci[0] / total)}, {pct(ci[1] / total)}]"
+                                                      if ci and total else "")
+
+
+def size_with_ci(stats: dict, stab: dict | None, name: str) -> str:
+    ci = stable_ci(stab, name, "size_bootstrap")
+    return str(set_value(stats, name, "size")) + (f" [{ci[0]:.0f}, {ci[1]:.0f}]" if ci else "")
+
+
 def report_distribution(tags: list[TagResults], emit: Emit) -> str:
     text = "\n## Shared and exclusive neurons per language (paper Fig. 2)\n"
     models = neuron_models(tags)
     if not models:
         return text + "_Skipped: no model has neurons/stats.json._\n"
-    rows = [[tag, lang_name(l), pct(set_value(stats, f"related_{l}", "fraction")),
-             pct(set_value(stats, "shared", "fraction")), pct(set_value(stats, f"exclusive_{l}", "fraction")),
-             pct(set_value(stats, f"unique_{l}", "fraction"))] for tag, (stats, langs) in models.items() for l in langs]
-    return (text + emit(fig_distribution(models), "neuron_distribution.png") + "\n% of all neurons of the model.\n\n"
+    stab = stability_of(tags)
+    rows = [[tag, lang_name(l)] + [pct_with_ci(stats, stab.get(tag), n)
+                                   for n in (f"related_{l}", "shared", f"exclusive_{l}", f"unique_{l}")]
+            for tag, (stats, langs) in models.items() for l in langs]
+    return (text + emit(fig_distribution(models, stab), "neuron_distribution.png") + "\n% of all neurons of the model.\n"
+            + intervals_note(tags, stab, "each set's size") + "\n"
             + table(["model", "language", "related", "shared", "exclusive", "strictly unique"], rows) + "\n"
             + table(["model", "total neurons", "shared", "shared ratio"],
-                    [[t, str(s.get("total_neurons", "–")), str(set_value(s, "shared", "size")),
+                    [[t, str(s.get("total_neurons", "–")), size_with_ci(s, stab.get(t), "shared"),
                       fmt(s.get("shared_ratio"))] for t, (s, _) in models.items()]))
 
 
@@ -821,11 +917,18 @@ def report_components(tags: list[TagResults], emit: Emit) -> str:
     models = neuron_models(tags)
     if not models:
         return text + "_Skipped: no model has neurons/stats.json._\n"
-    rows = [[tag, label] + [pct(s.get("component_shares", {}).get(c)) for c in ("QK", "VO", "FFN")]
-            + [str(s.get("size", "–"))] for tag, (stats, langs) in models.items() for label, s in component_rows(stats, langs)]
-    return (text + emit(fig_components(models), "components.png")
+    stab = stability_of(tags)
+
+    def share(s: dict, tag: str, name: str, c: str) -> str:
+        ci = stable_ci(stab.get(tag), name, "component_shares", c)
+        return pct(s.get("component_shares", {}).get(c)) + (f" [{pct(ci[0])}, {pct(ci[1])}]" if ci else "")
+    rows = [[tag, label] + [share(s, tag, name, c) for c in ("QK", "VO", "FFN")]
+            + [size_with_ci(stats, stab.get(tag), name)]
+            for tag, (stats, langs) in models.items() for label, name, s in component_rows(stats, langs)]
+    return (text + emit(fig_components(models, stab), "components.png")
             + "\nShare of each set's neurons (the paper, Llama-3.1-8B: shared 92.5 / 2.9 / 4.6, exclusive 59.5 / 23.8 / "
-              "16.7).\n\n" + table(["model", "set", "QK", "VO", "FFN", "size"], rows))
+              "16.7).\n" + intervals_note(tags, stab, "each share and size") + "\n"
+            + table(["model", "set", "QK", "VO", "FFN", "size"], rows))
 
 
 def report_ability(tags: list[TagResults], emit: Emit) -> str:
@@ -1041,8 +1144,7 @@ def plot_stability(tags: list[TagResults], emit: Emit) -> str:
     """Set stability (neurons/stability.json, detection.py --resamples): per set, the split-half Jaccard and the
     bootstrap Jaccard against the full-data set, each a mean with its 95% interval; one figure and table per tag."""
     text = "\n## Stability of the neuron sets under a redraw of the detection texts\n"
-    found = {t.tag: doc for t in tags if isinstance(doc := load(t.outputs.neurons / layout.STABILITY), dict)
-             and isinstance(doc.get("sets"), dict) and doc["sets"]}
+    found = {t.tag: t.stability for t in tags if t.stability is not None}
     if not found:
         return text + "_Skipped: no model has neurons/stability.json (detection.py --resamples N)._\n"
     for tag, doc in found.items():

@@ -467,3 +467,89 @@ def test_deactivated_and_intervened_models_against_the_base(outputs):
     assert "| 250 | significant |" in section and "| 250 | not significant |" in section
     assert "| shared | MGSM | Swahili |" in section and "no paired test: different questions" in section
     assert "| shared | English | " in section and "| 40 | significant |" in section  # PPL over 40 lines
+
+
+def write_stability(out: Path, tag: str) -> dict:
+    """A stability.json in detection's schema for a fixture model: every set's bootstrap size interval is
+    [size - 2, size + 3], every component share's [share - 0.05, share + 0.04] within [0, 1]."""
+    stats = json.loads((out / tag / "neurons" / "stats.json").read_text())
+    summ = lambda lo, hi: {"mean": (lo + hi) / 2, "median": (lo + hi) / 2, "ci": [lo, hi]}
+    sets = {}
+    for name, s in stats["sets"].items():
+        if name.startswith("random"):
+            continue
+        sets[name] = {"size": s["size"], "size_bootstrap": summ(max(0, s["size"] - 2), s["size"] + 3),
+                      "components": {c: {"size": n, **summ(max(0, n - 1), n + 1)} for c, n in s["components"].items()},
+                      "component_shares": {c: {"share": v, **summ(max(0.0, v - 0.05), min(1.0, v + 0.04))}
+                                           for c, v in s["component_shares"].items()}}
+    doc = {"resamples": 50, "level": 0.95, "texts": {l: 24 for l in LANGS}, "sets": sets}
+    for name in sets:  # the split-half/bootstrap Jaccard the stability figure reads
+        sets[name] |= {k: summ(0.8, 0.9) for k in ("split_half", "bootstrap")}
+    (out / tag / "neurons" / "stability.json").write_text(json.dumps(doc))
+    return doc
+
+
+def interval_spans(ax, horizontal: bool = False) -> list[tuple[float, float]]:
+    """(low, high) of every error bar of the axes' error-bar series, in drawing order."""
+    out = []
+    for c in ax.containers:
+        if isinstance(c, ErrorbarContainer):
+            for seg in c.lines[2][0].get_segments():
+                vals = seg[:, 0] if horizontal else seg[:, 1]
+                out.append((float(vals.min()), float(vals.max())))
+    return out
+
+
+def test_distribution_and_components_draw_the_bootstrap_intervals_where_stability_json_exists(outputs):
+    """With neurons/stability.json the distribution bars carry each size's 95% bootstrap interval (the
+    exclusive one on top of the shared bar) and the components each share's; the report's tables give the same
+    intervals; a model without stability.json is drawn as before, without error bars, and named in a note."""
+    doc = write_stability(outputs, "small-model")
+    tags = [figures.load_tag(figures.layout.Outputs(outputs / tag), []) for tag in ("small-model", "mid-model")]
+    assert tags[0].stability == doc and tags[1].stability is None
+    models, stab = figures.neuron_models(tags), figures.stability_of(tags)
+    assert list(stab) == ["small-model"]
+    total = 100_000
+    fig = figures.fig_distribution(models, stab)
+    ax_small, ax_mid = [a for a in fig.axes if a.get_title()]
+    spans = interval_spans(ax_small)
+    assert len(spans) == 3 * len(LANGS)  # shared, exclusive, unique per language
+    # shared: 30 neurons, interval [28, 33]; exclusive_en (50) stacked on the shared bar: 30 + [48, 53]
+    assert spans[0] == pytest.approx((100 * 28 / total, 100 * 33 / total))
+    assert spans[1] == pytest.approx((100 * (30 + 48) / total, 100 * (30 + 53) / total))
+    assert spans[2] == pytest.approx((100 * 3 / total, 100 * 8 / total))  # unique_en: 5 neurons
+    assert interval_spans(ax_mid) == []
+    figures.plt.close(fig)
+    fig = figures.fig_components(models, stab)
+    ax_small, ax_mid = fig.axes[:2]
+    shares = models["small-model"][0]["sets"]["shared"]["component_shares"]
+    spans = interval_spans(ax_small, horizontal=True)
+    assert len(spans) == 3 * (1 + len(LANGS))  # QK, VO, FFN of shared and of each exclusive set
+    assert spans[0] == pytest.approx((100 * (shares["QK"] - 0.05), 100 * (shares["QK"] + 0.04)))
+    assert len(ax_small.patches) == 3 * (1 + len(LANGS))  # one bar per component and set
+    assert interval_spans(ax_mid) == [] and len(ax_mid.patches) == 3 * (1 + len(LANGS))  # stacked, as before
+    figures.plt.close(fig)
+
+    def emit(fig, name):
+        figures.plt.close(fig)
+        return f"![{name}]({name})\n"
+    text = figures.report_distribution(tags, emit)
+    assert "| small-model | English | 0.080% [0.078%, 0.083%] | 0.030% [0.028%, 0.033%] | 0.050% [0.048%, 0.053%] | " \
+           "0.005% [0.003%, 0.008%] |" in text
+    assert "| small-model | 100000 | 30 [28, 33] |" in text and "| mid-model | 100000 | 60 |" in text
+    assert "| mid-model | English | 0.110% | 0.060% |" in text
+    assert "50 bootstrap resamples" in text and "_No intervals for mid-model: no neurons/stability.json" in text
+    text = figures.report_components(tags, emit)
+    assert f"| small-model | shared | {100 * shares['QK']:.3f}% [{100 * (shares['QK'] - 0.05):.3f}%, " \
+           f"{100 * (shares['QK'] + 0.04):.3f}%] |" in text
+    assert "| mid-model | shared | 70.000% | 10.000% | 20.000% | 60 |" in text
+
+
+def test_distribution_and_components_without_stability_json_draw_no_intervals(outputs):
+    tags = [figures.load_tag(figures.layout.Outputs(outputs / "small-model"), [])]
+    models = figures.neuron_models(tags)
+    for fig, horizontal in ((figures.fig_distribution(models), False), (figures.fig_components(models), True)):
+        assert interval_spans(fig.axes[0], horizontal) == [] and fig.axes[0].patches
+        figures.plt.close(fig)
+    text = figures.report_distribution(tags, lambda f, n: figures.plt.close(f) or f"![{n}]({n})\n")
+    assert "_No intervals for small-model" in text and "[" not in text.split("| strictly unique |")[1]
