@@ -340,7 +340,10 @@ def fig_components(models: dict[str, tuple[dict, list[str]]], stability: dict[st
         ax.set_xlim(0, 100)
         ax.set_xlabel("% of the set's neurons")
         ax.set_title(tag)
-        ax.legend(fontsize=8, loc="lower right")
+        if stab:  # grouped bars fill the panel: the legend goes outside
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+        else:
+            ax.legend(fontsize=8, loc="lower right")
     fig.suptitle("Where the neurons are: query/key, value/output, FFN")
     fig.tight_layout()
     return fig
