@@ -256,9 +256,18 @@ def test_figures_draw_the_stability_figure_when_stability_json_exists(forked, ti
     assert (tmp_path / "figures" / "stability_model.png").is_file() and "stability_model.png" in report
     shared = stats_of(d)["sets"]["shared"]["split_half"]
     assert f"| shared | {stats_of(d)['sets']['shared']['size']} | {shared['mean']:.2f} [" in report
+    # the distribution and components tables carry the same run's bootstrap intervals
+    total = json.loads((d / "stats.json").read_text())["total_neurons"]
+    size = stats_of(d)["sets"]["shared"]
+    lo, hi = size["size_bootstrap"]["ci"]
+    assert f"| model | {total} | {size['size']} [{lo:.0f}, {hi:.0f}] |" in report
+    qk = size["component_shares"]["QK"]
+    assert f"| model | shared | {100 * qk['share']:.3f}% [{100 * qk['ci'][0]:.3f}%, {100 * qk['ci'][1]:.3f}%] |" in report
     (d / "stability.json").unlink()
     r = forked("figures.py", "--out", tmp_path, cwd=root)
     assert r.returncode == 0 and not (tmp_path / "figures" / "stability_model.png").exists()
+    report = (tmp_path / "figures" / "report.md").read_text()
+    assert f"| model | {total} | {size['size']} |" in report and "_No intervals for model:" in report
 
 
 @pytest.mark.parametrize("method", ["activation", "authors"])
