@@ -5,36 +5,40 @@ an ordinary transformers model directory, and measure what it costs in perplexit
 
 Reads neuron files in our format and the authors' (outputs/<tag>/neurons/ by default), writes
 outputs/<tag>/variants/<set>/ and, with --measure-ppl, outputs/<tag>/deactivation.json with
-PPL, dPPL per set, the shared-neuron importance Imp_l and the language-agnostic score LAS."""
+PPL, dPPL per set, the shared-neuron importance Imp_l and the language-agnostic score LAS, each with a 95%
+interval from a paired bootstrap over the validation lines, and K random controls per set."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from langneurons import interventions, layout, reuse
 from langneurons.cli import InputError, common_parser, int_at_least, parse_langs, run, split_list
 from langneurons.data import val_file, val_texts
-from langneurons.files import atomic_dir, safe_name, write_json
+from langneurons.files import atomic_dir, json_safe, safe_name, write_json
 from langneurons.layout import NEURON_FILE_COPY, PROVENANCE_FILE, SCHEMA_VERSION, Outputs
 from langneurons.masking import zero_neurons_streaming, zeroed
 from langneurons.metrics import language_agnostic, perplexity_by_lang
 from langneurons.model import (Geometry, check_model, load_model, local_dir, model_record, resolve_model,
                                save_model_dir)
-from langneurons.neurons import NeuronSet, load_neuron_set, size
+from langneurons.neurons import NeuronSet, load_neuron_set, random_like, size
 from langneurons.interventions import neuron_spec
 from langneurons.runinfo import run_meta, seed_everything
+from langneurons.uncertainty import LEVEL, derived_seed, interval_or_none, resample_indices, resampled_ppl
 
 # arguments that cannot change the PPL table (they pick which variants are written, and how)
 PPL_IGNORED = ("save_variants", "streaming")
 # arguments that cannot change a variant: the measurement's, and which sets (its own file is fingerprinted)
 VARIANT_IGNORED = ("measure_ppl", "save_variants", "batch_size", "max_length", "limit", "dataset", "langs", "neurons",
-                   *interventions.INTERVENTION_FLAGS)
+                   "random_controls", "resamples", *interventions.INTERVENTION_FLAGS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens per text for perplexity (truncated; one token is predicted from another)")
     p.add_argument("--limit", type=int_at_least(0), default=0,
                    help="first N lines of val/<lang>.txt per language (0 = all)")
+    p.add_argument("--random-controls", type=int_at_least(0), default=5, metavar="K",
+                   help="with --measure-ppl: K random sets per set (detection's own random_* sets excepted), each "
+                        "with the set's number of neurons in every layer and group and a seed of its own, measured "
+                        "like the set (0: none). Costs K perplexity passes per set; controls are never saved")
+    p.add_argument("--resamples", type=int_at_least(1), default=1000,
+                   help="bootstrap resamples of the validation lines for the 95%% intervals of dPPL, Imp and LAS "
+                        "(paired: the same lines for the base model and every set; seeded by --seed)")
     return p.parse_args(argv)
 
 
@@ -164,43 +175,160 @@ def plan(args: argparse.Namespace, out: Outputs, specs: list[tuple[str, Path]], 
 
 # ---------------------------------------------------------------- perplexity
 
-def measure(model, tok, sets: dict[str, NeuronSet], texts: dict[str, list[str]],
-            args: argparse.Namespace, means: dict | None = None) -> tuple[dict, dict]:
-    """Base perplexity, then each set's and its dPPL under --intervention (hooks removed after each set: no
-    model copy, no save/reload per set); `means`: interventions.stored_means of its languages."""
+def controlled_sets(args: argparse.Namespace, sets: dict[str, NeuronSet], langs: list[str]) -> list[str]:
+    """The sets that get random controls: every set but detection's own random controls (random_shared,
+    random_exclusive_<lang>) when the sets come from its folder; every --neurons set."""
+    if args.neurons:
+        return list(sets)
+    own = {"random_shared", *(f"random_exclusive_{l}" for l in langs)}
+    return [n for n in sets if n not in own]
+
+
+def control_name(name: str, i: int) -> str:
+    """The name random_like mixes into the seed of control i (1-based) of set `name`."""
+    return f"{name}/random-{i}"
+
+
+def switched_off(model, nset: NeuronSet | None, iv: interventions.Intervention,
+                 means: dict | None) -> contextlib.AbstractContextManager:
+    """For a with-block: the model with `nset` under --intervention (hooks, removed on exit); the model
+    itself for the base condition (None)."""
+    return interventions.intervened(model, nset, iv, means) if nset is not None else contextlib.nullcontext()
+
+
+def measure(model, tok, sets: dict[str, NeuronSet], texts: dict[str, list[str]], args: argparse.Namespace,
+            controlled: list[str], means: dict | None = None) -> tuple[dict, dict[str, dict], dict[str, dict[str, dict]]]:
+    """Perplexity per language (with each line's NLL) of the base model, of every set switched off and of
+    --random-controls K random sets like each set in `controlled`: (base, {set: ppl}, {set: {control: ppl}}).
+    Each condition is applied through hooks under --intervention and removed afterwards: no model copy, no
+    save/reload; `means`: interventions.stored_means of its languages."""
     iv = interventions.parse_intervention(args.intervention)
-    base = perplexity_by_lang(model, tok, texts, args.max_length, args.batch_size, "base")
+    # (set name, control number or 0 for the set itself); the base model (None) first. A control is drawn
+    # when it is measured: one is held at a time
+    conditions: list[tuple[str | None, int]] = [(None, 0)] + [(name, 0) for name in sets] + \
+        [(name, i) for name in controlled for i in range(1, args.random_controls + 1)]
+    base, ppl, controls = {}, {}, {name: {} for name in controlled}
+    for name, i in tqdm(conditions, desc="conditions (ppl)"):
+        nset = None if name is None else random_like(sets[name], args.seed, control_name(name, i)) if i else sets[name]
+        label = "base" if name is None else control_name(name, i) if i else name
+        with switched_off(model, nset, iv, means):
+            r = perplexity_by_lang(model, tok, texts, args.max_length, args.batch_size, label, per_line=True)
+        if name is None:
+            base = r
+        elif i == 0:
+            ppl[name] = r
+        else:
+            controls[name][control_name(name, i)] = r
+    return base, ppl, controls
+
+
+def _dppl(ppl: float | None, base: float | None) -> float | None:
+    return ppl - base if ppl is not None and base is not None else None
+
+
+def summarize(base: dict, ppl: dict[str, dict], controls: dict[str, dict[str, dict]], sets: dict[str, NeuronSet],
+              langs: list[str]) -> dict[str, dict]:
+    """deactivation.json's "sets": per set its size, PPL (with the lines' NLL) and dPPL per language, and for
+    a controlled set its controls' dPPL, their mean and range, and the set's dPPL over their mean."""
     results = {}
-    for name in tqdm(sets, desc="sets (ppl)"):
-        with interventions.intervened(model, sets[name], iv, means):
-            ppl = perplexity_by_lang(model, tok, texts, args.max_length, args.batch_size, name)
-        dppl = {l: (ppl[l]["ppl"] - base[l]["ppl"] if ppl[l]["ppl"] is not None and base[l]["ppl"] is not None
-                    else None) for l in texts}
-        results[name] = {"size": size(sets[name]), "ppl": ppl, "dppl": dppl}
-    return base, results
+    for name, r in ppl.items():
+        res = {"size": size(sets[name]), "ppl": r, "dppl": {l: _dppl(r[l]["ppl"], base[l]["ppl"]) for l in langs}}
+        if controls.get(name):
+            each = {c.rsplit("/", 1)[1]: {"seed_name": c, "ppl": {l: cr[l]["ppl"] for l in langs},
+                        "dppl": {l: _dppl(cr[l]["ppl"], base[l]["ppl"]) for l in langs}}
+                    for c, cr in controls[name].items()}
+            mean, spread, ratio = {}, {}, {}
+            for l in langs:
+                vals = [c["dppl"][l] for c in each.values() if c["dppl"][l] is not None]
+                mean[l] = float(np.mean(vals)) if vals else None
+                spread[l] = [min(vals), max(vals)] if vals else None
+                # a ratio to a change that is not an increase says nothing about the set
+                ratio[l] = (json_safe(res["dppl"][l] / mean[l])
+                            if res["dppl"][l] is not None and mean[l] is not None and mean[l] > 0 else None)
+            res["controls"] = {"k": len(each), "sets": each, "dppl_mean": mean, "dppl_range": spread,
+                               "dppl_ratio": ratio}
+        results[name] = res
+    return results
 
 
-def print_table(base: dict, results: dict, importance: dict, las: float | None, langs: list[str]) -> None:
-    """PPL per language, dPPL in brackets, then Imp and LAS."""
-    w = max(len(n) for n in ["base", *results])
-    print(f"\n{'set':<{w}} {'size':>8} " + " ".join(f"{l:>18}" for l in langs))
-    print(f"{'base':<{w}} {'':>8} " + " ".join(f"{base[l]['ppl'] or float('nan'):>18.3f}" for l in langs))
+def intervals(base: dict, results: dict[str, dict], langs: list[str], resamples: int,
+              seed: int) -> tuple[dict[str, dict], dict[str, list | None], list | None]:
+    """95% intervals from a paired bootstrap over each language's validation lines: the same resampled lines
+    for the base model and every set (each language resampled on its own, seeded by `seed` and the
+    language). dPPL per set and language; Imp_l and LAS recomputed from each resample's dPPLs (resample b of
+    every language together). Resamples where a statistic is undefined (e.g. a zero dPPL under Imp's
+    division) are left out of its interval; an undefined estimate has none. Returns ({set: {lang: [lo, hi] or None}}, {lang: [lo, hi] or None}, LAS's)."""
+    samples: dict[str, dict[str, np.ndarray]] = {name: {} for name in results}
+    for l in langs:
+        lines = base[l]["line_tokens"]
+        idx = resample_indices(len(lines), resamples, derived_seed(seed, "deactivation-lines", l))
+        base_b = resampled_ppl(base[l]["line_nll"], lines, idx)
+        for name, r in results.items():
+            samples[name][l] = resampled_ppl(r["ppl"][l]["line_nll"], r["ppl"][l]["line_tokens"], idx) - base_b
+    # an estimate that is not defined gets no interval, though some resamples may define it
+    dppl_ci = {name: {l: interval_or_none(samples[name][l]) if results[name]["dppl"][l] is not None else None
+                      for l in langs} for name in results}
+    # Imp and LAS of every resample, by the same function as the estimate (metrics.language_agnostic)
+    ratio_sets = [n for n in results if n == "shared" or n.startswith("exclusive_")]
+    imp_b: dict[str, list[float]] = {}
+    las_b: list[float] = []
+    for b in range(resamples):
+        view = {n: {"size": results[n]["size"],
+                    "dppl": {l: (float(samples[n][l][b]) if math.isfinite(samples[n][l][b]) else None) for l in langs}}
+                for n in ratio_sets}
+        imp, las = language_agnostic(view, langs)
+        for l, v in imp.items():
+            imp_b.setdefault(l, []).append(float("nan") if v is None else v)
+        las_b.append(float("nan") if las is None else las)
+    importance, las = language_agnostic(results, langs)
+    imp_ci = {l: interval_or_none(imp_b[l]) if v is not None else None for l, v in importance.items()}
+    las_ci = interval_or_none(las_b) if las is not None else None
+    return dppl_ci, imp_ci, las_ci
+
+
+def _g(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def _ci(ci: list | None) -> str:
+    return "" if ci is None else f" [{ci[0]:.3g}, {ci[1]:.3g}]"
+
+
+def print_table(base: dict, results: dict, importance: dict, las: float | None, langs: list[str],
+                importance_ci: dict | None = None, las_ci: list | None = None) -> None:
+    """PPL per language, dPPL with its 95% interval in brackets; under a set with controls, their mean dPPL,
+    range and the set's ratio to their mean; then Imp and LAS with their intervals."""
+    rows = [["base", ""] + [_g(base[l]["ppl"]) for l in langs]]
     for name, r in results.items():
-        cells = [f"{(r['ppl'][l]['ppl'] or float('nan')):.3f} ({(r['dppl'][l] if r['dppl'][l] is not None else float('nan')):+.3f})"
-                 for l in langs]
-        print(f"{name:<{w}} {r['size']:>8} " + " ".join(f"{c:>18}" for c in cells))
+        cis = r.get("dppl_ci") or {}
+        rows.append([name, str(r["size"])] + [
+            f"{_g(r['ppl'][l]['ppl'])} ({'n/a' if r['dppl'][l] is None else format(r['dppl'][l], '+.4g')}"
+            f"{_ci(cis.get(l))})" for l in langs])
+        if c := r.get("controls"):
+            rows.append([f"  {c['k']} random", ""] + [
+                f"{'n/a' if c['dppl_mean'][l] is None else format(c['dppl_mean'][l], '+.3g')}"
+                f"{_ci(c['dppl_range'][l])} x{_g(c['dppl_ratio'][l])}" for l in langs])
+    widths = [max(len(row[i]) for row in rows + [["set", "size", *langs]]) for i in range(len(langs) + 2)]
+    print()
+    for row in [["set", "size", *langs]] + rows:
+        print(" ".join(f"{c:<{widths[0]}}" if i == 0 else f"{c:>{widths[i]}}" for i, c in enumerate(row)))
+    print("(set: PPL (dPPL [95% interval]); random: controls' mean dPPL [min, max] x set dPPL / controls' mean)")
     if importance:
-        print("Imp: " + ", ".join(f"{l} {v:.4g}" if v is not None else f"{l} n/a" for l, v in importance.items()))
-    print(f"LAS: {las:.4f}" if las is not None else "LAS: n/a (needs the shared and exclusive_<lang> sets)")
+        print("Imp: " + ", ".join(f"{l} {_g(v)}{_ci((importance_ci or {}).get(l))}" for l, v in importance.items()))
+    print(f"LAS: {las:.4f}{_ci(las_ci)}" if las is not None else "LAS: n/a (needs the shared and exclusive_<lang> sets)")
 
 
 # ---------------------------------------------------------------- outputs
 
 def write_deactivation(out: Outputs, args: argparse.Namespace, langs: list[str], geom: Geometry, files: dict,
                        base: dict, results: dict, fp: dict) -> None:
-    """deactivation.json: PPL of the base model and of every set, dPPL, Imp_l and LAS."""
+    """deactivation.json: PPL of the base model and of every set, dPPL, Imp_l and LAS, their 95% intervals,
+    and the random controls."""
     path, gguf = resolve_model(args.model)
     importance, las = language_agnostic(results, langs)
+    dppl_ci, importance_ci, las_ci = intervals(base, results, langs, args.resamples, args.seed)
+    for name, r in results.items():
+        r["dppl_ci"] = dppl_ci[name]
     write_json(out.deactivation, {
         "model": args.model,
         "meta": {"schema_version": SCHEMA_VERSION, "tag": out.tag, "base_model": path, "gguf_file": gguf,
@@ -209,13 +337,19 @@ def write_deactivation(out: Outputs, args: argparse.Namespace, langs: list[str],
                  "legacy_kv_mapping": args.legacy_kv_mapping, "allow_other_model": args.allow_other_model,
                  "intervention": interventions.parse_intervention(args.intervention).record(),
                  "neuron_files": files,
-                 "neuron_sha256": {n: f["sha256"] for n, f in files.items()}, "run": run_meta(args),
-                 "fingerprint": fp},
+                 "neuron_sha256": {n: f["sha256"] for n, f in files.items()},
+                 "intervals": {"level": LEVEL, "resamples": args.resamples, "method": "paired percentile bootstrap "
+                               "over validation lines"},
+                 "random_controls": {"k": args.random_controls,
+                                     "sets": [n for n, r in results.items() if "controls" in r]},
+                 "run": run_meta(args), "fingerprint": fp},
         "results": {"ppl": base},
         "sets": results,
         "importance": importance,
-        "language_agnostic_score": las})
-    print_table(base, results, importance, las, langs)
+        "importance_ci": importance_ci,
+        "language_agnostic_score": las,
+        "language_agnostic_score_ci": las_ci})
+    print_table(base, results, importance, las, langs, importance_ci, las_ci)
     print(f"Wrote {out.deactivation}")
 
 
@@ -281,7 +415,8 @@ def main() -> None:
             iv = interventions.parse_intervention(args.intervention)
             means = interventions.stored_means(out, args.model, model, tok, args.dataset, args.mean_corpus,
                                                iv.mean_langs(), args.mean_max_length, args.batch_size, args.force)
-            base, results = measure(model, tok, sets, texts, args, means)
+            base, ppl, controls = measure(model, tok, sets, texts, args, controlled_sets(args, sets, langs), means)
+            results = summarize(base, ppl, controls, sets, langs)
             write_deactivation(out, args, langs, geom, files, base, results, todo.ppl_fp)
         if todo.variants:
             write_variants(out, args, model, tok, config, geom, sets, files, todo, src_dir)

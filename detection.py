@@ -4,7 +4,9 @@ For every sentence of every language, every neuron's importance (docs/method.md 
 from one ordinary forward pass; the top --ratio of each layer and group are 'activated' by that
 sentence. Firing counts per language are stored, and the sets of docs/method.md section 4 are derived
 from them at --threshold. A later run that differs only in --threshold re-derives the sets from the
-stored counts without loading the model.
+stored counts without loading the model. Each text's own selection is kept too (per_text.safetensors):
+--resamples measures from it how stable every set is under a redraw of the texts (stability.json), again
+without the model (langneurons/stability.py).
 
     python detection.py --model gemma-3-270m --langs en,zh,th,sw,fr,de --ratio 0.01
     accelerate launch detection.py ...   # sentences split over processes, counts summed
@@ -21,13 +23,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from langneurons import authors, cli, files, langid, reuse, runinfo
+from langneurons import authors, cli, files, langid, reuse, runinfo, stability
 from langneurons.data import batches_by_length, corpus_file, detection_corpus, external_corpus, pad_batch, pad_id
 from langneurons.importance import ImportanceProbe
 from langneurons.model import GROUPS, Geometry, check_model, load_model, model_record
-from langneurons.layout import FIRING, META, SCHEMA_VERSION, STATS, model_tag, outputs
-from langneurons.neurons import (language_sets, lape_related, related_from_counts, stats,
-                                 write_neuron_file)
+from langneurons.layout import (FIRING, META, PER_TEXT, SCHEMA_VERSION, STABILITY, STABILITY_FREQUENCIES, STATS,
+                                model_tag, outputs)
+from langneurons.neurons import derived_sets, language_sets, stats, write_neuron_file
 
 FFN_GROUPS = ("fwd_up", "fwd_down")
 
@@ -69,7 +71,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--drop-other-language", action="store_true",
                    help="leave out the corpus texts that language identification assigns to another language "
                         "(they are counted in meta.json and named on stderr either way)")
+    add_stability_args(p)
     return p.parse_args()
+
+
+def add_stability_args(p: argparse.ArgumentParser) -> None:
+    """The set-stability flags (docs/stability.md)."""
+    p.add_argument("--resamples", type=cli.int_at_least(0), default=200,
+                   help="split halves and bootstrap resamples of each language's texts, drawn with --seed, for "
+                        "stability.json (set stability from the stored per-text selections, no model run); 0 = none")
+    p.add_argument("--stable-core", type=cli.float_in(0, 1, lo_open=True), default=None, metavar="F",
+                   help="also write core_<set>.json beside each set: the neurons selected in at least a fraction F "
+                        "of the bootstrap resamples (needs --resamples > 0)")
 
 
 def main() -> None:
@@ -77,6 +90,7 @@ def main() -> None:
     groups, langs, undo, mgsm_format = validate(args)
     corpora = read_corpora(args, langs, mgsm_format)
     corpora, language_record = language_check(args, corpora)
+    check_stability_corpora(args, corpora)
     out_dir = outputs(args.out, args.model).neurons
     # a second run on the same --out waits for this one, then reuses its outputs
     with reuse.unit(out_dir, f"--out {args.out}", force=args.force, record=out_dir / META,
@@ -95,12 +109,10 @@ def main() -> None:
             return
         firing, sentences, geom, config = counts.firing, counts.sentences, counts.geom, counts.config
 
-        # ---- sets (docs/method.md section 4) and statistics
-        if args.method in ("importance", "authors"):
-            related = related_from_counts(firing, sentences, langs, args.threshold, geom)
-        else:
-            related = lape_related(firing["fwd_up"], sentences, langs, geom, args.ratio)
+        # ---- sets (docs/method.md section 4) and statistics, from the per-text selections of all texts
+        related = stability.full_data_related(counts.per_text, geom, args.threshold, args.ratio)
         sets = language_sets(related, geom, args.seed)
+        resampled = measure_stability(args, counts.per_text, geom, related, sets)
         summary = stats(sets, langs, geom)
         meta = run_record(args, langs, groups, corpora, mgsm_format, geom, config, record, fp)
         meta["corpus"]["language_check"] = language_record
@@ -109,7 +121,11 @@ def main() -> None:
             meta["authors"] = authors_record(args, undo, geom)
             kv_space = summary["kv_index_space"] = meta["authors"]["kv_index_space"]
 
-        write_outputs(out_dir, args, langs, firing, sentences, geom, sets, summary, meta, record, kv_space)
+        if resampled is not None:
+            meta["stability"] = {"resamples": args.resamples, "stable_core": args.stable_core,
+                                 "files": [STABILITY, STABILITY_FREQUENCIES]}
+        write_outputs(out_dir, args, langs, firing, sentences, geom, sets, summary, meta, record, kv_space,
+                      counts.per_text, resampled)
     print_summary(args, langs, geom, summary, out_dir)
 
 
@@ -130,6 +146,9 @@ def validate(args) -> tuple[tuple[str, ...], list[str], tuple[str, ...], str]:
         raise cli.InputError("--authors-undo prompt: the prompt format exists only with --corpus mgsm")
     if "prompt" in undo and args.mgsm_format == "authors":
         raise cli.InputError("--authors-undo prompt contradicts --mgsm-format authors")
+    if args.stable_core is not None and args.resamples == 0:
+        raise cli.InputError(f"--stable-core {args.stable_core}: needs --resamples > 0 (the core is counted over "
+                             "the bootstrap resamples)")
     mgsm_format = args.mgsm_format
     if mgsm_format == "auto":
         mgsm_format = "authors" if args.method == "authors" and "prompt" not in undo else "question"
@@ -192,24 +211,30 @@ def language_check(args, corpora: dict[str, list[str]]) -> tuple[dict[str, list[
 @dataclass
 class FiringCounts:
     """Per group {group: int64 [langs, layers, n]} how often each neuron fired, the sentences (activation:
-    tokens) counted per language [langs], and the model's geometry and config."""
+    tokens) counted per language [langs], the model's geometry and config, and what each text selected (the
+    counts are its sum over the texts)."""
     firing: dict[str, torch.Tensor]
     sentences: torch.Tensor
     geom: Geometry
     config: dict
+    per_text: stability.PerText
 
 
 @dataclass
 class Earlier:
     """What an earlier run in the output folder leaves to this one: everything (up_to_date), its firing
-    counts (only --threshold changed), or nothing (counts None: the model must run)."""
+    counts (only --threshold, --resamples or --stable-core changed), or nothing (counts None: the model must run)."""
     up_to_date: bool = False
     counts: FiringCounts | None = None
 
 
+# flags whose outputs come from the stored per-text selections alone
+REDERIVED = ("threshold", "resamples", "stable_core")
+
+
 def earlier_counts(args, unit: reuse.Unit, fp: dict) -> Earlier:
-    """Whether the stored outputs were computed from exactly this, else the stored firing counts when only
-    --threshold changed (no model run)."""
+    """Whether the stored outputs were computed from exactly this, else the stored firing counts and per-text
+    selections when only flags of REDERIVED changed (no model run)."""
     out_dir, stored = unit.path, unit.stored()
     if stored is None:
         return Earlier()
@@ -218,9 +243,10 @@ def earlier_counts(args, unit: reuse.Unit, fp: dict) -> Earlier:
         stored_counts(out_dir, stored)  # a damaged firing file is an error, not a silent reuse
         print(reuse.reuse_line(stored["fingerprint"], fp, out_dir))
         return Earlier(up_to_date=True)
-    if not reuse.changes(stored.get("fingerprint"), fp, ignore_args=("threshold",)):
+    if not reuse.changes(stored.get("fingerprint"), fp, ignore_args=REDERIVED):
         print(f"Re-deriving the sets at --threshold {args.threshold} from the stored firing counts in "
-              f"{out_dir / FIRING} (only --threshold changed; no model run)")
+              f"{out_dir / FIRING} and {PER_TEXT} (only --threshold, --resamples or --stable-core changed; no "
+              "model run)")
         return Earlier(counts=stored_counts(out_dir, stored))
     print(reuse.recompute_line(diffs, out_dir))
     return Earlier()
@@ -251,7 +277,7 @@ def authors_record(args, undo: tuple[str, ...], geom: Geometry) -> dict:
 
 
 def write_outputs(out_dir: Path, args, langs, firing, sentences, geom, sets, summary, meta, record: dict,
-                  kv_space) -> None:
+                  kv_space, per_text: stability.PerText, resampled: tuple[dict, dict] | None) -> None:
     """Everything into a fresh folder, then swapped in whole: a reader never sees a mix of two runs. Every neuron
     file records the model (model.model_record), so that a stage given another model refuses it."""
     with files.atomic_dir(out_dir) as tmp:
@@ -266,8 +292,54 @@ def write_outputs(out_dir: Path, args, langs, firing, sentences, geom, sets, sum
                       "threshold": args.threshold, "langs": langs}
         for name, s in sets.items():
             write_neuron_file(tmp / f"{name}.json", s, {**provenance, "set": name}, kv_space)
+        stability.save_per_text(tmp / PER_TEXT, per_text)
+        if resampled is not None:
+            write_stability(tmp, args, resampled, provenance, kv_space)
         files.write_json(tmp / STATS, summary)
         files.write_json(tmp / META, meta)
+
+
+def check_stability_corpora(args, corpora: dict[str, list[str]]) -> None:
+    """Before the model runs: split halves need two texts per language."""
+    if args.resamples and (few := {l: len(t) for l, t in corpora.items() if len(t) < 2}):
+        raise cli.InputError(f"--resamples {args.resamples}: split halves need at least 2 texts per language "
+                             f"({', '.join(f'{l}: {n}' for l, n in few.items())}); --resamples 0 turns them off")
+
+
+def measure_stability(args, per_text: stability.PerText, geom: Geometry, related: dict,
+                      sets: dict) -> tuple[dict, dict] | None:
+    """stability.json's content and the selection frequencies (None with --resamples 0): every set but the
+    random controls, over --resamples split halves and bootstrap resamples of each language's texts."""
+    if args.resamples == 0:
+        return None
+    import time
+    start = time.perf_counter()
+    full = {name: sets[name] for name in derived_sets(related)}
+    per_set, freq = stability.measure(per_text, geom, args.threshold, args.ratio, args.resamples, args.seed, full)
+    print(f"Set stability over {args.resamples} split halves and bootstrap resamples: "
+          f"{time.perf_counter() - start:.1f} s")
+    texts = dict(zip(per_text.langs, per_text.texts()))
+    doc = {"resamples": args.resamples, "seed": args.seed, "level": stability.LEVEL, "method": args.method,
+           "threshold": args.threshold, "ratio": args.ratio, "texts": texts,
+           "half_texts": {l: n // 2 for l, n in texts.items()}, "empty_jaccard": stability.EMPTY_JACCARD,
+           "stable_core": args.stable_core, "frequencies": STABILITY_FREQUENCIES, "sets": per_set}
+    return doc, freq
+
+
+def write_stability(folder: Path, args, resampled: tuple[dict, dict], provenance: dict, kv_space) -> None:
+    """stability.json, stability.safetensors and, with --stable-core F, core_<set>.json (ordinary neuron files)."""
+    doc, freq = resampled
+    stability.save_frequencies(folder / STABILITY_FREQUENCIES, freq, args.resamples)
+    if args.stable_core is not None:
+        for name in doc["sets"]:
+            core = stability.stable_core(freq[name], args.stable_core, args.resamples)
+            doc["sets"][name]["core_size"] = int(sum(int(core[g].sum()) for g in core))
+            write_neuron_file(folder / f"core_{name}.json", core,
+                              {**provenance, "set": f"core_{name}", "core_of": name,
+                               "stable_core": args.stable_core, "resamples": args.resamples,
+                               "what": f"the neurons in {name} in at least a fraction {args.stable_core} of "
+                                       f"{args.resamples} bootstrap resamples of the texts"}, kv_space)
+    files.write_json(folder / STABILITY, doc)
 
 
 def print_summary(args, langs: list[str], geom: Geometry, summary: dict, out_dir: Path) -> None:
@@ -290,7 +362,8 @@ def stored_counts(out_dir: Path, meta: dict) -> FiringCounts:
         geom = Geometry(**meta["geometry"])
         firing = {g: torch.stack([t[f"{g}.{layer}"] for layer in range(geom.num_layers)], 1).long()
                   for g in GROUPS if f"{g}.0" in t}
-        return FiringCounts(firing, t["sentences"].long(), geom, meta["config"])
+        per_text = stability.load_per_text(out_dir / PER_TEXT)
+        return FiringCounts(firing, t["sentences"].long(), geom, meta["config"], per_text)
     except (OSError, SafetensorError, KeyError, TypeError, RuntimeError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise cli.InputError(f"stored output {firing_file} (or its meta.json) is unreadable ({why}); "
@@ -299,8 +372,9 @@ def stored_counts(out_dir: Path, meta: dict) -> FiringCounts:
 
 class DetectionMethod(abc.ABC):
     """What a --method counts, behind one interface: `probe` (a context manager over the model), `sizes`
-    (neurons per counted group), `encode` (a text's token ids) and `fired` (a batch's firing counts
-    {group: int64 [layers, n]} and the units it counted: sentences or tokens)."""
+    (neurons per counted group), `encode` (a text's token ids) and `selected` (what each text of a batch
+    selects, stability.PerText's keys: per group the top indices [batch, layers, k], or for activation the
+    active-token counts [batch, layers, n] and the token counts [batch])."""
     probe: Any
     sizes: dict[str, int]
 
@@ -308,7 +382,7 @@ class DetectionMethod(abc.ABC):
         return tok(text, truncation=True, max_length=max_length)["input_ids"]
 
     @abc.abstractmethod
-    def fired(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+    def selected(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         ...
 
 
@@ -323,13 +397,10 @@ class TopImportance(DetectionMethod):
     def scores(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.probe(ids, mask)
 
-    def fired(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+    def selected(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         scores = self.scores(ids, mask)
-        counts = {}
-        for g in self.sizes:
-            top = scores[g].topk(self.top_k[g], dim=-1).indices  # [batch, layers, k]
-            counts[g] = torch.zeros(scores[g].shape, dtype=torch.int64).scatter_(-1, top, 1).sum(0)
-        return counts, len(ids)
+        # sorted: the order within a top list means nothing, and sorted lists make the file canonical
+        return {g: scores[g].topk(self.top_k[g], dim=-1).indices.sort(-1).values.cpu() for g in self.sizes}
 
 
 class AuthorsTop(TopImportance):
@@ -362,10 +433,9 @@ class LapeActivation(DetectionMethod):
         self.sizes = {g: geom.group_size(g) for g in FFN_GROUPS}
         self.probe = ImportanceProbe(model, groups=groups, method="activation", qk_score=args.qk_score)
 
-    def fired(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+    def selected(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         scores = self.probe(ids, mask)
-        active = scores["active"].sum(0).long()
-        return {g: active for g in FFN_GROUPS}, int(scores["tokens"].sum())
+        return {"active": scores["active"].long().cpu(), "tokens": scores["tokens"].long().cpu()}
 
 
 METHODS = {"importance": TopImportance, "authors": AuthorsTop, "activation": LapeActivation}
@@ -392,27 +462,52 @@ def count_firing(args, corpora: dict[str, list[str]], groups: tuple[str, ...]) -
     geom = Geometry.from_config(model.config)
     device = model.get_input_embeddings().weight.device
     method = METHODS[args.method](args, model, geom, groups)
-    firing = {g: torch.zeros(len(corpora), geom.num_layers, n, dtype=torch.int64) for g, n in method.sizes.items()}
-    seen = torch.zeros(len(corpora), dtype=torch.int64)
+    keys = list(method.sizes) if args.method != "activation" else ["active", "tokens"]
+    mine_per_lang = []  # per language {key: this process's per-text tensors, in its text order}
     with method.probe:
         for li, lang in enumerate(corpora):
             mine = corpora[lang][state.process_index::state.num_processes]
             seqs = [method.encode(tok, s, args.max_length) for s in mine]
+            rows: dict[str, list] = {k: [None] * len(seqs) for k in keys}
             for idx in tqdm(batches_by_length([len(s) for s in seqs], args.batch_size), desc=f"detect {lang}",
                             disable=not state.is_main_process):
-                counts, units = method.fired(*pad_batch([seqs[i] for i in idx], pad_id(tok), device))
-                for g, c in counts.items():
-                    firing[g][li] += c
-                seen[li] += units
+                for key, t in method.selected(*pad_batch([seqs[i] for i in idx], pad_id(tok), device)).items():
+                    for i, row in zip(idx, t):
+                        rows[key][i] = row
+            mine_per_lang.append({k: torch.stack(v) if v else torch.zeros(0, dtype=torch.int64)
+                                  for k, v in rows.items()})
     if state.num_processes > 1:
-        from accelerate.utils import reduce
-        firing = {g: reduce(c.to(state.device), reduction="sum").cpu() for g, c in firing.items()}
-        seen = reduce(seen.to(state.device), reduction="sum").cpu()
+        mine_per_lang = gather_per_text(mine_per_lang, state)
         # gloo aborts a process that exits with its group alive ("terminate called without an active exception")
         state.destroy_process_group()
         if not state.is_main_process:
             return None
-    return FiringCounts(firing, seen, geom, model.config.to_dict())
+    per_text = stability.PerText(args.method, list(corpora), geom.num_layers, dict(method.sizes),
+                                 {k: [d[k] for d in mine_per_lang] for k in keys})
+    # the firing counts are the per-text selections summed over all texts (stability.weighted_counts)
+    firing, seen = stability.weighted_counts(per_text, stability.full_weights(per_text))
+    return FiringCounts({g: c[0] for g, c in firing.items()}, seen[0], geom, model.config.to_dict(), per_text)
+
+
+def gather_per_text(mine: list[dict[str, torch.Tensor]], state) -> list[dict[str, torch.Tensor]]:
+    """Every process's per-text tensors, back in corpus order (process p held texts p, p + P, p + 2P, ...)."""
+    from accelerate.utils import gather_object
+    every = gather_object([mine])  # one entry per process
+    P = len(every)
+    out = []
+    for li in range(len(mine)):
+        merged = {}
+        for key in mine[li]:
+            parts = [every[p][li][key] for p in range(P)]
+            n = sum(len(t) for t in parts)
+            shape = next((t.shape[1:] for t in parts if len(t)), ())
+            full = torch.zeros((n, *shape), dtype=torch.int64)
+            for p, t in enumerate(parts):
+                if len(t):
+                    full[p::P] = t
+            merged[key] = full
+        out.append(merged)
+    return out
 
 
 if __name__ == "__main__":

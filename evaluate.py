@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from langneurons import interventions, layout, reuse
@@ -30,7 +31,7 @@ from langneurons.cli import InputError, choice_list, common_parser, int_at_least
 from langneurons.files import safe_name, write_json
 from langneurons.layout import SCHEMA_VERSION
 from langneurons.model import Geometry, check_model, load_model, model_record
-from langneurons.neurons import load_neuron_set
+from langneurons.neurons import NeuronSet, load_neuron_set
 from langneurons.runinfo import run_meta, seed_everything
 from langneurons.tasks import TASKS, prompts
 
@@ -110,6 +111,34 @@ def intervention_args(args: argparse.Namespace) -> tuple[interventions.Intervent
     return iv, interventions.neuron_spec(args.neurons)
 
 
+@dataclass
+class Under:
+    """What an evaluation under an intervention reads before any model run: the set (checked against the model),
+    the means' texts, the extra inputs of the fingerprint, and the results' record of set and intervention."""
+    nset: NeuronSet | None = None
+    mean_texts: dict[str, list[str]] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    context: dict = field(default_factory=dict)
+    record: dict | None = None
+
+
+def read_intervention(args: argparse.Namespace, out: layout.Outputs, iv: interventions.Intervention,
+                      nspec: tuple[str, Path]) -> Under:
+    """The neuron file checked against the model as deactivation checks it (model record, geometry;
+    --allow-other-model) and the means' texts read: bad input fails here, before any model run."""
+    config = check_model(args.model)
+    nset, nfile = load_neuron_set(nspec[1], Geometry.from_config(config), model=model_record(args.model, config),
+                                  allow_other_model=args.allow_other_model)
+    nfile["name"] = nspec[0]
+    langs = iv.mean_langs()
+    texts = {l: interventions.mean_texts(args.dataset, args.mean_corpus, l) for l in langs}
+    files, context = interventions.mean_inputs(args.dataset, args.mean_corpus, texts)
+    means = {"mean_corpus": args.mean_corpus, "mean_max_length": args.mean_max_length,
+             "means": {l: str(interventions.means_dir(out, args.model, args.mean_corpus, l)) for l in langs}}
+    return Under(nset, texts, [nspec[1], *files], context,
+                 {"neuron_set": nfile, **iv.record(), **(means if langs else {})})
+
+
 def read_tasks(args: argparse.Namespace, tasks: list[str], langs: list[str]) -> dict[str, dict[str, list]]:
     """task -> lang -> the first --limit items; every file is read (and checked) before any model is loaded."""
     return {t: {l: TASKS[t].read(args.dataset, l)[:args.limit or None] for l in langs} for t in tasks}
@@ -187,27 +216,13 @@ def main() -> None:
     name = results_name(args, nspec and nspec[0], iv)
     data = read_tasks(args, tasks, langs)
     out = layout.outputs(args.out, args.model)
-    # under an intervention: the set checked against the model and the means' texts read, before any model run
-    nset = under = None
-    mean_texts, extra_files, context = {}, [], {}
-    if iv is not None:
-        config = check_model(args.model)
-        nset, nfile = load_neuron_set(nspec[1], Geometry.from_config(config), model=model_record(args.model, config),
-                                      allow_other_model=args.allow_other_model)
-        nfile["name"] = nspec[0]
-        mean_texts = {l: interventions.mean_texts(args.dataset, args.mean_corpus, l) for l in iv.mean_langs()}
-        mean_files, context = interventions.mean_inputs(args.dataset, args.mean_corpus, mean_texts)
-        extra_files = [nspec[1], *mean_files]
-        under = {"neuron_set": nfile, **iv.record(),
-                 **({"mean_corpus": args.mean_corpus, "mean_max_length": args.mean_max_length,
-                     "means": {l: str(interventions.means_dir(out, args.model, args.mean_corpus, l))
-                               for l in iv.mean_langs()}} if iv.mean_langs() else {})}
+    under = read_intervention(args, out, iv, nspec) if iv is not None else Under()
 
     out_file = out.evaluation(name)
     reuse.check_writable(out_file, f"--out {args.out}", folder=False)
     fps = {t: reuse.fingerprint(args, __file__, f"evaluate.{t}", ignore=ignored_args(t, iv), models=[args.model],
-                                files=[*(TASKS[t].file(args.dataset, l) for l in langs), *extra_files],
-                                context=context) for t in tasks}
+                                files=[*(TASKS[t].file(args.dataset, l) for l in langs), *under.files],
+                                context=under.context) for t in tasks}
     model_fp = fps[tasks[0]]["model"]
     results, task_meta = stored(out_file, tasks, model_fp, args.force)
     todo = to_compute(tasks, results, task_meta, fps, args.force, out_file)
@@ -217,13 +232,13 @@ def main() -> None:
         model, tok = load_model(args.model, args.device, args.dtype, device_map_auto=True)
         means = (interventions.stored_means(out, args.model, model, tok, args.dataset, args.mean_corpus,
                                             iv.mean_langs(), args.mean_max_length, args.batch_size, args.force,
-                                            mean_texts)
+                                            under.mean_texts)
                  if iv is not None and iv.mean_langs() else None)
-        with interventions.intervened(model, nset, iv, means) if iv is not None else contextlib.nullcontext():
+        with interventions.intervened(model, under.nset, iv, means) if iv is not None else contextlib.nullcontext():
             for task in todo:
                 results[task] = TASKS[task].evaluate(model, tok, data[task], args)
                 task_meta[task] = {"args": result_args(args, task, iv), "fingerprint": fps[task]}
-        results = write_merged(out_file, args, name, tasks, results, task_meta, model_fp, under)
+        results = write_merged(out_file, args, name, tasks, results, task_meta, model_fp, under.record)
 
     print_table(name, args.model, results, langs)
     if todo:

@@ -3,15 +3,24 @@
     python figures.py --out ./outputs [--models gemma-3-270m,Llama-3.2-1B]
 
 Writes <out>/figures/*.png and <out>/figures/report.md (markdown tables of the same numbers, with links to
-the figures). A figure whose inputs are missing is skipped with a note in report.md.
+the figures). A figure whose inputs are missing is skipped with a note in report.md. Accuracies carry 95%
+Wilson intervals; every trained, deactivated or intervened model is compared with the base on the same
+questions (exact McNemar test, significant at p < 0.05; paired bootstrap interval, --seed, --resamples).
 
-  neuron_distribution.png   shared / exclusive / unique neurons per language, % of all neurons (paper Fig. 2)
-  deactivation_<tag>.png    dPPL per language when random, shared or exclusive neurons are off (Fig. 4)
+  neuron_distribution.png   shared / exclusive / unique neurons per language, % of all neurons (paper Fig. 2),
+                            with the 95% bootstrap interval of each size where neurons/stability.json exists
+  deactivation_<tag>.png    dPPL per language when random, shared or exclusive neurons are off (Fig. 4), with
+                            95% intervals and the random controls' range
+  importance_<tag>.png      Imp per language and LAS, with 95% intervals
   layers_<tag>.png          shared and exclusive neurons per layer (Fig. 6/7)
-  components.png            QK / VO / FFN split of shared and exclusive neurons (Table 2)
+  components.png            QK / VO / FFN split of shared and exclusive neurons (Table 2), with the 95% bootstrap
+                            interval of each share where neurons/stability.json exists
   ability.png               shared ratio and LAS against multilingual ability across models (Fig. 3/5)
+  comparison_<tag>.png      MGSM / MMMLU accuracy of the base and of each deactivated or intervened model, 95%
+                            Wilson intervals, significant paired differences marked
   training_<tag>.png        validation perplexity of every language before/after targeted training, and the
-                            accuracy change, changes within the evaluation's noise marked as such (Table 1)
+                            accuracy change with its paired 95% interval, significant (exact McNemar p < 0.05)
+                            and not significant changes told apart (Table 1)
   steering_<tag>.png        steering.py: rate of generations in the target language, source x target, for the
                             exclusive sets, one panel per intervention (docs/steering.md)
   dose_<tag>_<name>.png     steering.py --alphas: target rate against the scale factor, set and random controls,
@@ -38,16 +47,17 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from langneurons import layout  # noqa: E402
-from langneurons.cli import ArgumentParser, InputError, run, split_list  # noqa: E402
+from langneurons.cli import ArgumentParser, InputError, int_at_least, run, split_list  # noqa: E402
 from langneurons.files import write_bytes  # noqa: E402
 from langneurons.metrics import pearson, spearman  # noqa: E402
 from langneurons.data import LANGUAGE_NAMES  # noqa: E402
+from langneurons import uncertainty  # noqa: E402
 from langneurons.reuse import unit  # noqa: E402
 from langneurons.tasks import ACCURACY_TASKS, TASKS  # noqa: E402
 
 COLORS = {"shared": "#1f77b4", "exclusive": "#ff7f0e", "unique": "#d62728", "random": "#7f7f7f",
           "random_exclusive": "#bcbd22", "QK": "#1f77b4", "VO": "#2ca02c", "FFN": "#ff7f0e",
-          "before": "#9ecae1", "after": "#08519c", "noise": "#d9d9d9"}
+          "before": "#9ecae1", "after": "#08519c", "not_significant": "#d9d9d9", "untested": "#f0f0f0"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="./outputs", help="output root the stages wrote to")
     p.add_argument("--models", default=None, help="comma list of model tags (directories under --out); "
                    "none: every one with results")
+    p.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=0,
+                   help="seed of the paired bootstrap intervals (the same seed, the same report)")
+    p.add_argument("--resamples", type=int_at_least(100), default=uncertainty.RESAMPLES,
+                   help="bootstrap resamples of each paired difference")
     return p.parse_args(argv)
 
 
@@ -110,12 +124,44 @@ def set_value(stats: dict, name: str, key: str) -> Any:
     return stats.get("sets", {}).get(name, {}).get(key)
 
 
+def stable_ci(stab: dict | None, name: str, *keys: str) -> list[float] | None:
+    """The 95% interval [lo, hi] at stability.json's sets.<name>.<keys...>.ci (e.g. "size_bootstrap", or
+    "component_shares", "QK"), None without stability.json or that entry."""
+    entry: Any = (stab or {}).get("sets", {}).get(name)
+    for k in keys:
+        entry = entry.get(k) if isinstance(entry, dict) else None
+    ci = entry.get("ci") if isinstance(entry, dict) else None
+    return [float(ci[0]), float(ci[1])] if interval_err(0.0, ci) is not None else None
+
+
+def span_err(ci: list[float], scale: float = 1.0) -> tuple[float, tuple[float, float]]:
+    """(centre, (below, above)) that draws exactly [lo, hi] x scale as an error bar. A bootstrap interval need
+    not contain the full-data value (at --threshold 1.0 a resample's shared set only grows), so the bar spans the
+    interval itself rather than hanging on the full-data bar."""
+    mid = scale * (ci[0] + ci[1]) / 2
+    return mid, (mid - scale * ci[0], scale * ci[1] - mid)
+
+
+def draw_intervals(ax, pts: list[tuple[float, float, tuple[float, float]]], horizontal: bool = False) -> None:
+    """One error-bar series (position, centre, (below, above)) labelled as the sets' bootstrap intervals."""
+    if not pts:
+        return
+    err = np.array([e for _, _, e in pts]).T
+    pos, mid = [p for p, _, _ in pts], [m for _, m, _ in pts]
+    kw = {"fmt": "none", "ecolor": "black", "capsize": 2, "lw": 0.8, "label": "95% interval (resampled texts)"}
+    if horizontal:
+        ax.errorbar(mid, pos, xerr=err, **kw)
+    else:
+        ax.errorbar(pos, mid, yerr=err, **kw)
+
+
 # ---------------------------------------------------------------- figures (each returns its Figure)
 
-def fig_distribution(models: dict[str, tuple[dict, list[str]]]) -> Figure:
+def fig_distribution(models: dict[str, tuple[dict, list[str]]], stability: dict[str, dict] | None = None) -> Figure:
     """Paper Fig. 2: per model one panel; per language the shared neurons (the same for all languages)
     stacked under that language's exclusive ones (together: its language-related neurons), and the strictly
-    unique ones beside them; % of all neurons."""
+    unique ones beside them; % of all neurons. A model with a stability.json in `stability` (tag -> its content)
+    gets each size's 95% bootstrap interval (size_bootstrap), the exclusive one on top of the shared bar."""
     fig, axes = plt.subplots(1, len(models), figsize=(max(4.5, 1.0 * max(len(l) for _, l in models.values()) + 2)
                                                       * len(models), 4.2), squeeze=False)
     for ax, (tag, (stats, langs)) in zip(axes[0], models.items()):
@@ -127,6 +173,16 @@ def fig_distribution(models: dict[str, tuple[dict, list[str]]]) -> Figure:
         ax.bar(x - w / 2, [shared] * len(langs), w, color=COLORS["shared"], label="shared")
         ax.bar(x - w / 2, excl, w, bottom=[shared] * len(langs), color=COLORS["exclusive"], label="exclusive")
         ax.bar(x + w / 2, uniq, w, color=COLORS["unique"], label="strictly unique")
+        stab, total = (stability or {}).get(tag), num(stats.get("total_neurons"))
+        if stab and total:
+            pts = []
+            for i, l in enumerate(langs):
+                for pos, name, base in ((x[i] - w / 2, "shared", 0.0), (x[i] - w / 2, f"exclusive_{l}", shared),
+                                        (x[i] + w / 2, f"unique_{l}", 0.0)):
+                    if (ci := stable_ci(stab, name, "size_bootstrap")) is not None:
+                        mid, err = span_err(ci, 100 / total)
+                        pts.append((pos, base + mid, err))
+            draw_intervals(ax, pts)
         ax.set_xticks(x, [lang_name(l) for l in langs], rotation=30, ha="right")
         ax.set_ylabel("% of all neurons")
         ratio = num(stats.get("shared_ratio"))
@@ -138,8 +194,18 @@ def fig_distribution(models: dict[str, tuple[dict, list[str]]]) -> Figure:
     return fig
 
 
+def interval_err(value: float | None, ci: Any) -> tuple[float, float] | None:
+    """(below, above) of an interval [lo, hi] around `value` for matplotlib's yerr (never negative: a
+    percentile interval of a skewed statistic may end just short of its estimate); None without one."""
+    if value is None or not (isinstance(ci, list) and len(ci) == 2) or num(ci[0]) is None or num(ci[1]) is None:
+        return None
+    return max(0.0, value - ci[0]), max(0.0, ci[1] - value)
+
+
 def fig_deactivation(tag: str, deact: dict, langs: list[str]) -> Figure:
-    """Paper Fig. 4: dPPL per language after deactivating random, shared and exclusive neurons."""
+    """Paper Fig. 4: dPPL per language after deactivating random, shared and exclusive neurons, with the
+    95% interval of each dPPL (bootstrap over the validation lines) and, beside a set with random controls,
+    their mean and range."""
     sets = deact.get("sets", {})
     bars = [("random (shared size)", lambda l: "random_shared", COLORS["random"]),
             ("shared", lambda l: "shared", COLORS["shared"]),
@@ -150,10 +216,28 @@ def fig_deactivation(tag: str, deact: dict, langs: list[str]) -> Figure:
     x = np.arange(len(langs))
     w = 0.8 / max(1, len(bars))
     values = []
+    ci_pts: list[tuple[float, float, tuple[float, float]]] = []
+    ctl_pts: list[tuple[float, float, tuple[float, float]]] = []
     for i, (label, name, color) in enumerate(bars):
         v = [num(sets.get(name(l), {}).get("dppl", {}).get(l)) for l in langs]
         values += [a for a in v if a is not None]
-        ax.bar(x + (i - (len(bars) - 1) / 2) * w, [a if a is not None else 0.0 for a in v], w, color=color, label=label)
+        pos = x + (i - (len(bars) - 1) / 2) * w
+        ax.bar(pos, [a if a is not None else 0.0 for a in v], w, color=color, label=label)
+        for p, l, a in zip(pos, langs, v):
+            s = sets.get(name(l), {})
+            if (err := interval_err(a, (s.get("dppl_ci") or {}).get(l))) is not None:
+                ci_pts.append((p, a, err))
+            c = s.get("controls") or {}
+            mean = num((c.get("dppl_mean") or {}).get(l))
+            if (err := interval_err(mean, (c.get("dppl_range") or {}).get(l))) is not None:
+                ctl_pts.append((p + w * 0.3, mean, err))
+                values += [mean - err[0], mean + err[1]]
+    for pts, label, style in ((ci_pts, "95% interval", {"fmt": "none", "ecolor": "black"}),
+                              (ctl_pts, "random controls (mean, range)",
+                               {"fmt": "D", "color": "dimgray", "ms": 3, "mfc": "white"})):
+        if pts:
+            ax.errorbar([p for p, _, _ in pts], [a for _, a, _ in pts],
+                        yerr=np.array([e for _, _, e in pts]).T, capsize=2, lw=0.8, label=label, **style)
     # dPPL spans orders of magnitude (random ~0, shared/exclusive often > 100x); symlog keeps small and
     # negative values visible
     if values and max(abs(a) for a in values) > 50:
@@ -165,6 +249,38 @@ def fig_deactivation(tag: str, deact: dict, langs: list[str]) -> Figure:
     ax.set_title(f"{tag}: perplexity increase after deactivation" + (f" (LAS {las:.3f})" if las is not None else ""))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: bars reach the top
+    fig.tight_layout()
+    return fig
+
+
+def fig_importance(tag: str, deact: dict) -> Figure:
+    """Imp_l per language with its 95% interval, and LAS with its interval in the title; Imp = 1 (a shared
+    neuron matters as much as an exclusive one) marked."""
+    imp = deact.get("importance") or {}
+    cis = deact.get("importance_ci") or {}
+    langs = list(imp)
+    fig, ax = plt.subplots(figsize=(max(5, 1.0 * len(langs) + 2), 3.8))
+    x = np.arange(len(langs))
+    v = [num(imp[l]) for l in langs]
+    ax.bar(x, [a if a is not None else 0.0 for a in v], 0.6, color=COLORS["shared"], label="Imp")
+    pts = [(p, a, err) for p, l, a in zip(x, langs, v) if (err := interval_err(a, cis.get(l))) is not None]
+    if pts:
+        ax.errorbar([p for p, _, _ in pts], [a for _, a, _ in pts], yerr=np.array([e for _, _, e in pts]).T,
+                    fmt="none", ecolor="black", capsize=3, lw=0.8, label="95% interval")
+    spread = [a for a in v if a is not None] + [a + e[1] for _, a, e in pts] + [a - e[0] for _, a, e in pts]
+    if spread and max(abs(a) for a in spread) > 50:
+        ax.set_yscale("symlog", linthresh=1.0)
+    ax.axhline(1, color="black", lw=0.6, ls="--")
+    ax.set_xticks(x, [lang_name(l) for l in langs], rotation=30, ha="right")
+    ax.set_ylabel("Imp (shared / exclusive, per neuron)")
+    las, las_ci = num(deact.get("language_agnostic_score")), deact.get("language_agnostic_score_ci")
+    title = f"{tag}: importance of the shared neurons"
+    if las is not None:
+        title += f"\nLAS {las:.3f}" + (f" [{las_ci[0]:.3f}, {las_ci[1]:.3f}]" if interval_err(las, las_ci) else "")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    if pts:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -192,29 +308,46 @@ def fig_layers(tag: str, stats: dict, langs: list[str]) -> Figure:
     return fig
 
 
-def component_rows(stats: dict, langs: list[str]) -> list[tuple[str, dict]]:
-    names = [("shared", "shared")] + [(f"exclusive {lang_name(l)}", f"exclusive_{l}") for l in langs]
-    return [(label, stats["sets"][n]) for label, n in names if n in stats.get("sets", {})]
+def component_rows(stats: dict, langs: list[str]) -> list[tuple[str, str, dict]]:
+    """(label, set name, stats.json entry) of the shared and each exclusive set."""
+    pairs = [("shared", "shared")] + [(f"exclusive {lang_name(l)}", f"exclusive_{l}") for l in langs]
+    return [(label, n, stats["sets"][n]) for label, n in pairs if n in stats.get("sets", {})]
 
 
-def fig_components(models: dict[str, tuple[dict, list[str]]]) -> Figure:
-    """Paper Table 2 as a figure: share of QK, VO and FFN neurons in the shared and each exclusive set."""
+def fig_components(models: dict[str, tuple[dict, list[str]]], stability: dict[str, dict] | None = None) -> Figure:
+    """Paper Table 2 as a figure: share of QK, VO and FFN neurons in the shared and each exclusive set. A model
+    with a stability.json in `stability` (tag -> its content) gets one bar per component and set, each with the
+    95% bootstrap interval of its share (intervals cannot be read off stacked segments); else stacked bars."""
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 0.45 * max(len(l) for _, l in models.values())
-                                                      + 2), squeeze=False)
+                                                      * (2 if stability else 1) + 2), squeeze=False)
     for ax, (tag, (stats, langs)) in zip(axes[0], models.items()):
         rows = component_rows(stats, langs)
         y = np.arange(len(rows))
         left = np.zeros(len(rows))
-        for comp in ("QK", "VO", "FFN"):
-            v = np.array([100 * (num(s.get("component_shares", {}).get(comp)) or 0.0) for _, s in rows])
-            ax.barh(y, v, left=left, color=COLORS[comp], label=comp)
-            left += v
-        ax.set_yticks(y, [label for label, _ in rows])
+        stab = (stability or {}).get(tag)
+        pts = []
+        for i, comp in enumerate(("QK", "VO", "FFN")):
+            v = np.array([100 * (num(s.get("component_shares", {}).get(comp)) or 0.0) for _, _, s in rows])
+            if stab:
+                h = 0.8 / 3
+                pos = y + (i - 1) * h
+                ax.barh(pos, v, h, color=COLORS[comp], label=comp)
+                for p, (_, name, _) in zip(pos, rows):
+                    if (ci := stable_ci(stab, name, "component_shares", comp)) is not None:
+                        pts.append((p, *span_err(ci, 100)))
+            else:
+                ax.barh(y, v, left=left, color=COLORS[comp], label=comp)
+                left += v
+        draw_intervals(ax, pts, horizontal=True)
+        ax.set_yticks(y, [label for label, _, _ in rows])
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
         ax.set_xlabel("% of the set's neurons")
         ax.set_title(tag)
-        ax.legend(fontsize=8, loc="lower right")
+        if stab:  # grouped bars fill the panel: the legend goes outside
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+        else:
+            ax.legend(fontsize=8, loc="lower right")
     fig.suptitle("Where the neurons are: query/key, value/output, FFN")
     fig.tight_layout()
     return fig
@@ -228,10 +361,16 @@ def fig_ability(points: list[dict]) -> Figure:
         for i, (key, label) in enumerate((("shared_ratio", "shared ratio |shared| / mean |exclusive|"),
                                           ("las", "language-agnostic score (LAS)"))):
             ax = axes[i][j]
-            pts = [(p[metric], p[key], p["tag"]) for p in points if p.get(metric) is not None and p.get(key) is not None]
-            xs, ys = [a for a, _, _ in pts], [b for _, b, _ in pts]
+            pts = [(p[metric], p[key], p["tag"], p.get(f"{metric}_ci")) for p in points
+                   if p.get(metric) is not None and p.get(key) is not None]
+            xs, ys = [a for a, _, _, _ in pts], [b for _, b, _, _ in pts]
             ax.scatter(xs, ys, color=COLORS["shared"])
-            for a, b, t in pts:
+            # the mean accuracy's 95% Wilson interval (where the languages have equal question counts)
+            for a, b, _, ci in pts:
+                if ci is not None:
+                    ax.errorbar([a], [b], xerr=[[a - ci[0]], [ci[1] - a]], fmt="none", ecolor="black",
+                                elinewidth=0.8, capsize=3)
+            for a, b, t, _ in pts:
                 ax.annotate(t, (a, b), fontsize=8, xytext=(3, 3), textcoords="offset points")
             r, rho = pearson(xs, ys), spearman(xs, ys)
             stats = ", ".join(s for s in (f"Pearson {r:.2f}" if r is not None else "",
@@ -260,6 +399,17 @@ def perplexity_panel(ax, r: dict) -> None:
     for key, off in (("before", -0.2), ("after", 0.2)):
         v = [num(r[key].get(l, {}).get("ppl")) for l in ls]
         ax.bar(np.arange(len(ls)) + off, [a if a is not None else 0 for a in v], 0.4, color=COLORS[key], label=key)
+    # on each 'after' bar: before + the paired bootstrap interval of the change (where the log has per-line NLLs)
+    xs, ys, err = [], [], [[], []]
+    for i, l in enumerate(ls):
+        c = (r.get("ppl_change") or {}).get(l)
+        if c and c.get("delta_ci") and all(num(x) is not None for x in c["delta_ci"]):
+            lo, hi = c["delta_ci"]
+            xs.append(i + 0.2), ys.append(c["after"])
+            err[0].append(max(0.0, c["delta"] - lo)), err[1].append(max(0.0, hi - c["delta"]))
+    if xs:
+        ax.errorbar(xs, ys, yerr=err, fmt="none", ecolor="black", elinewidth=0.8, capsize=3,
+                    label="95% interval of the change")
     label_langs(ax, ls, r["lang"])
     vals = [v for k in ("before", "after") for l in ls if (v := num(r[k].get(l, {}).get("ppl")))]
     if vals and max(vals) / max(min(vals), 1e-9) > 20:
@@ -271,30 +421,98 @@ def perplexity_panel(ax, r: dict) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-def accuracy_panel(ax, r: dict, task: str) -> None:
-    """The change of one task's accuracy per language, ±2 SE; a change within the noise is a hatched grey
-    bar, not drawn as an effect."""
-    changes = r["acc"].get(task, {})
-    ls = list(changes)
-    d = [100 * c["delta"] for c in changes.values()]
-    noise = [c["within_noise"] is True for c in changes.values()]
-    bars = ax.bar(np.arange(len(ls)), d, color=[COLORS["noise"] if n else COLORS["after"] if v >= 0
-                                                 else COLORS["unique"] for v, n in zip(d, noise)])
-    for bar, n in zip(bars, noise):
-        if n:
-            bar.set_hatch("//")
+SIG_LEGEND = [Patch(facecolor=COLORS["after"], label="significant gain (p < 0.05)"),
+              Patch(facecolor=COLORS["unique"], label="significant loss (p < 0.05)"),
+              Patch(facecolor=COLORS["not_significant"], edgecolor="grey", hatch="//",
+                    label="not significant (p ≥ 0.05)"),
+              Patch(facecolor=COLORS["untested"], edgecolor="grey", hatch="..", label="no paired test")]
+
+
+def mark_bars(bars, verdicts: list[bool | None], deltas: list[float]) -> None:
+    """Colour each bar by its paired test: a gain or loss only when significant, hatched grey when not, dotted
+    when no paired test was possible."""
+    for bar, v, d in zip(bars, verdicts, deltas):
+        if v is True:
+            bar.set_color(COLORS["after"] if d >= 0 else COLORS["unique"])
+        else:
+            bar.set_facecolor(COLORS["not_significant"] if v is False else COLORS["untested"])
+            bar.set_hatch("//" if v is False else "..")
             bar.set_edgecolor("grey")
-    se = [200 * c["se"] if c["se"] is not None else 0.0 for c in changes.values()]
-    ax.errorbar(np.arange(len(ls)), d, yerr=se, fmt="none", ecolor="black", elinewidth=0.8, capsize=3)
+
+
+def ci_errors(changes: list[dict], scale: float = 100.0) -> tuple[list[float], list[list[float]]]:
+    """x positions and asymmetric error lengths of the changes that have a paired interval."""
+    xs, err = [], [[], []]
+    for i, c in enumerate(changes):
+        if c.get("delta_ci"):
+            lo, hi = c["delta_ci"]
+            xs.append(i)
+            err[0].append(scale * max(0.0, c["delta"] - lo))
+            err[1].append(scale * max(0.0, hi - c["delta"]))
+    return xs, err
+
+
+def n_label(changes: list[dict]) -> str:
+    ns = sorted({c["n"] for c in changes if c.get("n")})
+    return f"n = {', '.join(map(str, ns))} questions" + ("" if len(ns) == 1 else " per language") if ns else "n unknown"
+
+
+def accuracy_panel(ax, r: dict, task: str) -> None:
+    """The change of one task's accuracy per language with its paired bootstrap 95% interval; only a change
+    with exact McNemar p < 0.05 is drawn as a gain or loss."""
+    changes = r["acc"].get(task, {})
+    ls, cs = list(changes), list(changes.values())
+    d = [100 * c["delta"] for c in cs]
+    mark_bars(ax.bar(np.arange(len(ls)), d), [c["significant"] for c in cs], d)
+    xs, err = ci_errors(cs)
+    if xs:
+        ax.errorbar(xs, [d[i] for i in xs], yerr=err, fmt="none", ecolor="black", elinewidth=0.8, capsize=3)
     ax.axhline(0, color="black", lw=0.6)
     label_langs(ax, ls, r["lang"])
     ax.set_ylabel(f"Δ {TASKS[task].label} accuracy (points)")
-    ax.set_title(f"{r['run']}: {TASKS[task].label} after − before" + ("" if ls else "\n(no evaluation to compare)"),
-                 fontsize=9)
-    ax.legend(handles=[Patch(facecolor=COLORS["after"], label="gain"), Patch(facecolor=COLORS["unique"], label="loss"),
-                       Patch(facecolor=COLORS["noise"], edgecolor="grey", hatch="//",
-                             label="within noise (|Δ| < 2 SE)")], fontsize=7)
+    ax.set_title(f"{r['run']}: {TASKS[task].label} after − before" + (f", {n_label(cs)}" if ls else
+                                                                       "\n(no evaluation to compare)"), fontsize=9)
+    ax.legend(handles=SIG_LEGEND, fontsize=7)
     ax.grid(axis="y", alpha=0.3)
+
+
+def fig_comparison(tag: str, base: dict, models: dict[str, tuple[dict, dict[str, dict]]]) -> Figure:
+    """Accuracy per language of the base and of each compared model (name -> (its evaluation, task -> lang ->
+    compare_accuracy)), with 95% Wilson intervals; a model's bar is coloured only where its paired difference
+    to the base is significant (exact McNemar p < 0.05), and carries the model's name."""
+    tasks = [m for m in ACCURACY_TASKS if any(c.get(m) for _, c in models.values())]
+    fig, axes = plt.subplots(1, len(tasks), figsize=((1.5 * len(models) + 5) * len(tasks), 4.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        langs = list(dict.fromkeys(l for _, c in models.values() for l in c.get(task, {})))
+        x, w = np.arange(len(langs)), 0.8 / (1 + len(models))
+        rows = [("base", task_results(base, task), None)] + \
+               [(name, task_results(ev, task), c.get(task, {})) for name, (ev, c) in models.items()]
+        for i, (name, res, changes) in enumerate(rows):
+            have = [j for j, l in enumerate(langs) if l in res]
+            pos = x[have] + (i - len(models) / 2) * w
+            acc = [100 * res[langs[j]]["accuracy"] for j in have]
+            bars = ax.bar(pos, acc, w, color=COLORS["before"])
+            if changes is not None:
+                mark_bars(bars, [(changes.get(langs[j]) or {}).get("significant") for j in have],
+                          [(changes.get(langs[j]) or {}).get("delta", 0.0) for j in have])
+                for b in bars:  # which model a bar is: its name above it
+                    ax.annotate(name, (b.get_x() + b.get_width() / 2, b.get_height()), fontsize=6, rotation=90,
+                                ha="center", va="bottom", xytext=(0, 2), textcoords="offset points")
+            ci = [wilson_of(res[langs[j]]) for j in have]
+            ok = [k for k, c in enumerate(ci) if c is not None]
+            if ok:
+                ax.errorbar(pos[ok], [acc[k] for k in ok], yerr=[[acc[k] - 100 * ci[k][0] for k in ok],
+                                                                 [100 * ci[k][1] - acc[k] for k in ok]],
+                            fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+        ax.set_xticks(x, [lang_name(l) for l in langs], rotation=30, ha="right")
+        ax.set_ylabel(f"{TASKS[task].label} accuracy (%)")
+        ax.set_title(f"{tag}: {TASKS[task].label} (95% Wilson intervals), "
+                     + n_label([c for _, _, ch in rows[1:] for c in ch.values()]), fontsize=9)
+        ax.legend(handles=[Patch(facecolor=COLORS["before"], label="base")] + SIG_LEGEND, fontsize=7,
+                  loc="upper left", bbox_to_anchor=(1.01, 1))
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def fig_training(tag: str, runs: list[dict]) -> Figure:
@@ -313,45 +531,116 @@ def fig_training(tag: str, runs: list[dict]) -> Figure:
     return fig
 
 
-# ---------------------------------------------------------------- evaluation noise
+# ---------------------------------------------------------------- paired comparisons with the base
 
-def difference_se(p1: float, n1: int, p2: float, n2: int) -> float:
-    """The standard error of the difference of two accuracies p1, p2 measured on n1 and n2 items."""
-    return math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
-
-
-def within_noise(before: float, n_before: int | None, after: float, n_after: int | None) -> bool | None:
-    """Whether the change after − before is smaller than the evaluation's noise: |Δ| < 2 SE of the difference
-    (no change at all is never an effect, even where SE is 0); None when an item count is unknown."""
-    if not n_before or not n_after:
-        return None
-    delta = after - before
-    return delta == 0 or abs(delta) < 2 * difference_se(before, n_before, after, n_after)
+def task_results(ev: dict | None, task: str) -> dict[str, dict]:
+    """lang -> one task's results (with a numeric accuracy) in an evaluation file."""
+    res = ((ev or {}).get("results") or {}).get(task)
+    return {str(l): v for l, v in (res.items() if isinstance(res, dict) else ())
+            if isinstance(v, dict) and num(v.get("accuracy")) is not None}
 
 
-def accuracy_changes(before: dict[str, tuple], after: dict[str, tuple]) -> dict[str, dict]:
-    """lang -> before, after, Δ, SE of Δ and whether Δ is within noise, for the languages measured in both."""
-    out = {}
-    for l, (p2, n2) in after.items():
-        if l in before:
-            p1, n1 = before[l]
-            out[l] = {"before": p1, "after": p2, "delta": p2 - p1,
-                      "se": difference_se(p1, n1, p2, n2) if n1 and n2 else None,
-                      "within_noise": within_noise(p1, n1, p2, n2)}
+def count(v: dict) -> int | None:
+    n = v.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def outcomes(v: dict) -> list[int] | None:
+    """The per-question outcomes (0/1 in item order) of one language's results, None when not recorded."""
+    c = v.get("correct")
+    ok = isinstance(c, list) and c and all(x in (0, 1) and not isinstance(x, float) for x in c)
+    return [int(x) for x in c] if ok else None
+
+
+def wilson_of(v: dict) -> tuple[float, float] | None:
+    """The 95% Wilson interval of one language's accuracy: as recorded, else from accuracy and n."""
+    ci = v.get("accuracy_ci")
+    if isinstance(ci, list) and len(ci) == 2 and all(num(x) is not None for x in ci):
+        return float(ci[0]), float(ci[1])
+    n = count(v)
+    return uncertainty.wilson(round(v["accuracy"] * n), n) if n else None
+
+
+def unpaired_reason(before: dict, after: dict) -> str | None:
+    """Why two results of one language cannot be compared question by question (None: they can)."""
+    cb, ca = outcomes(before), outcomes(after)
+    if cb is None or ca is None:
+        return "no per-question outcomes recorded (`correct`): evaluate again"
+    hb, ha = before.get("items_sha256"), after.get("items_sha256")
+    if not isinstance(hb, str) or not isinstance(ha, str):
+        return "no items_sha256 recorded: evaluate again"
+    if hb != ha or len(cb) != len(ca):
+        return f"different questions (items_sha256 differ; {len(cb)} and {len(ca)} questions)"
+    return None
+
+
+def compare_accuracy(before: dict, after: dict, resamples: int, seed: int) -> dict:
+    """One language: after − before, and where both scored the same questions, the exact McNemar p-value and
+    the paired bootstrap 95% interval of the difference (`reason` says why not, otherwise)."""
+    out = {"before": float(before["accuracy"]), "after": float(after["accuracy"]),
+           "delta": float(after["accuracy"]) - float(before["accuracy"]), "n": count(after),
+           "before_ci": wilson_of(before), "after_ci": wilson_of(after),
+           "delta_ci": None, "p": None, "significant": None, "reason": unpaired_reason(before, after)}
+    if out["reason"] is None:
+        out.update(uncertainty.paired_accuracy(outcomes(before), outcomes(after), resamples, seed))
     return out
+
+
+def accuracy_changes(before: dict[str, dict], after: dict[str, dict], resamples: int = uncertainty.RESAMPLES,
+                     seed: int = 0) -> dict[str, dict]:
+    """lang -> compare_accuracy for the languages measured in both (task_results of two evaluations)."""
+    return {l: compare_accuracy(before[l], a, resamples, seed) for l, a in after.items() if l in before}
+
+
+def line_values(v: Any) -> tuple[list, list] | None:
+    """(line_nll, line_tokens) of one language's perplexity results, None when not recorded."""
+    if not isinstance(v, dict):
+        return None
+    nll, tok = v.get("line_nll"), v.get("line_tokens")
+    if isinstance(nll, list) and isinstance(tok, list) and nll and len(nll) == len(tok):
+        return nll, tok
+    return None
+
+
+def ppl_changes(before: Any, after: Any, resamples: int, seed: int) -> dict[str, dict]:
+    """lang -> the paired bootstrap of the perplexity change after − before over the same validation lines
+    ({"reason"} where the two cannot be paired), for the languages both have per-line values for."""
+    out = {}
+    for l in after if isinstance(after, dict) else ():
+        b, a = line_values((before or {}).get(l) if isinstance(before, dict) else None), line_values(after[l])
+        if b is None or a is None:
+            continue
+        try:
+            out[str(l)] = uncertainty.paired_ppl_change(*b, *a, resamples=resamples, seed=seed)
+        except ValueError as e:
+            out[str(l)] = {"reason": f"not the same lines: {e}"}
+    return out
+
+
+def verdict(c: dict) -> str:
+    """The report's word on one paired difference."""
+    if c.get("significant") is None:
+        return f"no paired test: {c['reason']}" if c.get("reason") else "no paired test"
+    return "significant" if c["significant"] else "not significant"
 
 
 # ---------------------------------------------------------------- reading the stages' files
 
 def accuracies(ev: dict | None, task: str) -> dict[str, tuple[float, int | None]]:
     """lang -> (accuracy, number of items) of one task in an evaluation file."""
-    res = ((ev or {}).get("results") or {}).get(task)
-    out = {}
-    for l, v in res.items() if isinstance(res, dict) else ():
-        if isinstance(v, dict) and (a := num(v.get("accuracy"))) is not None:
-            n = v.get("n")
-            out[str(l)] = (a, n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None)
-    return out
+    return {l: (float(v["accuracy"]), count(v)) for l, v in task_results(ev, task).items()}
+
+
+def mean_acc_ci(ev: dict | None, task: str) -> tuple[float, float] | None:
+    """The 95% Wilson interval of the mean accuracy over languages, when every language scored the same number
+    of questions (then the mean is the pooled proportion); None otherwise."""
+    res = task_results(ev, task)
+    ns = {count(v) for v in res.values()}
+    if not res or len(ns) != 1 or None in ns:
+        return None
+    n = ns.pop()
+    right = sum(sum(c) if (c := outcomes(v)) else round(v["accuracy"] * n) for v in res.values())
+    return uncertainty.wilson(right, n * len(res))
 
 
 def mean_acc(ev: dict | None, task: str) -> float | None:
@@ -360,13 +649,15 @@ def mean_acc(ev: dict | None, task: str) -> float | None:
 
 
 def eval_role(ev: dict) -> str:
-    """'base' | 'variant' | 'trained': the file's meta.role, or for a file written before evaluate recorded
-    it, the role its provenance gives (none: the base model)."""
+    """'base' | 'variant' | 'trained' | 'intervened': the file's meta.role, or for a file written before
+    evaluate recorded it, the role its provenance gives (none: the base model). A model evaluated under
+    `evaluate.py --neurons/--intervention` (its recorded arguments) is never the base's own evaluation."""
     meta = ev.get("meta") if isinstance(ev.get("meta"), dict) else {}
-    if isinstance(meta.get("role"), str):
-        return meta["role"]
     prov = meta.get("provenance")
-    return layout.provenance_role(prov) if isinstance(prov, dict) else "base"
+    role = meta["role"] if isinstance(meta.get("role"), str) else \
+        layout.provenance_role(prov) if isinstance(prov, dict) else "base"
+    args = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    return "intervened" if role == "base" and (args.get("neurons") or args.get("intervention")) else role
 
 
 def intervention_of(ev: dict) -> dict | None:
@@ -406,10 +697,13 @@ class TagResults:
     outputs: layout.Outputs
     stats: dict | None = None
     langs: list[str] = field(default_factory=list)         # detection's languages
+    stability: dict | None = None                          # neurons/stability.json (detection.py --resamples)
     deact: dict | None = None
     deact_langs: list[str] = field(default_factory=list)
     evals: dict[str, dict] = field(default_factory=dict)   # evaluation name -> its file's content
-    runs: list[dict] = field(default_factory=list)         # read_train_log per run, with "eval" and "acc"
+    runs: list[dict] = field(default_factory=list)         # read_train_log per run, with "eval", "acc", "seed", ...
+    compared: dict[str, dict] = field(default_factory=dict)  # deactivated/intervened evaluation -> task -> changes
+    compared_ppl: dict[str, dict] = field(default_factory=dict)  # the same -> lang -> paired PPL change
 
     @property
     def tag(self) -> str:
@@ -430,14 +724,36 @@ class TagResults:
         return str(path.relative_to(self.outputs.root))
 
 
-def load_tag(o: layout.Outputs, notes: list[str]) -> TagResults:
-    """Read every result file of one tag (an unreadable one counts as missing: its figures are skipped)."""
+# train.py arguments that do not make two runs different runs (where they went, how they were checkpointed);
+# with the seed left out too, runs that agree on everything else are repeats of one run
+NOT_RUN_ARGS = {"seed", "run_name", "resume", "keep_checkpoints", "save_steps", "num_proc", "report_to", "force", "out"}
+
+
+def run_identity(log: dict) -> tuple[int | None, str | None]:
+    """(seed, key): runs with the same key differ only in their seed (from the fingerprint's arguments, which
+    leave out where a run went; else from the recorded arguments)."""
+    run = log.get("run") if isinstance(log.get("run"), dict) else {}
+    args = ((log.get("fingerprint") or {}).get("args") if isinstance(log.get("fingerprint"), dict) else None) \
+        or run.get("args")
+    if not isinstance(args, dict):
+        return None, None
+    seed = args.get("seed", run.get("seed"))
+    key = json.dumps({k: v for k, v in sorted(args.items()) if k not in NOT_RUN_ARGS}, sort_keys=True, default=str)
+    return (seed if isinstance(seed, int) and not isinstance(seed, bool) else None), key
+
+
+def load_tag(o: layout.Outputs, notes: list[str], resamples: int = uncertainty.RESAMPLES, seed: int = 0) -> TagResults:
+    """Read every result file of one tag (an unreadable one counts as missing: its figures are skipped) and
+    pair each trained, deactivated or intervened model with the base (bootstraps with `resamples`, `seed`)."""
     t = TagResults(o)
     stats = load(o.neurons / layout.STATS)
     if isinstance(stats, dict) and isinstance(stats.get("sets"), dict):
         t.stats, t.langs = stats, stats_langs(stats, load(o.neurons / layout.META))
     else:
         notes.append(f"{t.tag}: no readable {t.file(o.neurons / layout.STATS)} (run detection.py): neuron figures skipped")
+    stab = load(o.neurons / layout.STABILITY)
+    if isinstance(stab, dict) and isinstance(stab.get("sets"), dict) and stab["sets"]:
+        t.stability = stab
     deact = load(o.deactivation)
     if isinstance(deact, dict) and isinstance(deact.get("sets"), dict):
         t.deact = deact
@@ -457,9 +773,20 @@ def load_tag(o: layout.Outputs, notes: list[str]) -> TagResults:
                          "left out of Table 1")
             continue
         r["eval"] = run_evaluation(t.evals, name)
-        r["acc"] = {m: accuracy_changes(accuracies(t.base_eval, m), accuracies(t.evals.get(r["eval"]), m))
-                    for m in ACCURACY_TASKS}
+        r["acc"] = {m: accuracy_changes(task_results(t.base_eval, m), task_results(t.evals.get(r["eval"]), m),
+                                        resamples, seed) for m in ACCURACY_TASKS}
+        val = log["val"]  # the same validation lines before and after, when train.py recorded them per line
+        r["ppl_change"] = ppl_changes(val["before"], val["after"], resamples, seed)
+        r["seed"], r["group"] = run_identity(log)
         t.runs.append(r)
+    base = t.base_eval
+    for name, ev in sorted(t.evals.items()):
+        if base is None or eval_role(ev) in ("base", "trained"):
+            continue
+        t.compared[name] = {m: accuracy_changes(task_results(base, m), task_results(ev, m), resamples, seed)
+                            for m in ACCURACY_TASKS}
+        t.compared_ppl[name] = ppl_changes((base.get("results") or {}).get("ppl"), (ev.get("results") or {}).get("ppl"),
+                                           resamples, seed)
     return t
 
 
@@ -489,19 +816,60 @@ def neuron_models(tags: list[TagResults]) -> dict[str, tuple[dict, list[str]]]:
     return {t.tag: (t.stats, t.langs) for t in tags if t.stats is not None}
 
 
+def stability_of(tags: list[TagResults]) -> dict[str, dict]:
+    """tag -> stability.json of the tags with neuron stats that have one."""
+    return {t.tag: t.stability for t in tags if t.stats is not None and t.stability is not None}
+
+
+def intervals_note(tags: list[TagResults], stab: dict[str, dict], what: str) -> str:
+    """What the brackets are, and which models have none (no stability.json)."""
+    text = ""
+    if stab:
+        first = next(iter(stab.values()))
+        text += (f"\nIn brackets and as error bars: the 95% interval of {what} over {first.get('resamples')} bootstrap "
+                 "resamples of each language's detection texts at the same model (neurons/stability.json, "
+                 "docs/stability.md); it need not contain the full-data value (at --threshold 1.0 a resample's "
+                 "shared and related sets only grow).\n")
+    if without := [t.tag for t in tags if t.stats is not None and t.tag not in stab]:
+        text += (f"\n_No intervals for {', '.join(without)}: no neurons/stability.json "
+                 "(detection.py --resamples N)._\n")
+    return text
+
+
+def pct_with_ci(stats: dict, stab: dict | None, name: str) -> str:
+    """A set's % of all neurons, with its bootstrap interval in brackets where stability.json has one."""
+    total, ci = num(stats.get("total_neurons")), stable_ci(stab, name, "size_bootstrap")
+    return pct(set_value(stats, name, "fraction")) + (f" [{pct(ci[0] / total)}, {pct(ci[1] / total)}]"
+                                                      if ci and total else "")
+
+
+def size_with_ci(stats: dict, stab: dict | None, name: str) -> str:
+    ci = stable_ci(stab, name, "size_bootstrap")
+    return str(set_value(stats, name, "size")) + (f" [{ci[0]:.0f}, {ci[1]:.0f}]" if ci else "")
+
+
 def report_distribution(tags: list[TagResults], emit: Emit) -> str:
     text = "\n## Shared and exclusive neurons per language (paper Fig. 2)\n"
     models = neuron_models(tags)
     if not models:
         return text + "_Skipped: no model has neurons/stats.json._\n"
-    rows = [[tag, lang_name(l), pct(set_value(stats, f"related_{l}", "fraction")),
-             pct(set_value(stats, "shared", "fraction")), pct(set_value(stats, f"exclusive_{l}", "fraction")),
-             pct(set_value(stats, f"unique_{l}", "fraction"))] for tag, (stats, langs) in models.items() for l in langs]
-    return (text + emit(fig_distribution(models), "neuron_distribution.png") + "\n% of all neurons of the model.\n\n"
+    stab = stability_of(tags)
+    rows = [[tag, lang_name(l)] + [pct_with_ci(stats, stab.get(tag), n)
+                                   for n in (f"related_{l}", "shared", f"exclusive_{l}", f"unique_{l}")]
+            for tag, (stats, langs) in models.items() for l in langs]
+    return (text + emit(fig_distribution(models, stab), "neuron_distribution.png") + "\n% of all neurons of the model.\n"
+            + intervals_note(tags, stab, "each set's size") + "\n"
             + table(["model", "language", "related", "shared", "exclusive", "strictly unique"], rows) + "\n"
             + table(["model", "total neurons", "shared", "shared ratio"],
-                    [[t, str(s.get("total_neurons", "–")), str(set_value(s, "shared", "size")),
+                    [[t, str(s.get("total_neurons", "–")), size_with_ci(s, stab.get(t), "shared"),
                       fmt(s.get("shared_ratio"))] for t, (s, _) in models.items()]))
+
+
+def fmt_ci(ci: Any, spec: str = ".3g") -> str:
+    """ " [lo, hi]" of an interval, "" without one."""
+    if not (isinstance(ci, list) and len(ci) == 2) or num(ci[0]) is None or num(ci[1]) is None:
+        return ""
+    return f" [{format(ci[0], spec)}, {format(ci[1], spec)}]"
 
 
 def report_deactivation(tags: list[TagResults], emit: Emit) -> str:
@@ -515,14 +883,24 @@ def report_deactivation(tags: list[TagResults], emit: Emit) -> str:
         rows = [["base", "–"] + [fmt((base.get(l) or {}).get("ppl")) for l in langs]]
         for name, s in deact["sets"].items():
             rows.append([name, str(s.get("size", "–"))]
-                        + [f"{fmt(((s.get('ppl') or {}).get(l) or {}).get('ppl'))} ({fmt((s.get('dppl') or {}).get(l), '+.3f')})"
-                           for l in langs])
+                        + [f"{fmt(((s.get('ppl') or {}).get(l) or {}).get('ppl'))} ({fmt((s.get('dppl') or {}).get(l), '+.3f')}"
+                           f"{fmt_ci((s.get('dppl_ci') or {}).get(l))})" for l in langs])
+            if c := s.get("controls"):
+                rows.append([f"↳ {c.get('k', '?')} random controls", "–"]
+                            + [f"{fmt((c.get('dppl_mean') or {}).get(l), '+.3f')}{fmt_ci((c.get('dppl_range') or {}).get(l))}"
+                               f" (×{fmt((c.get('dppl_ratio') or {}).get(l), '.3g')})" for l in langs])
         imp = deact.get("importance") or {}
+        imp_ci = deact.get("importance_ci") or {}
         text += (f"\n### {t.tag}\n\n" + emit(fig_deactivation(t.tag, deact, langs), f"deactivation_{t.tag}.png")
-                 + "\nPPL per language, ΔPPL in brackets.\n\n" + table(["set", "size"] + [lang_name(l) for l in langs], rows)
+                 + "\nPPL per language, ΔPPL and its 95% interval (paired bootstrap over the validation lines) in "
+                   "brackets; under a set, its random controls' mean ΔPPL, [min, max] and (× the set's ΔPPL over "
+                   "their mean).\n\n" + table(["set", "size"] + [lang_name(l) for l in langs], rows)
                  + "\n" + table(["", *[lang_name(l) for l in imp], "LAS"],
-                                [["Imp", *[fmt(v, ".4g") for v in imp.values()],
-                                  fmt(deact.get("language_agnostic_score"), ".4f")]]))
+                                [["Imp", *[fmt(v, ".4g") + fmt_ci(imp_ci.get(l)) for l, v in imp.items()],
+                                  fmt(deact.get("language_agnostic_score"), ".4f")
+                                  + fmt_ci(deact.get("language_agnostic_score_ci"), ".4f")]]))
+        if imp:
+            text += "\n" + emit(fig_importance(t.tag, deact), f"importance_{t.tag}.png")
     return text
 
 
@@ -546,16 +924,24 @@ def report_components(tags: list[TagResults], emit: Emit) -> str:
     models = neuron_models(tags)
     if not models:
         return text + "_Skipped: no model has neurons/stats.json._\n"
-    rows = [[tag, label] + [pct(s.get("component_shares", {}).get(c)) for c in ("QK", "VO", "FFN")]
-            + [str(s.get("size", "–"))] for tag, (stats, langs) in models.items() for label, s in component_rows(stats, langs)]
-    return (text + emit(fig_components(models), "components.png")
+    stab = stability_of(tags)
+
+    def share(s: dict, tag: str, name: str, c: str) -> str:
+        ci = stable_ci(stab.get(tag), name, "component_shares", c)
+        return pct(s.get("component_shares", {}).get(c)) + (f" [{pct(ci[0])}, {pct(ci[1])}]" if ci else "")
+    rows = [[tag, label] + [share(s, tag, name, c) for c in ("QK", "VO", "FFN")]
+            + [size_with_ci(stats, stab.get(tag), name)]
+            for tag, (stats, langs) in models.items() for label, name, s in component_rows(stats, langs)]
+    return (text + emit(fig_components(models, stab), "components.png")
             + "\nShare of each set's neurons (the paper, Llama-3.1-8B: shared 92.5 / 2.9 / 4.6, exclusive 59.5 / 23.8 / "
-              "16.7).\n\n" + table(["model", "set", "QK", "VO", "FFN", "size"], rows))
+              "16.7).\n" + intervals_note(tags, stab, "each share and size") + "\n"
+            + table(["model", "set", "QK", "VO", "FFN", "size"], rows))
 
 
 def report_ability(tags: list[TagResults], emit: Emit) -> str:
     text = "\n## Shared ratio and LAS against multilingual ability (paper Fig. 3 and 5)\n"
     points = [{"tag": t.tag, **{m: mean_acc(t.base_eval, m) for m in ACCURACY_TASKS},
+               **{f"{m}_ci": mean_acc_ci(t.base_eval, m) for m in ACCURACY_TASKS},
                "eval": t.file(t.outputs.evaluation(t.base_evals[0])) if t.base_evals else "–",
                "shared_ratio": num(t.stats.get("shared_ratio")) if t.stats else None,
                "las": num(t.deact.get("language_agnostic_score")) if t.deact else None} for t in tags]
@@ -569,11 +955,12 @@ def report_ability(tags: list[TagResults], emit: Emit) -> str:
                  f"and stats.json or deactivation.json; have {len(usable)}._\n")
     if not points:
         return text
-    text += ("\nAccuracy from the evaluation of each base model (meta.role 'base').\n\n"
+    text += ("\nAccuracy from the evaluation of each base model (meta.role 'base'), with the 95% Wilson interval "
+             "of the mean where every language scored the same number of questions (the error bars).\n\n"
              + table(["model", "shared ratio", "LAS", *(f"mean {TASKS[m].label}" for m in ACCURACY_TASKS),
                       "evaluation"],
-                     [[p["tag"], fmt(p["shared_ratio"]), fmt(p["las"], ".4f"), *(fmt(p[m]) for m in ACCURACY_TASKS),
-                       p["eval"]] for p in points]))
+                     [[p["tag"], fmt(p["shared_ratio"]), fmt(p["las"], ".4f"),
+                       *(fmt(p[m]) + interval(p[f"{m}_ci"]) for m in ACCURACY_TASKS), p["eval"]] for p in points]))
     for key, label in (("shared_ratio", "shared ratio"), ("las", "LAS")):
         for m in ACCURACY_TASKS:
             pts = [(p[m], p[key]) for p in points if p[m] is not None and p[key] is not None]
@@ -584,17 +971,71 @@ def report_ability(tags: list[TagResults], emit: Emit) -> str:
     return text
 
 
-NOISE_RULE = ("A change counts as an effect only when |Δ| ≥ 2 SE, with SE = √(p₁(1−p₁)/n₁ + p₂(1−p₂)/n₂) the "
-              "standard error of the difference of two accuracies measured on n₁ and n₂ items; a smaller change is "
-              "marked *within noise* (hatched grey in the figure). With 12 MGSM items per language SE is up to "
-              "0.20, so most changes there are within noise.")
+PAIRED_RULE = ("Δ is after − before on the same questions. *significant*: exact McNemar test on the questions "
+               "only one of the two models got right, p < 0.05; its 95% interval is a paired bootstrap over the "
+               "questions ({resamples} resamples, seed {seed}). Two results are paired only when they scored the "
+               "same questions (equal `items_sha256`); otherwise the row says why there is no test.")
+PPL_RULE = ("ΔPPL is after − before on the same validation lines, with a paired bootstrap 95% interval over lines "
+            "({resamples} resamples, seed {seed}); *significant* when the interval excludes 0.")
 
 
-def noise_verdict(c: dict) -> str:
-    return {True: "within noise", False: "beyond noise", None: "n unknown"}[c["within_noise"]]
+def interval(ci: Any, scale: float = 1.0, spec: str = ".3f") -> str:
+    """' [lo, hi]' of an interval, '' when there is none."""
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2 or any(num(x) is None for x in ci):
+        return ""
+    return f" [{format(scale * ci[0], spec)}, {format(scale * ci[1], spec)}]"
 
 
-def report_training(tags: list[TagResults], emit: Emit) -> str:
+def accuracy_row(c: dict) -> list[str]:
+    """before [CI], after [CI], Δ [CI] in points, p, n, verdict."""
+    return [fmt(c["before"]) + interval(c["before_ci"]), fmt(c["after"]) + interval(c["after_ci"]),
+            fmt(100 * c["delta"], "+.1f") + interval(c["delta_ci"], 100, "+.1f"),
+            fmt(c["p"], ".3g") if c["p"] is not None else "–", str(c["n"] or "–"), verdict(c)]
+
+
+ACC_HEADER = ["before [95% CI]", "after [95% CI]", "Δ (points) [95% CI]", "McNemar p", "questions", "paired test"]
+PPL_HEADER = ["PPL before", "after", "ΔPPL [95% CI]", "lines", "paired test"]
+
+
+def ppl_row(c: dict) -> list[str]:
+    if "reason" in c:
+        return ["–", "–", "–", "–", f"no paired test: {c['reason']}"]
+    return [fmt(c["before"]), fmt(c["after"]), fmt(c["delta"], "+.3f") + interval(c["delta_ci"], 1, "+.3f"),
+            str(c["lines"]), verdict(c)]
+
+
+def seed_spread(runs: list[dict]) -> list[tuple[list[dict], str, dict]]:
+    """Groups of runs that differ only in their seed (two seeds or more): per group and language the spread of
+    the validation perplexity change after − before over the seeds."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        if r.get("group") is not None and r.get("seed") is not None:
+            groups.setdefault(r["group"], []).append(r)
+    out = []
+    for rs in groups.values():
+        if len({r["seed"] for r in rs}) < 2:
+            continue
+        rs = sorted(rs, key=lambda r: r["seed"])
+        for l in dict.fromkeys(l for r in rs for l in r["langs"]):
+            changes = [a - b for r in rs if (b := num(r["before"].get(l, {}).get("ppl"))) is not None
+                       and (a := num(r["after"].get(l, {}).get("ppl"))) is not None]
+            out.append((rs, l, uncertainty.spread(changes)))
+    return out
+
+
+def report_seeds(t: TagResults) -> str:
+    rows = [[", ".join(r["run"] for r in rs), ", ".join(str(r["seed"]) for r in rs),
+             lang_name(l) + (" (target)" if l == rs[0]["lang"] else ""), str(sp["n"]),
+             fmt(sp["mean"], "+.3f"), fmt(sp["min"], "+.3f"), fmt(sp["max"], "+.3f"), fmt(sp["sd"])]
+            for rs, l, sp in seed_spread(t.runs)]
+    if not rows:
+        return ""
+    return ("\nRuns that differ only in their seed (`SEEDS` in train.sh): the spread over seeds of the validation "
+            "perplexity change after − before (sd: sample standard deviation).\n\n"
+            + table(["runs", "seeds", "language", "seeds measured", "mean ΔPPL", "min", "max", "sd"], rows))
+
+
+def report_training(tags: list[TagResults], emit: Emit, resamples: int = uncertainty.RESAMPLES, seed: int = 0) -> str:
     text = "\n## Neuron-targeted continued pretraining (paper Table 1)\n"
     done = [t for t in tags if t.runs]
     if not done:
@@ -604,9 +1045,10 @@ def report_training(tags: list[TagResults], emit: Emit) -> str:
                      lang_name(l) + (" (target)" if l == r["lang"] else ""),
                      *[fmt(r[k].get(l, {}).get(v)) for v in ("loss", "ppl") for k in ("before", "after")]]
                     for r in t.runs for l in r["langs"]]
-        acc_rows = [[r["run"], TASKS[m].label, lang_name(l) + (" (target)" if l == r["lang"] else ""), fmt(c["before"]),
-                     fmt(c["after"]), fmt(100 * c["delta"], "+.1f"), fmt(200 * c["se"] if c["se"] is not None else None, ".1f"),
-                     noise_verdict(c)] for r in t.runs for m in ACCURACY_TASKS for l, c in r["acc"][m].items()]
+        ppl_rows = [[r["run"], lang_name(l) + (" (target)" if l == r["lang"] else ""), *ppl_row(c)]
+                    for r in t.runs for l, c in r["ppl_change"].items()]
+        acc_rows = [[r["run"], TASKS[m].label, lang_name(l) + (" (target)" if l == r["lang"] else ""), *accuracy_row(c)]
+                    for r in t.runs for m in ACCURACY_TASKS for l, c in r["acc"][m].items()]
         used = (f"the base model's evaluation {t.file(t.outputs.evaluation(t.base_evals[0]))}" if t.base_evals
                 else "no evaluation of the base model (none has meta.role 'base')")
         runs_eval = ", ".join(f"{r['run']}: " + (t.file(t.outputs.evaluation(r["eval"])) if r["eval"] else "none")
@@ -615,10 +1057,39 @@ def report_training(tags: list[TagResults], emit: Emit) -> str:
                  + "\nValidation loss and perplexity of every language each run measured, from its train_log.json.\n\n"
                  + table(["run", "target", "neurons", "language", "val loss before", "after", "val PPL before", "after"],
                          val_rows)
+                 + (f"\n{PPL_RULE.format(resamples=resamples, seed=seed)}\n\n"
+                    + table(["run", "language", *PPL_HEADER], ppl_rows) if ppl_rows else "")
+                 + report_seeds(t)
                  + f"\nAccuracy before: {used}; after: the run's evaluation (meta.role 'trained', provenance.run_name = "
-                   f"the run; {runs_eval}). {NOISE_RULE}\n\n"
-                 + (table(["run", "task", "language", "before", "after", "Δ (points)", "2 SE (points)", "noise"], acc_rows)
-                    if acc_rows else "_No accuracy to compare._\n"))
+                   f"the run; {runs_eval}). {PAIRED_RULE.format(resamples=resamples, seed=seed)}\n\n"
+                 + (table(["run", "task", "language", *ACC_HEADER], acc_rows) if acc_rows
+                    else "_No accuracy to compare._\n"))
+    return text
+
+
+def report_comparison(tags: list[TagResults], emit: Emit, resamples: int = uncertainty.RESAMPLES, seed: int = 0) -> str:
+    """Every evaluated deactivated or intervened model (meta.role neither 'base' nor 'trained') against the
+    base model's evaluation, question by question."""
+    text = "\n## Deactivated and intervened models against the base\n"
+    done = [t for t in tags if t.compared]
+    if not done:
+        return text + ("_Skipped: no evaluation of a deactivated or intervened model next to an evaluation of the "
+                       "base model._\n")
+    for t in done:
+        acc_rows = [[name, TASKS[m].label, lang_name(l), *accuracy_row(c)]
+                    for name, by_task in t.compared.items() for m in ACCURACY_TASKS for l, c in by_task[m].items()]
+        ppl_rows = [[name, lang_name(l), *ppl_row(c)] for name, by_lang in t.compared_ppl.items()
+                    for l, c in by_lang.items()]
+        models = {name: (t.evals[name], by_task) for name, by_task in t.compared.items()
+                  if any(by_task.get(m) for m in ACCURACY_TASKS)}
+        text += (f"\n### {t.tag}\n\n"
+                 + (emit(fig_comparison(t.tag, t.base_eval, models), f"comparison_{t.tag}.png") if models else "")
+                 + f"\nBefore: {t.file(t.outputs.evaluation(t.base_evals[0]))} (the base model); after: each model's "
+                   f"evaluation. {PAIRED_RULE.format(resamples=resamples, seed=seed)}\n\n"
+                 + (table(["model", "task", "language", *ACC_HEADER], acc_rows) if acc_rows
+                    else "_No accuracy to compare._\n")
+                 + (f"\n{PPL_RULE.format(resamples=resamples, seed=seed)}\n\n"
+                    + table(["model", "language", *PPL_HEADER], ppl_rows) if ppl_rows else ""))
     return text
 
 
@@ -810,6 +1281,42 @@ def report_interventions(tags: list[TagResults], emit: Emit) -> str:
     return text
 
 
+def plot_stability(tags: list[TagResults], emit: Emit) -> str:
+    """Set stability (neurons/stability.json, detection.py --resamples): per set, the split-half Jaccard and the
+    bootstrap Jaccard against the full-data set, each a mean with its 95% interval; one figure and table per tag."""
+    text = "\n## Stability of the neuron sets under a redraw of the detection texts\n"
+    found = {t.tag: t.stability for t in tags if t.stability is not None}
+    if not found:
+        return text + "_Skipped: no model has neurons/stability.json (detection.py --resamples N)._\n"
+    for tag, doc in found.items():
+        names = list(doc["sets"])
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4))
+        x = np.arange(len(names))
+        for offset, key, label in ((-0.15, "split_half", "split halves"), (0.15, "bootstrap", "bootstrap vs all texts")):
+            mean = np.array([num(doc["sets"][n][key]["mean"]) or 0.0 for n in names])
+            lo = np.array([num(doc["sets"][n][key]["ci"][0]) or 0.0 for n in names])
+            hi = np.array([num(doc["sets"][n][key]["ci"][1]) or 0.0 for n in names])
+            # the mean can sit outside a percentile interval of skewed draws: bars never go negative
+            ax.errorbar(x + offset, mean, yerr=[np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)],
+                        fmt="o", ms=4, capsize=3, label=label)
+        ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("Jaccard (mean, 95% interval)")
+        ax.set_title(f"{tag}: {doc.get('resamples')} resamples of {min((doc.get('texts') or {0: 0}).values())}+ "
+                     "texts per language")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        ci = lambda s: f"{fmt(s['mean'], '.2f')} [{fmt(s['ci'][0], '.2f')}, {fmt(s['ci'][1], '.2f')}]"
+        rows = [[n, str(s.get("size", "–")), ci(s["split_half"]), ci(s["bootstrap"]),
+                 f"{fmt(s['size_bootstrap']['mean'], '.1f')} [{fmt(s['size_bootstrap']['ci'][0], '.0f')}, "
+                 f"{fmt(s['size_bootstrap']['ci'][1], '.0f')}]"] for n, s in doc["sets"].items()]
+        text += (f"\n### {tag}\n\n" + emit(fig, f"stability_{tag}.png")
+                 + f"\nJaccard of two empty sets = 1. Texts per language: {doc.get('texts')}.\n\n"
+                 + table(["set", "size", "split-half Jaccard", "bootstrap Jaccard", "bootstrap size"], rows))
+    return text
+
+
 class FigureFolder:
     """<out>/figures: writes each figure (files.write_bytes: never half a file) and removes, at the end, the
     figures of models or inputs gone since the last run."""
@@ -835,12 +1342,14 @@ def main() -> None:
     # a second run waits for this one; figures are always redrawn
     with unit(figs.folder, f"--out {args.out}", force=True):
         notes: list[str] = []
-        tags = [load_tag(o, notes) for o in selected]
+        tags = [load_tag(o, notes, args.resamples, args.seed) for o in selected]
         report = (f"# Language neurons: figures and tables\n\nGenerated by `figures.py` from the files under "
                   f"`{out}` (models: {', '.join(t.tag for t in tags) or 'none'}).\n")
         for section in (report_distribution, report_deactivation, report_layers, report_components, report_ability,
-                        report_training, report_interventions, report_steering):
+                        report_interventions, plot_stability, report_steering):
             report += section(tags, figs.emit)
+        for paired in (report_comparison, report_training):  # the sections with seeded bootstrap intervals
+            report += paired(tags, figs.emit, args.resamples, args.seed)
         if notes:
             report += "\n## Notes\n\n" + "".join(f"- {n}\n" for n in notes)
         write_bytes(figs.folder / layout.REPORT, report.encode("utf-8"))

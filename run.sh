@@ -17,6 +17,7 @@ OUT=./outputs
 TRAIN_LANG=sw                          # the paper's low-resource example
 VARIANTS=shared,exclusive_$TRAIN_LANG  # deactivated models written to disk (1.1 GB each)
 PPL_LINES=16                           # val lines per language for perplexity (0 = all 64)
+CONTROLS=2                             # random controls per set (the default 5 costs 21 more perplexity passes)
 EVAL_LIMIT=12                          # MGSM / MMMLU items per language (0 = all 32)
 TRAIN_STEPS=12                         # a demonstration; the paper trains one epoch over 100k documents
 TRAIN_LR=5e-4                          # higher than the paper's 5e-5 so that 12 steps show an effect
@@ -27,8 +28,9 @@ DATA=(--langs "$LANGS" --dataset "$DATASET" --out "$OUT")
 
 echo "== 1/5 detection"
 "$PYTHON" detection.py --model "$MODEL" "${DATA[@]}" --ratio 0.01
-echo "== 2/5 deactivation: perplexity of every set; variants written: $VARIANTS"
-"$PYTHON" deactivation.py --model "$MODEL" "${DATA[@]}" --measure-ppl --limit "$PPL_LINES" --save-variants "$VARIANTS"
+echo "== 2/5 deactivation: perplexity of every set and $CONTROLS random controls each; variants written: $VARIANTS"
+"$PYTHON" deactivation.py --model "$MODEL" "${DATA[@]}" --measure-ppl --limit "$PPL_LINES" --save-variants "$VARIANTS" \
+  --random-controls "$CONTROLS"
 echo "== 3/5 training only the $TRAIN_LANG exclusive neurons"
 "$PYTHON" train.py --model "$MODEL" "${DATA[@]}" --lang "$TRAIN_LANG" --neurons "$(layout neurons)/exclusive_$TRAIN_LANG.json" \
   --run-name "$RUN" --max-steps "$TRAIN_STEPS" --lr "$TRAIN_LR" --global-batch-size 16 --micro-batch-size 4 --cutoff-len 128

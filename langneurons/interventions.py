@@ -28,7 +28,7 @@ from .data import (batches_by_length, corpus_file, detection_corpus, external_co
                    tokenize)
 from .files import atomic_dir, safe_name, write_json
 from .layout import META, Outputs, SCHEMA_VERSION
-from .masking import _check_fits
+from .masking import _check_fits, register_rewrite
 from .model import GROUPS, decoder_layers, projections
 from .neurons import NeuronSet
 
@@ -217,26 +217,13 @@ def intervened(model, nset: NeuronSet, intervention: Intervention, means: Means 
     set, scale=1 and shift=L:L install no hook: the model computes exactly what it computes without one."""
     _check_fits(model, nset)
     handles = []
-
-    def pre_hook(rewrite):
-        def hook(module, args):
-            return (rewrite(args[0]),) + tuple(args[1:])
-        return hook
-
-    def out_hook(rewrite):
-        def hook(module, args, output):
-            return rewrite(output)
-        return hook
-
     try:
         if not intervention.identity:
             for li, mod, where, groups in value_points(model):
                 idx, group = _point_indices(nset, li, groups)
                 if group is None:
                     continue
-                rewrite = _rewrite_for(intervention, idx, group, li, means)
-                handles.append(mod.register_forward_pre_hook(pre_hook(rewrite)) if where == "in"
-                               else mod.register_forward_hook(out_hook(rewrite)))
+                handles.append(register_rewrite(mod, where, _rewrite_for(intervention, idx, group, li, means)))
         yield
     finally:
         for h in handles:
@@ -255,7 +242,8 @@ class _MeanProbe:
         self.tokens = 0
         self.handles = []
 
-    def _add(self, li: int, point: str, x: torch.Tensor) -> None:
+    def _add(self, li: int, point: str, x: torch.Tensor) -> torch.Tensor:
+        """Adds the batch's values at one point to its sums; returns `x` unchanged (an observing hook)."""
         m = self.mask.to(x.device)
         if tuple(x.shape[:2]) != tuple(m.shape):
             raise RuntimeError(f"neuron value of shape {tuple(x.shape)} does not match the batch {tuple(m.shape)}")
@@ -263,16 +251,11 @@ class _MeanProbe:
         s = (x.double() * m[..., None].double()).sum((0, 1))
         key = (li, point)
         self.sums[key] = self.sums[key] + s if key in self.sums else s
+        return x
 
     def __enter__(self):
         for li, mod, where, groups in value_points(self.model):
-            point = groups[0]
-            if where == "in":
-                self.handles.append(mod.register_forward_pre_hook(
-                    lambda module, args, li=li, p=point: self._add(li, p, args[0])))
-            else:
-                self.handles.append(mod.register_forward_hook(
-                    lambda module, args, out, li=li, p=point: self._add(li, p, out)))
+            self.handles.append(register_rewrite(mod, where, lambda x, li=li, p=groups[0]: self._add(li, p, x)))
         return self
 
     def __exit__(self, *exc):

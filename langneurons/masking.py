@@ -9,7 +9,7 @@ import contextlib
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -110,6 +110,15 @@ def zeroed(model, nset: NeuronSet) -> Iterator[Plan]:
                 p.index_copy_(dim, idx.to(p.device), saved[name].to(p.device))
 
 
+def register_rewrite(module: torch.nn.Module, where: str, rewrite: Callable[[torch.Tensor], torch.Tensor]):
+    """Hook `module` so that its input ('in': the first argument, a forward pre-hook) or its output ('out': a
+    forward hook) passes through `rewrite`; returns the handle. Shared by ablation_hooks and
+    interventions.intervened."""
+    if where == "in":
+        return module.register_forward_pre_hook(lambda m, args: (rewrite(args[0]),) + tuple(args[1:]))
+    return module.register_forward_hook(lambda m, args, output: rewrite(output))
+
+
 @contextlib.contextmanager
 def ablation_hooks(model, nset: NeuronSet) -> Iterator[None]:
     """Switch the same neurons off with hooks instead of weights (an independent check of `zero_neurons`).
@@ -118,23 +127,10 @@ def ablation_hooks(model, nset: NeuronSet) -> Iterator[None]:
     bias entry gives exactly a zero output channel; zeroing up's channel k gives H[:,k] = 0). Columns of
     down/o become zeroed input channels (forward pre-hook)."""
     handles = []
-
-    def out_hook(idx):
-        def hook(module, args, output):
-            return output.index_fill(-1, idx.to(output.device), 0)
-        return hook
-
-    def in_hook(idx):
-        def hook(module, args):
-            return (args[0].index_fill(-1, idx.to(args[0].device), 0),) + tuple(args[1:])
-        return hook
-
     try:
         for mod, dim, idx in selected_entries(model, nset):
-            if dim == 0:
-                handles.append(mod.register_forward_hook(out_hook(idx)))
-            else:
-                handles.append(mod.register_forward_pre_hook(in_hook(idx)))
+            handles.append(register_rewrite(mod, "out" if dim == 0 else "in",
+                                            lambda x, idx=idx: x.index_fill(-1, idx.to(x.device), 0)))
         yield
     finally:
         for h in handles:

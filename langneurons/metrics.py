@@ -15,35 +15,45 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .data import batches_by_length, pad_batch, pad_id, tokenize
 from .files import json_safe
+from .uncertainty import ppl_of_lines
 
 
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], max_length: int = 512, batch_size: int = 8,
-               desc: str = "ppl") -> dict[str, float]:
+               desc: str = "ppl") -> dict:
     """PPL = exp(sum of token NLLs / predicted tokens) over all lines; each line scored on its own,
-    its first token not predicted, padding never counted."""
+    its first token not predicted, padding never counted. Also each line's summed NLL and predicted tokens
+    (`line_nll`, `line_tokens`, in the order of `texts`): the PPL of any resample of the lines is
+    uncertainty.ppl_of_lines of them, and the PPL here is that of all lines, computed the same way."""
     seqs = tokenize(tokenizer, texts, max_length)
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    line_nll, line_tokens = [0.0] * len(seqs), [0] * len(seqs)
     for idx in tqdm(batches_by_length([len(s) for s in seqs], batch_size), desc=desc, leave=False):
         ids, mask = pad_batch([seqs[i] for i in idx], pad_id(tokenizer), device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         tok_nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
         valid = mask[:, 1:].bool()
-        nll += float(tok_nll[valid].double().sum())
-        count += int(valid.sum())
-    return {"ppl": math.exp(nll / count) if count else float("nan"), "tokens": count}
+        # per line, in float64; padded positions are filled with 0, not multiplied (their NLL may be inf)
+        sums = tok_nll.double().masked_fill(~valid, 0.0).sum(1).tolist()
+        counts = valid.sum(1).tolist()
+        for row, i in enumerate(idx):
+            line_nll[i], line_tokens[i] = float(sums[row]), int(counts[row])
+    return {"ppl": ppl_of_lines(line_nll, line_tokens), "tokens": sum(line_tokens),
+            "line_nll": line_nll, "line_tokens": line_tokens}
 
 
 def perplexity_by_lang(model, tokenizer, texts: dict[str, list[str]], max_length: int, batch_size: int,
-                       label: str) -> dict[str, dict]:
+                       label: str, per_line: bool = False) -> dict[str, dict]:
     """{lang: {"ppl", "tokens"}} of each language's lines (perplexity; null PPL when no token is predicted):
-    how deactivation, evaluation and training's validation all measure it."""
+    how deactivation, evaluation and training's validation all measure it. `per_line` adds each line's
+    summed NLL and predicted tokens ("line_nll", "line_tokens"), for intervals over resampled lines."""
     res = {}
     for lang, lines in texts.items():
         r = perplexity(model, tokenizer, lines, max_length, batch_size, desc=f"{label}/{lang}")
         res[lang] = {"ppl": json_safe(r["ppl"]), "tokens": r["tokens"]}
+        if per_line:
+            res[lang].update(line_nll=[json_safe(x) for x in r["line_nll"]], line_tokens=r["line_tokens"])
     return res
 
 

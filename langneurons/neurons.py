@@ -77,10 +77,11 @@ def random_like(s: NeuronSet, seed: int, name: str) -> NeuronSet:
     return out
 
 
-def language_sets(related: dict[str, NeuronSet], geom: Geometry, seed: int) -> dict[str, NeuronSet]:
-    """All sets of docs/outputs.md from the language-related sets N_l (docs/method.md section 4)."""
+def derived_sets(related: dict[str, NeuronSet]) -> dict[str, NeuronSet]:
+    """related_<l>, related_all, shared, exclusive_<l>, unique_<l> from the language-related sets N_l
+    (docs/method.md section 4). Elementwise, so sets batched over resamples ({group: bool [R, layers, n]}) work
+    too (langneurons/stability.py)."""
     langs = list(related)
-    sizes = set_sizes(related[langs[0]])  # random controls live in the same index space as the sets
     shared = intersection(list(related.values()))
     sets = {f"related_{l}": related[l] for l in langs}
     sets["related_all"] = union(list(related.values()))
@@ -89,6 +90,15 @@ def language_sets(related: dict[str, NeuronSet], geom: Geometry, seed: int) -> d
         sets[f"exclusive_{l}"] = difference(related[l], shared)
         others = [related[m] for m in langs if m != l]
         sets[f"unique_{l}"] = difference(related[l], union(others)) if others else related[l]
+    return sets
+
+
+def language_sets(related: dict[str, NeuronSet], geom: Geometry, seed: int) -> dict[str, NeuronSet]:
+    """All sets of docs/outputs.md from the language-related sets N_l (docs/method.md section 4)."""
+    langs = list(related)
+    sizes = set_sizes(related[langs[0]])  # random controls live in the same index space as the sets
+    sets = derived_sets(related)
+    shared = sets["shared"]
     sets["random_shared"] = random_set(size(shared), geom, seed, "random_shared", sizes)
     for l in langs:
         sets[f"random_exclusive_{l}"] = random_set(size(sets[f"exclusive_{l}"]), geom, seed, f"random_exclusive_{l}",

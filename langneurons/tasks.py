@@ -9,12 +9,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import metrics
+from .reuse import text_digest
+from .uncertainty import accuracy_summary
 from .data import mgsm_file, mmlu_file, read_mgsm, read_mmlu, val_file, val_texts
 
 
+def items_sha256(texts: list[str]) -> str:
+    """Digest of the scored items' text in order: two results files are compared question by question (a paired
+    test) only when they scored the same questions."""
+    return text_digest(texts)
+
+
+def scored(correct: list[bool], texts: list[str]) -> dict:
+    """accuracy, n, its 95% Wilson interval `accuracy_ci`, the per-item outcomes `correct` (0/1, item order)
+    and `items_sha256`: what figures.py needs to pair two models on the same questions."""
+    outcomes = [int(bool(c)) for c in correct]
+    return {**accuracy_summary(outcomes), "correct": outcomes, "items_sha256": items_sha256(texts)}
+
+
 def eval_ppl(model, tok, data: dict[str, list[str]], args: argparse.Namespace) -> dict[str, dict]:
-    """Perplexity of every validation line scored on its own."""
-    return metrics.perplexity_by_lang(model, tok, data, args.max_length, args.batch_size, "ppl")
+    """Perplexity of every validation line scored on its own, with each line's NLL (intervals over lines)."""
+    return metrics.perplexity_by_lang(model, tok, data, args.max_length, args.batch_size, "ppl", per_line=True)
 
 
 def eval_mgsm(model, tok, data: dict[str, list[tuple[str, float]]], args: argparse.Namespace) -> dict[str, dict]:
@@ -25,7 +40,7 @@ def eval_mgsm(model, tok, data: dict[str, list[tuple[str, float]]], args: argpar
                                           args.max_new_tokens, args.batch_size, args.max_length, desc=f"mgsm/{l}")
         preds = [metrics.extract_answer(o, l) for o in outputs]  # numbers as language l writes them
         correct = [metrics.answer_correct(p, gold) for p, (_, gold) in zip(preds, items)]
-        res[l] = {"accuracy": sum(correct) / len(items), "n": len(items),
+        res[l] = {**scored(correct, [f"{q}\t{gold!r}" for q, gold in items]),
                   "examples": [{"question": q, "gold": gold, "output": o, "pred": p}
                                for (q, gold), o, p in list(zip(items, outputs, preds))[:3]]}
     return res
@@ -38,7 +53,8 @@ def eval_mmmlu(model, tok, data: dict[str, list[dict]], args: argparse.Namespace
         scores = metrics.score_choices(model, tok, [metrics.mmlu_prompt(r) for r in items],
                                        batch_size=args.batch_size, max_length=args.max_length, desc=f"mmmlu/{l}")
         preds = [metrics.CHOICES[i] for i in scores.argmax(1).tolist()]
-        res[l] = {"accuracy": sum(p == r["Answer"] for p, r in zip(preds, items)) / len(items), "n": len(items)}
+        res[l] = scored([p == r["Answer"] for p, r in zip(preds, items)],
+                        ["\t".join(str(r[k]) for k in ("Question", *metrics.CHOICES, "Answer")) for r in items])
     return res
 
 

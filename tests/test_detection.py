@@ -88,7 +88,8 @@ def test_detection_writes_every_file_and_rederives_without_the_model(tiny, tmp_p
     assert r.returncode == 0, r.stderr
     nd = tmp_path / "model" / "neurons"
     names = {p.name for p in nd.iterdir()}
-    expected = {"meta.json", "firing.safetensors", "stats.json", "related_all.json", "shared.json", "random_shared.json"}
+    expected = {"meta.json", "firing.safetensors", "stats.json", "related_all.json", "shared.json", "random_shared.json",
+                "per_text.safetensors", "stability.json", "stability.safetensors"}
     expected |= {f"{k}_{l}.json" for k in ("related", "exclusive", "unique", "random_exclusive") for l in ("en", "fr", "de")}
     assert names == expected
     firing = load_file(nd / "firing.safetensors")

@@ -74,7 +74,8 @@ def results(out: Path) -> dict[str, object]:
     return {
         "detection": {"sets": sets, "stats": json.loads((neurons / "stats.json").read_text()),
                       "firing": {k: v.tolist() for k, v in sorted(load_file(neurons / "firing.safetensors").items())}},
-        "deactivation.ppl": {k: deact[k] for k in ("results", "importance", "language_agnostic_score")},
+        "deactivation.ppl": {k: deact[k] for k in ("results", "sets", "importance", "importance_ci",
+                                                   "language_agnostic_score", "language_agnostic_score_ci")},
         "deactivation.variant": {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in sorted(variant.items())},
         "train": {k: log[k] for k in ("train_loss", "loss_curve", "val", "steps", "tokens_seen", "trainable_parameters")},
         **{f"evaluate.{t}": evaluation[t] for t in ("ppl", "mgsm", "mmmlu")},

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import tiny
 from tiny import save_tiny, tiny_dataset, tiny_model, tiny_tokenizer
 
 from langneurons import interventions as iv_mod
@@ -19,7 +20,9 @@ from langneurons.masking import zeroed
 from langneurons.model import Geometry, load_model, model_record
 from langneurons.neurons import empty_set, write_neuron_file
 
-ARCHS = ["qwen2", "gemma3", "llama"]  # Qwen2: grouped-query attention with q/k/v biases; Gemma3: q/k norms
+# every tiny architecture: Qwen2 has grouped-query attention with q/k/v biases, Qwen3 and Gemma3 q/k norms,
+# Gemma2 soft-capping
+ARCHS = tiny.ARCHS
 TEXTS = ["The cat sleeps on the warm mat.", "Rain.", "We walked to the market early in the morning."]
 
 
@@ -420,3 +423,18 @@ def test_evaluate_refuses_another_models_set(forked, stage_setup, tmp_path):
     r = forked("evaluate.py", *args, "--allow-other-model")
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "o" / "out" / "tiny" / "eval" / "tiny+theirs@zero.json").is_file()
+
+
+def test_evaluate_fingerprint_arguments():
+    """A base evaluation's fingerprint is the one it had before these flags existed; under an intervention the
+    SPEC (and for mean/shift the mean flags) decide reuse."""
+    import evaluate
+    base = evaluate.result_args(evaluate.parse_args([]), "ppl")
+    assert not set(base) & evaluate.INTERVENTION_ARGS
+    args = evaluate.parse_args(["--neurons", "x.json", "--intervention", "scale=2"])
+    kept = evaluate.result_args(args, "ppl", parse_intervention("scale=2"))
+    assert {"neurons", "intervention", "allow_other_model"} <= set(kept) and not {"mean_corpus"} & set(kept)
+    kept = evaluate.result_args(args, "ppl", parse_intervention("mean=en"))
+    assert {"mean_corpus", "mean_max_length", "intervention"} <= set(kept)
+    assert iv_mod.unused_args(parse_intervention("zero")) == iv_mod.INTERVENTION_FLAGS
+    assert iv_mod.unused_args(parse_intervention("shift=en:fr")) == ()
