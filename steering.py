@@ -97,12 +97,17 @@ def parse_alphas(text: str | None, iv: interventions.Intervention) -> list[float
     return sorted(set(alphas) | {iv.alpha})
 
 
+SPACELESS_CHARS = 12  # English, Swahili, French, German average 5-7 characters per word
+
+
 def first_words(line: str, words: int) -> str:
-    """The start of a line as a prompt: its first `words` words, or its first 2 * `words` characters when
-    those words are most of the line (Chinese, Thai: no spaces between words), so a prompt never is the
-    whole sentence."""
-    head = " ".join(line.split()[:words])
-    return line[:2 * words] if len(head) > len(line) / 2 else head
+    """The start of a line as a prompt, never the whole line: its first `words` words (at most half of a short
+    line's words), or, in a script without spaces between words (Chinese, Thai: more than
+    SPACELESS_CHARS characters per space-separated chunk), its first 2 * `words` characters (at most half)."""
+    parts = line.split()
+    if len(line) > SPACELESS_CHARS * max(len(parts), 1):
+        return line[:max(1, min(2 * words, len(line) // 2))]
+    return " ".join(parts[:max(1, min(words, len(parts) // 2))])
 
 
 def prompt_files(args: argparse.Namespace, langs: list[str]) -> list[Path]:

@@ -125,6 +125,9 @@ def test_random_controls_have_the_sets_counts_and_differ(tiny):
 def test_prompts_and_repeated_ngrams():
     assert steering.first_words("The cat sleeps on the warm mat tonight.", 3) == "The cat sleeps"
     assert steering.first_words("今天早上孩子们冒着雨走路去上学。", 3) == "今天早上孩子"
+    # a prompt is never the whole line: a short line gives at most half its words
+    assert steering.first_words("The price rose today.", 6) == "The price"
+    assert steering.first_words("Hello", 6) == "Hello"
     assert repeated_ngram_share([[1, 2, 3, 1, 2, 3]], 3) == pytest.approx(1 / 4)
     assert repeated_ngram_share([[1, 2, 3, 4], [1, 2, 3]], 3) == 0.0  # repeats count within a sequence only
     assert repeated_ngram_share([[1, 2]], 3) is None
