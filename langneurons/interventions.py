@@ -9,7 +9,7 @@ on one loaded model.
 
 Per-language means (mean=L, shift=A:B) are the mean of each value over every non-padding token of L's
 detection texts, tokenized as detection tokenizes them; they are computed once per model, corpus and
-language and stored under <out>/<tag>/means/<corpus>/<lang>/ with a fingerprint (stored_means)."""
+language and stored under <out>/<tag>/means/<model>/<corpus>/<lang>/ with a fingerprint (stored_means)."""
 from __future__ import annotations
 
 import argparse
