@@ -503,7 +503,9 @@ def test_concurrent_runs_on_one_out_lose_nothing(base, detected, tmp_path):
     expected = json.loads((ref / "out" / "tiny" / "eval" / "tiny.json").read_text())["results"]
     assert res["results"]["mmmlu"] == expected["mmmlu"]
     for l, r in expected["ppl"].items():
-        assert res["results"]["ppl"][l] == {"ppl": pytest.approx(r["ppl"], rel=1e-6), "tokens": r["tokens"]}
+        assert res["results"]["ppl"][l] == {"ppl": pytest.approx(r["ppl"], rel=1e-6), "tokens": r["tokens"],
+                                            "line_nll": pytest.approx(r["line_nll"], rel=1e-6),
+                                            "line_tokens": r["line_tokens"]}
     assert_same_outputs(detected / "out", dt / "out")  # two detections: one complete set of files
 
 
