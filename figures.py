@@ -1131,7 +1131,8 @@ def exclusive_cells(runs: dict[str, dict]) -> dict[str, dict[tuple[str, str], fl
     for obj in runs.values():
         meta = obj["meta"]
         set_name, tgt = (meta.get("set") or {}).get("name", ""), meta.get("target")
-        if not str(set_name).startswith("exclusive_") or set_name not in obj["results"]:
+        # a dose-response run (--alphas) has its own figure; its base factor would be a panel of one cell
+        if not str(set_name).startswith("exclusive_") or set_name not in obj["results"] or "strengths" in obj:
             continue
         for src, row in obj["results"][set_name].items():
             if (r := num(row.get("target_rate"))) is not None:
@@ -1142,10 +1143,12 @@ def exclusive_cells(runs: dict[str, dict]) -> dict[str, dict[tuple[str, str], fl
 def fig_steering(tag: str, cells: dict[str, dict[tuple[str, str], float]]) -> Figure:
     """One heatmap per intervention: rows source languages, columns target languages, the rate of generations
     identified as the target with the intervention on the target's (or source's) exclusive set."""
-    fig, axes = plt.subplots(1, len(cells), figsize=(3.6 * len(cells) + 1, 3.6), squeeze=False)
+    # every panel on the same rows and columns, so that they line up and one row label serves them all
+    srcs = sorted({s for c in cells.values() for s, _ in c})
+    tgts = sorted({t for c in cells.values() for _, t in c})
+    fig, axes = plt.subplots(1, len(cells), figsize=(0.8 * len(tgts) * len(cells) + 2.5, 0.6 * len(srcs) + 2.4),
+                             squeeze=False, layout="constrained")
     for k, (ax, (kind, c)) in enumerate(zip(axes[0], cells.items())):
-        srcs = sorted({s for s, _ in c})
-        tgts = sorted({t for _, t in c})
         grid = np.full((len(srcs), len(tgts)), np.nan)
         for (s, t), r in c.items():
             grid[srcs.index(s), tgts.index(t)] = r
@@ -1156,7 +1159,7 @@ def fig_steering(tag: str, cells: dict[str, dict[tuple[str, str], float]]) -> Fi
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center",
                             color="white" if grid[i, j] < 0.5 else "black", fontsize=8)
         ax.set_xticks(range(len(tgts)), [lang_name(t) for t in tgts], rotation=30, ha="right")
-        ax.set_yticks(range(len(srcs)), [lang_name(s) for s in srcs])
+        ax.set_yticks(range(len(srcs)), [lang_name(s) for s in srcs] if k == 0 else [])
         ax.set_xlabel("target")
         if k == 0:  # the panels share their rows' meaning; a label on each would overlap the next panel's ticks
             ax.set_ylabel("source")
