@@ -1131,8 +1131,7 @@ def exclusive_cells(runs: dict[str, dict]) -> dict[str, dict[tuple[str, str], fl
     for obj in runs.values():
         meta = obj["meta"]
         set_name, tgt = (meta.get("set") or {}).get("name", ""), meta.get("target")
-        # a dose-response run (--alphas) has its own figure; its base factor would be a panel of one cell
-        if not str(set_name).startswith("exclusive_") or set_name not in obj["results"] or "strengths" in obj:
+        if not str(set_name).startswith("exclusive_") or set_name not in obj["results"]:
             continue
         for src, row in obj["results"][set_name].items():
             if (r := num(row.get("target_rate"))) is not None:
