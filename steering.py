@@ -142,14 +142,10 @@ def neuron_spec(args: argparse.Namespace, out: layout.Outputs, target: str) -> t
         if not file.is_file():
             raise InputError(f"--neurons: no {file} (run detection.py first, or pass --neurons FILE)")
         return name, file
-    name, sep, file = args.neurons.partition("=")
-    if not sep or Path(args.neurons).exists():
-        name, file = Path(args.neurons).stem, args.neurons
-    if not Path(file).is_file():
-        raise InputError(f"--neurons {file}: no such file")
-    if safe_name(name) != name or name == NONE or name.startswith("random-"):
+    name, file = interventions.neuron_spec(args.neurons)  # the one NAME=FILE rule of every stage
+    if name == NONE or name.startswith("random-"):
         raise InputError(f"--neurons {args.neurons}: '{name}' cannot name a condition; use NAME=FILE")
-    return name, Path(file)
+    return name, file
 
 
 def results_name(args: argparse.Namespace, set_name: str, iv: interventions.Intervention,
