@@ -20,7 +20,7 @@ from pathlib import Path
 
 from langneurons import interventions, langid, layout, reuse
 from langneurons.cli import DEFAULT_LANGS, InputError, common_parser, int_at_least, parse_langs, run, split_list
-from langneurons.data import mgsm_texts, read_lines, val_file, val_texts
+from langneurons.data import mgsm_file, mgsm_texts, read_lines, val_file, val_texts
 from langneurons.files import json_safe, safe_name, write_json
 from langneurons.layout import SCHEMA_VERSION
 from langneurons.metrics import MGSM_PROMPT, generate_greedy, perplexity, repeated_ngram_share
@@ -114,7 +114,7 @@ def prompt_files(args: argparse.Namespace, langs: list[str]) -> list[Path]:
     if args.prompts == "val":
         return [val_file(args.dataset, l) for l in langs]
     if args.prompts == "mgsm":
-        return [Path(args.dataset) / "test" / "mgsm" / f"mgsm_{l}.tsv" for l in langs]
+        return [mgsm_file(args.dataset, l) for l in langs]
     return [Path(args.prompts.replace("{lang}", l)) for l in langs]
 
 
