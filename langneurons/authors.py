@@ -22,7 +22,7 @@ import torch
 
 from .cli import InputError
 from .importance import ImportanceProbe, _eager_attention, visible_keys
-from .model import GROUPS, Geometry, decoder_layers, projections
+from .model import GROUPS, Geometry, decoder_layers, neuron_slots, projections
 
 AUTHORS_ATTENTION = "langneurons_authors"
 _ACTIVE: list["AuthorsProbe"] = []  # attention functions are global: the probe whose forward runs
@@ -176,8 +176,10 @@ class AuthorsProbe:
         """[B, C] sums of |x| over real tokens of x [B, T, C]."""
         return (x.float().abs() * self._valid.to(x.device)[..., None]).sum(1)
 
-    def _up_hook(self, layer: int, module, args, output) -> None:
+    def _up_hook(self, layer: int, module, args, output, positions: torch.Tensor | None = None) -> None:
         if self.measuring:
+            if positions is not None:  # a fused gate_up output: the up part
+                output = output.index_select(-1, positions.to(output.device))
             score = self._abs_sum(output)
             for g in ("fwd_up", "fwd_down"):
                 if g in self.groups:
@@ -215,7 +217,11 @@ class AuthorsProbe:
         self.paper.__enter__()  # its hooks give the paper's groups; the attention function is ours
         for i, p in enumerate(self.layers):
             if {"fwd_up", "fwd_down"} & set(self.groups):
-                self._handles.append(p["up"].register_forward_hook(lambda m, a, o, i=i: self._up_hook(i, m, a, o)))
+                up = next(s for s in neuron_slots(decoder_layers(self.model)[i], self.geom, self.model.config)["fwd_up"]
+                          if s.role == "up")
+                pos = None if "up" in p else up.index
+                self._handles.append(up.module.register_forward_hook(
+                    lambda m, a, o, i=i, pos=pos: self._up_hook(i, m, a, o, pos)))
             if {"attn_v", "attn_o"} & set(self.groups):
                 self._handles.append(p["o"].register_forward_pre_hook(lambda m, a, i=i: self._o_hook(i, m, a)))
         self._old_impl = self.model.config._attn_implementation

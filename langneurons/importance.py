@@ -15,7 +15,7 @@ Those are channels after rotary embedding (and q/k norms); the neuron deactivati
 q_proj/k_proj row before them. Without q/k norms rotary spreads a row over two channels, so its
 removal is a rank-two change of S_h, scored exactly by `qk_row_importance` (qk_score="row").
 
-The LAPE detector (Tang et al., 2024) only needs the FFN activation sign, read at `act_fn`."""
+The LAPE detector (Tang et al., 2024) only needs the FFN activation sign, read at the FFN's activation module (`act_fn`, `act`, ...)."""
 from __future__ import annotations
 
 import inspect
@@ -24,7 +24,7 @@ import sys
 import torch
 
 from .cli import InputError
-from .model import GROUPS, Geometry, decoder_layers, projections
+from .model import GROUPS, Geometry, decoder_layers, neuron_slots, projections, value_slot, weight_dim
 
 PROBE_NAME = "langneurons_probe"
 _ACTIVE: list["ImportanceProbe"] = []  # the probe whose forward is running (attention functions are global)
@@ -367,6 +367,7 @@ class ImportanceProbe:
         self.groups = tuple(groups) if method == "importance" else ()
         self.geom = Geometry.from_config(model.config)
         self.layers = [projections(layer) for layer in decoder_layers(model)]
+        self.slots = [neuron_slots(layer, self.geom, model.config) for layer in decoder_layers(model)]
         self.layer_of = {id(p["attn"]): i for i, p in enumerate(self.layers)}
         self.wants_qk = bool({"attn_q", "attn_k"} & set(self.groups))
         self._handles: list = []
@@ -386,10 +387,11 @@ class ImportanceProbe:
         valid = self._valid.to(x.device)
         return (x.float().square() * valid[..., None]).sum(1).sqrt()
 
-    def _column_norms(self, linear: torch.nn.Linear) -> torch.Tensor:
-        """||W[:, k]|| of an input channel: fixed while probing, so computed once per module."""
+    def _column_norms(self, linear: torch.nn.Module) -> torch.Tensor:
+        """||W[:, k]|| of an input channel (the norm over the output dimension, model.weight_dim: a Conv1D
+        stores W transposed): fixed while probing, so computed once per module."""
         if id(linear) not in self._col_norms:
-            self._col_norms[id(linear)] = linear.weight.float().norm(dim=0)
+            self._col_norms[id(linear)] = linear.weight.float().norm(dim=weight_dim(linear, "out"))
         return self._col_norms[id(linear)]
 
     def _down_hook(self, layer: int, module, args) -> None:
@@ -436,9 +438,9 @@ class ImportanceProbe:
         if "attn_k" in self.groups:
             self._scores["attn_k"][layer] = k_imp
 
-    def _projection_hook(self, key: str, output: torch.Tensor) -> None:
-        if self.measuring:
-            self._rows[key] = output
+    def _projection_hook(self, key: str, output: torch.Tensor, positions: torch.Tensor | None) -> None:
+        if self.measuring:  # a fused q/k/v output: the rows of q (k) only, in their logical order
+            self._rows[key] = output if positions is None else output.index_select(-1, positions.to(output.device))
 
     def _rotary_hook(self, module, args, kwargs) -> None:
         if self.measuring:
@@ -449,7 +451,10 @@ class ImportanceProbe:
     def __enter__(self) -> "ImportanceProbe":
         for i, p in enumerate(self.layers):
             if self.method == "activation":
-                self._handles.append(p["mlp"].act_fn.register_forward_hook(
+                if "act" not in p:
+                    raise InputError(f"--method activation: {type(p['mlp']).__name__} has no activation module "
+                                     "to read the FFN activation sign at")
+                self._handles.append(p["act"].register_forward_hook(
                     lambda m, a, o, i=i: self._act_hook(i, m, a, o)))
                 continue
             if {"fwd_up", "fwd_down"} & set(self.groups):
@@ -458,8 +463,10 @@ class ImportanceProbe:
                 self._handles.append(p["o"].register_forward_pre_hook(lambda m, a, i=i: self._o_hook(i, m, a)))
             if self.wants_qk and self.qk_score == "row":
                 for key in ("q", "k"):
-                    self._handles.append(p[key].register_forward_hook(
-                        lambda m, a, o, key=key: self._projection_hook(key, o)))
+                    slot = self.slots[i][f"attn_{key}"][0]
+                    pos = None if key in p else slot.index
+                    self._handles.append(slot.module.register_forward_hook(
+                        lambda m, a, o, key=key, pos=pos: self._projection_hook(key, o, pos)))
                 self._handles.append(p["attn"].register_forward_pre_hook(self._rotary_hook, with_kwargs=True))
         self._old_impl = self.model.config._attn_implementation
         if self.wants_qk:
