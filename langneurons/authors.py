@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .cli import InputError
-from .importance import ImportanceProbe, _eager_attention, visible_keys
+from .importance import ImportanceProbe, _eager_attention, uses_attention_registry, visible_keys
 from .model import GROUPS, Geometry, decoder_layers, neuron_slots, projections
 
 AUTHORS_ATTENTION = "langneurons_authors"
@@ -164,6 +164,12 @@ class AuthorsProbe:
         self.layer_of = {id(p["attn"]): i for i, p in enumerate(self.layers)}
         self.paper_qk = bool({"attn_q", "attn_k"} & set(paper_groups))
         self.authors_qk = bool({"attn_q", "attn_k"} & set(self.groups))
+        # attention computed inline (Falcon, BLOOM): no attention function to read Q/K in or to change the mask of
+        self.registry = uses_attention_registry(model)
+        if not self.registry and (self.authors_qk or self.paper_qk or attention != "causal"):
+            raise InputError(f"--method authors: model type '{getattr(model.config, 'model_type', '?')}' does not "
+                             "compute attention through transformers' attention functions: attn_q/attn_k and "
+                             "--authors-attention bidirectional are not supported for it")
         self._handles: list = []
         self._scores: dict[str, list] = {}
         self._valid: torch.Tensor | None = None
@@ -225,8 +231,9 @@ class AuthorsProbe:
             if {"attn_v", "attn_o"} & set(self.groups):
                 self._handles.append(p["o"].register_forward_pre_hook(lambda m, a, i=i: self._o_hook(i, m, a)))
         self._old_impl = self.model.config._attn_implementation
-        _register()
-        self.model.set_attn_implementation(AUTHORS_ATTENTION)
+        if self.registry:
+            _register()
+            self.model.set_attn_implementation(AUTHORS_ATTENTION)
         _ACTIVE.append(self)
         return self
 
@@ -235,7 +242,8 @@ class AuthorsProbe:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self.model.set_attn_implementation(self._old_impl)
+        if self.registry:
+            self.model.set_attn_implementation(self._old_impl)
         self.paper.__exit__(*exc)
 
     @torch.no_grad()
