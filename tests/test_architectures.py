@@ -339,7 +339,7 @@ def test_unsupported_architectures_are_refused_at_check_time(kind, why, tmp_path
 
 
 @pytest.mark.parametrize("script,extra", [("detection.py", []), ("deactivation.py", []),
-                                          ("train.py", ["--lang", "fr", "--mode", "full"]),
+                                          ("train.py", ["--lang", "fr", "--neurons", "full"]),
                                           ("evaluate.py", ["--tasks", "ppl"])])
 def test_every_stage_refuses_an_unsupported_model_in_one_line(forked, script, extra, tmp_path):
     model = _save_unsupported("mamba", tmp_path / "tiny-mamba")
