@@ -360,9 +360,6 @@ def _falcon_attention(module, fused: torch.Tensor, bound: dict):
     """(query [B,H,T,D], key [B,KV,S,D], value [B,KV,S,D], mask, scaling, bias) exactly as FalconAttention.forward
     computes them from its fused q/k/v output (rotary applied), the grouped layout's keys and values once per
     kv head (the model broadcasts them to every query head)."""
-    if bound.get("alibi") is not None:
-        raise InputError("groups attn_q/attn_k: Falcon with alibi is not supported (its eager and sdpa paths add "
-                         "the alibi bias differently); use --groups without attn_q,attn_k")
     q, k, v = module._split_heads(fused)
     B, T = q.shape[:2]
     D = module.head_dim
@@ -441,6 +438,10 @@ class ImportanceProbe:
                 raise InputError(f"groups attn_q/attn_k: model type '{mt}' does not compute attention through "
                                  "transformers' attention functions, and its query/key inputs cannot be read; "
                                  "use --groups without attn_q,attn_k")
+            if mt == "falcon" and model.config.alibi:
+                raise InputError("groups attn_q/attn_k: Falcon with alibi is not supported (transformers adds its "
+                                 "alibi bias differently on the eager and sdpa paths); use --groups without "
+                                 "attn_q,attn_k")
             self.inline = _INLINE_ATTENTION[mt]
         self._handles: list = []
         self._scores: dict[str, list] = {}
