@@ -352,8 +352,16 @@ def qk_row_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 def uses_attention_registry(model) -> bool:
     """Whether the model's attention runs through transformers' AttentionInterface (where the probe reads Q, K
-    and V inside the attention function); Falcon and BLOOM compute attention inline instead."""
-    return bool(getattr(model, "_supports_attention_backend", False))
+    and V inside the attention function); Falcon and BLOOM compute attention inline instead. Read from the
+    attention module's own forward (the `_supports_attention_backend` flag is missing on some models that do,
+    StableLM)."""
+    if getattr(model, "_supports_attention_backend", False):
+        return True
+    attn = projections(decoder_layers(model)[0])["attn"]
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(type(attn).forward)
+    except (OSError, TypeError):  # no source to read: assume the registry, as transformers' models use it
+        return True
 
 
 def _falcon_attention(module, fused: torch.Tensor, bound: dict):
