@@ -15,7 +15,7 @@ from langneurons.authors import AuthorsProbe
 from langneurons.cli import InputError
 from langneurons.importance import (ImportanceProbe, _rotate, qk_importance_reference, qk_importance_with_bias,
                                     visible_keys)
-from langneurons.interventions import Intervention, intervened
+from langneurons.interventions import Intervention, intervened, neuron_means_and_tokens
 from langneurons.masking import ablation_hooks, zero_neurons, zero_neurons_streaming, zeroed
 from langneurons.model import (GROUPS, Geometry, check_architecture, decoder_layers, neuron_slots, projections,
                                weight_dim)
@@ -256,6 +256,46 @@ def test_zeroing_paths_agree_and_touch_only_the_listed_entries(arch):
     for n, m in exp.items():
         assert torch.equal(after[n][~m], before[n][~m]), n
         assert (after[n][m] == 0).all(), n
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "phi3", "falcon_grouped"])
+def test_means_and_scale_read_the_fused_rows(arch):
+    """mean=L's means of attn_q/attn_k/attn_v are the means of their fused rows (positions from each family's own
+    split) over every token; scale=A multiplies exactly those rows of the fused output, the others bit-identical."""
+    model = tiny_model(arch)
+    geom = Geometry.from_config(model.config)
+    texts = SENTENCES["de"][:3]
+    pos = expected_positions(arch, geom)
+    layer = 2
+    qkv = projections(decoder_layers(model)[layer])["qkv"]
+    outs = []
+    h = qkv.register_forward_hook(lambda m, a, o: outs.append(o.detach()[0].clone()))
+    means, tokens = neuron_means_and_tokens(model, tiny_tokenizer(), texts, 64, 1)  # one text a batch: no padding
+    h.remove()
+    every = torch.cat(outs).double()
+    assert tokens == every.shape[0]
+    for g in ("attn_q", "attn_k", "attn_v"):
+        torch.testing.assert_close(means[g][layer].double(), every[:, pos[g[-1]]].mean(0), rtol=1e-5, atol=1e-6)
+    nset = empty_set(geom)
+    for g, ks in (("attn_q", [0, 17, 40]), ("attn_k", [3]), ("attn_v", [1, geom.group_size("attn_v") - 1])):
+        nset[g][layer, ks] = True
+    sel = torch.cat([pos[g[-1]][torch.nonzero(nset[g][layer]).flatten()] for g in ("attn_q", "attn_k", "attn_v")])
+    ids, mask = encode(texts)
+    got = []
+    record = lambda m, a, o: got.append(o.detach().clone())
+    with torch.no_grad():
+        h = qkv.register_forward_hook(record)
+        model(input_ids=ids, attention_mask=mask)
+        h.remove()
+        with intervened(model, nset, Intervention("scale", alpha=3.0)):
+            h = qkv.register_forward_hook(record)  # after the intervention's hook: reads what it left
+            model(input_ids=ids, attention_mask=mask)
+            h.remove()
+    base, scaled = got
+    other = torch.ones(base.shape[-1], dtype=torch.bool)
+    other[sel] = False
+    torch.testing.assert_close(scaled[..., sel], base[..., sel] * 3.0, rtol=0, atol=1e-6)
+    assert torch.equal(scaled[..., other], base[..., other])
 
 
 @pytest.mark.parametrize("arch", FUSED_ARCHS)
