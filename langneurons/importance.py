@@ -24,7 +24,7 @@ import sys
 import torch
 
 from .cli import InputError
-from .model import GROUPS, Geometry, decoder_layers, neuron_slots, projections, value_slot, weight_dim
+from .model import GROUPS, Geometry, decoder_layers, neuron_slots, projections, weight_dim
 
 PROBE_NAME = "langneurons_probe"
 _ACTIVE: list["ImportanceProbe"] = []  # the probe whose forward is running (attention functions are global)

@@ -19,7 +19,7 @@ from langneurons.interventions import Intervention, intervened, neuron_means_and
 from langneurons.masking import ablation_hooks, zero_neurons, zero_neurons_streaming, zeroed
 from langneurons.model import (GROUPS, Geometry, check_architecture, decoder_layers, neuron_slots, projections,
                                weight_dim)
-from langneurons.neurons import empty_set, random_set, write_neuron_file
+from langneurons.neurons import empty_set, random_set
 from langneurons.sparse import attach_deltas, merge_deltas
 from test_importance import capture_call, encode, output_of
 from tiny import FUSED_ARCHS, SENTENCES, save_tiny, tiny_config, tiny_dataset, tiny_model, tiny_tokenizer
