@@ -261,7 +261,7 @@ def run_record(args, langs, groups, corpora, mgsm_format, geom: Geometry, config
             "groups": list(groups), "qk_score": args.qk_score,
             "corpus": {"name": args.corpus, "sentences": {l: len(corpora[l]) for l in langs},
                        **({"mgsm_format": mgsm_format} if args.corpus == "mgsm" else {})},
-            "geometry": geom.__dict__, "config": config,
+            "geometry": geom.record(), "config": config,
             "unit": "tokens" if args.method == "activation" else "sentences",
             "run": runinfo.run_meta(args), "fingerprint": fp}
 

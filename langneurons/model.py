@@ -34,19 +34,41 @@ class Geometry:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    # mixture-of-experts FFNs (langneurons/moe.py): intermediate_size = num_experts * expert_size + shared_size
+    num_experts: int = 0
+    expert_size: int = 0
+    top_k: int = 0
+    shared_size: int = 0
 
     @classmethod
     def from_config(cls, config) -> "Geometry":
+        from .moe import moe_sizes
         c = text_config(config)
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        kv = getattr(c, "num_key_value_heads", None) or heads
+        if (moe := moe_sizes(c)) is not None:
+            return cls(c.num_hidden_layers, moe.intermediate_size, heads, kv, int(head_dim), moe.num_experts,
+                       moe.expert_size, moe.top_k, moe.shared_size)
         inter = c.intermediate_size
         if isinstance(inter, (list, tuple)):
             if len(set(inter)) != 1:
                 raise InputError("models whose FFN width differs between layers are not supported")
             inter = inter[0]
-        heads = c.num_attention_heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-        return cls(c.num_hidden_layers, int(inter), heads, getattr(c, "num_key_value_heads", None) or heads,
-                   int(head_dim))
+        return cls(c.num_hidden_layers, int(inter), heads, kv, int(head_dim))
+
+    @property
+    def moe(self):
+        """The MoE sizes (moe.MoeSizes), None for a dense FFN."""
+        from .moe import MoeSizes
+        return MoeSizes(self.num_experts, self.expert_size, self.top_k, self.shared_size) if self.num_experts else None
+
+    def record(self) -> dict:
+        """The geometry as a record: the MoE fields only for an MoE model (a dense model's record has the five
+        sizes alone)."""
+        d = dataclasses.asdict(self)
+        return d if self.num_experts else {k: v for k, v in d.items()
+                                           if k not in ("num_experts", "expert_size", "top_k", "shared_size")}
 
     @property
     def n_rep(self) -> int:
@@ -103,7 +125,7 @@ def model_record(model: str, config) -> dict:
     transformers version that read the config (its spelling of a config can change between versions)."""
     import transformers
     return {"name": model, "tag": model_tag(model), "config_sha256": config_digest(config),
-            "geometry": dataclasses.asdict(Geometry.from_config(config)), "transformers": transformers.__version__}
+            "geometry": Geometry.from_config(config).record(), "transformers": transformers.__version__}
 
 
 # ---------------------------------------------------------------- the embedded default model
@@ -445,12 +467,19 @@ _NAMES = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj", 
 
 def projections(layer) -> dict[str, torch.nn.Module]:
     """q, k, v, o of the attention and up, gate (when gated), down of the FFN of one decoder block."""
+    from .moe import moe_block
     attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
     mlp = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None)
     if attn is None or mlp is None:
         raise InputError(f"{type(layer).__name__}: no self_attn/mlp submodules")
     out = {}
+    block = moe_block(mlp)
+    if block is not None:
+        # the FFN neurons are expert channels: langneurons/moe.py handles them through out["moe"]
+        out["moe"] = block
     for key, names in _NAMES.items():
+        if block is not None and key in ("up", "gate", "down"):
+            continue
         parent = mlp if key in ("up", "gate", "down") else attn
         for n in names:
             if isinstance(getattr(parent, n, None), torch.nn.Linear):
