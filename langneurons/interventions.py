@@ -28,8 +28,9 @@ from .data import (batches_by_length, corpus_file, detection_corpus, external_co
                    tokenize)
 from .files import atomic_dir, safe_name, write_json
 from .layout import META, Outputs, SCHEMA_VERSION
-from .masking import _check_fits, register_rewrite
-from .model import GROUPS, decoder_layers, projections
+from . import moe
+from .masking import _check_fits, moe_layer_indices, register_rewrite
+from .model import GROUPS, Geometry, decoder_layers, projections
 from .neurons import NeuronSet
 
 KINDS = ("zero", "scale", "mean", "shift")
@@ -148,11 +149,20 @@ def add_arguments(parser: argparse.ArgumentParser, default: str | None = "zero")
 
 def value_points(model) -> Iterator[tuple[int, torch.nn.Module, str, tuple[str, ...]]]:
     """(layer, module, "in" | "out", groups) of every place a neuron value lives (POINTS), from the package's
-    module lookup (model.projections)."""
+    module lookup (model.projections). The expert channels of an MoE layer live inside its experts loop: they are
+    rewritten through a tap (`intervened`), not here."""
     for li, layer in enumerate(decoder_layers(model)):
         proj = projections(layer)
         for key, where, groups in POINTS:
-            yield li, proj[key], where, groups
+            if key in proj:
+                yield li, proj[key], where, groups
+
+
+def _refuse_moe_means(model, iv: Intervention | None = None) -> None:
+    """Means of expert channels would have to be taken over the tokens routed to each expert: not computed."""
+    if Geometry.from_config(model.config).moe is not None and (iv is None or iv.mean_langs()):
+        raise InputError(f"--intervention {iv.spec if iv else 'mean/shift'}: means of mixture-of-experts channels "
+                         "are not supported (zero and scale=A are)")
 
 
 def _point_indices(nset: NeuronSet, li: int, groups: tuple[str, ...]) -> tuple[torch.Tensor, str | None]:
@@ -216,7 +226,10 @@ def intervened(model, nset: NeuronSet, intervention: Intervention, means: Means 
     `means` (stored_means or neuron_means) must hold the languages of intervention.mean_langs(). An empty
     set, scale=1 and shift=L:L install no hook: the model computes exactly what it computes without one."""
     _check_fits(model, nset)
-    handles = []
+    moe_layers = [] if intervention.identity else list(moe_layer_indices(model, nset))
+    if moe_layers:
+        _refuse_moe_means(model, intervention)
+    handles, taps = [], []
     try:
         if not intervention.identity:
             for li, mod, where, groups in value_points(model):
@@ -224,7 +237,15 @@ def intervened(model, nset: NeuronSet, intervention: Intervention, means: Means 
                 if group is None:
                     continue
                 handles.append(register_rewrite(mod, where, _rewrite_for(intervention, idx, group, li, means)))
-        yield
+            for li, block, idx in moe_layers:
+                tap, shared = moe.value_rewrites(block, Geometry.from_config(model.config).moe, idx,
+                                                 lambda k, span: _rewrite_for(intervention, k, "fwd_up", li, None))
+                if tap is not None:
+                    taps.append((block.experts, tap))
+                if shared is not None:
+                    handles.append(register_rewrite(block.shared.down_proj, "in", shared))
+        with moe.tapped(taps):
+            yield
     finally:
         for h in handles:
             h.remove()
@@ -270,6 +291,7 @@ def neuron_means_and_tokens(model, tok, texts: list[str], max_length: int, batch
     """({group: float32 [layers, size]} mean value of every neuron over every non-padding token of `texts`,
     the number of tokens). Texts are tokenized as detection tokenizes them (data.tokenize: the tokenizer's
     special tokens included, cut at `max_length`); batches are padded on the right and padding is masked."""
+    _refuse_moe_means(model)
     seqs = [s for s in tokenize(tok, texts, max_length) if s]
     if not seqs:
         raise InputError(f"{desc}: no tokens to average over")

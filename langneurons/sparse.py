@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import moe
 from .masking import zero_plan
 from .neurons import NeuronSet
 
@@ -82,8 +83,12 @@ def attach_deltas(model: nn.Module, nset: NeuronSet) -> dict[str, tuple[int, int
         p.requires_grad_(False)
     modules = dict(model.named_modules())
     touched = {}
+    experts: dict[str, dict[str, torch.Tensor]] = {}  # fused expert slices, one moe.ExpertDelta per module
     for pname, (dim, idx) in plan.items():
         mod_name, _, leaf = pname.rpartition(".")
+        if not isinstance(dim, int):
+            experts.setdefault(mod_name, {})[leaf] = idx
+            continue
         if leaf != "weight":
             continue
         linear = modules[mod_name]
@@ -92,6 +97,10 @@ def attach_deltas(model: nn.Module, nset: NeuronSet) -> dict[str, tuple[int, int
         setattr(linear, DELTA_ATTR, NeuronDelta(linear, dim, idx, bias=f"{mod_name}.bias" in plan))
         linear._neuron_delta_hook = linear.register_forward_hook(_hook)
         touched[mod_name] = (dim, int(idx.numel()))
+    for mod_name, parts in experts.items():
+        rows, cols = parts.get("gate_up_proj"), parts.get("down_proj")
+        moe.attach_delta(modules[mod_name], rows, cols)
+        touched[mod_name] = ("experts", sum(len(x) for x in (rows, cols) if x is not None))
     return touched
 
 
@@ -111,7 +120,10 @@ def merge_deltas(model: nn.Module) -> int:
         linear._neuron_delta_hook.remove()
         del linear._neuron_delta_hook
         delattr(linear, DELTA_ATTR)
-    return len(found)
+    fused = [m for m in model.modules() if isinstance(getattr(m, moe.DELTA_ATTR, None), moe.ExpertDelta)]
+    for experts in fused:
+        moe.merge_delta(experts)
+    return len(found) + len(fused)
 
 
 def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

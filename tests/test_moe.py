@@ -116,3 +116,164 @@ def test_expert_no_token_of_a_sentence_reached_scores_zero(arch):
         act = probe(ids, mask)
     assert (act["active"][1, :, span] == 0).all() and (act["active"][0, :, span] > 0).any()
     assert act["active"].shape == (2, geom.num_layers, geom.intermediate_size)
+
+
+def some_set(geom: Geometry, seed: int = 0, p: float = 0.15) -> dict[str, torch.Tensor]:
+    """Neurons in every group and layer; the FFN groups reach routed experts and (Qwen2-MoE) the shared expert."""
+    g = torch.Generator().manual_seed(seed)
+    return {grp: torch.rand(geom.shape(grp), generator=g) < p for grp in GROUPS}
+
+
+def expected_zeroed(model, nset) -> dict[str, torch.Tensor]:
+    """Independent of masking.zero_plan: every parameter with the set's entries zeroed, written out per layout."""
+    geom = Geometry.from_config(model.config)
+    I, R = geom.expert_size, geom.moe.routed
+    exp = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for li in range(geom.num_layers):
+        pre = f"model.layers.{li}."
+        for group in GROUPS:
+            for n in torch.nonzero(nset[group][li]).flatten().tolist():
+                if group in ("fwd_up", "fwd_down") and n >= R:  # the shared expert, a dense gated MLP
+                    s = n - R
+                    if group == "fwd_up":
+                        exp[pre + "mlp.shared_expert.up_proj.weight"][s] = 0
+                        exp[pre + "mlp.shared_expert.gate_proj.weight"][s] = 0
+                    else:
+                        exp[pre + "mlp.shared_expert.down_proj.weight"][:, s] = 0
+                elif group == "fwd_up":
+                    e, k = divmod(n, I)
+                    exp[pre + "mlp.experts.gate_up_proj"][e, k] = 0       # gate row
+                    exp[pre + "mlp.experts.gate_up_proj"][e, I + k] = 0   # up row
+                elif group == "fwd_down":
+                    e, k = divmod(n, I)
+                    exp[pre + "mlp.experts.down_proj"][e, :, k] = 0
+                else:
+                    proj, dim = {"attn_q": ("q_proj", 0), "attn_k": ("k_proj", 0), "attn_v": ("v_proj", 0),
+                                 "attn_o": ("o_proj", 1)}[group]
+                    key = pre + f"self_attn.{proj}.weight"
+                    if dim == 0:
+                        exp[key][n] = 0
+                        if pre + f"self_attn.{proj}.bias" in exp:
+                            exp[pre + f"self_attn.{proj}.bias"][n] = 0
+                    else:
+                        exp[key][:, n] = 0
+    return exp
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_deactivation_zeroes_only_the_listed_expert_slices(arch):
+    model = tiny_model(arch)
+    nset = some_set(Geometry.from_config(model.config))
+    expected = expected_zeroed(model, nset)
+    zero_neurons(model, nset)
+    got = dict(model.named_parameters())
+    assert set(got) == set(expected)
+    for name, p in got.items():
+        assert torch.equal(p.detach(), expected[name]), name
+    assert any("router" in n or n.endswith("mlp.gate.weight") for n in got)  # the router is among the compared
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_zeroed_equals_hooks_equals_intervention_zero(arch):
+    from langneurons.interventions import intervened, parse_intervention
+    model = tiny_model(arch)
+    nset = some_set(Geometry.from_config(model.config), seed=1)
+    ids, mask = batch(seed=1)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        before = {n: p.clone() for n, p in model.named_parameters()}
+        with zeroed(model, nset):
+            weights = model(input_ids=ids, attention_mask=mask).logits
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored exactly
+        with ablation_hooks(model, nset):
+            hooks = model(input_ids=ids, attention_mask=mask).logits
+        with intervened(model, nset, parse_intervention("zero")):
+            zero = model(input_ids=ids, attention_mask=mask).logits
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert (weights - plain).abs().max() > 1e-3  # the set changes the output
+    torch.testing.assert_close(hooks, weights, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(zero, weights, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after, plain, rtol=0, atol=0)  # nothing left attached
+    assert model.config._experts_implementation != moe.EXPERTS_NAME
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_scale_multiplies_expert_channel_values(arch):
+    """scale=A on an expert channel equals that channel's down column multiplied by A."""
+    from langneurons.interventions import intervened, parse_intervention
+    model = tiny_model(arch)
+    geom = Geometry.from_config(model.config)
+    nset = empty_set(geom)
+    nset["fwd_down"][1, [3, geom.expert_size + 5]] = True  # experts 0 and 1
+    ids, mask = batch(seed=2)
+    with torch.no_grad():
+        with intervened(model, nset, parse_intervention("scale=3")):
+            scaled = model(input_ids=ids, attention_mask=mask).logits
+        down = projections(decoder_layers(model)[1])["moe"].experts.down_proj
+        down[0, :, 3] *= 3
+        down[1, :, 5] *= 3
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(scaled, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_mean_intervention_on_experts_is_refused():
+    from langneurons.cli import InputError
+    from langneurons.interventions import intervened, parse_intervention
+    model = tiny_model("olmoe")
+    nset = some_set(Geometry.from_config(model.config))
+    with pytest.raises(InputError, match="mixture-of-experts"):
+        with intervened(model, nset, parse_intervention("mean=en"), means={}):
+            pass
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_training_changes_only_the_selected_slices(arch):
+    """A few AdamW steps (weight decay on) on the deltas, merged: every entry outside the set is bit-identical to
+    before (the router and the shared expert's other channels included); entries inside it moved."""
+    from langneurons.sparse import attach_deltas, merge_deltas
+    model = tiny_model(arch)
+    geom = Geometry.from_config(model.config)
+    nset = some_set(geom, seed=3)
+    expected_frozen = expected_zeroed(model, nset)  # zero where the set is: the complement is what must stay
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    attach_deltas(model, nset)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
+    ids, mask = batch(seed=3)
+    model.train()
+    for _ in range(3):
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    merge_deltas(model)
+    model.eval()
+    assert model.config._experts_implementation != moe.EXPERTS_NAME
+    moved = 0
+    for name, p in model.named_parameters():
+        outside = expected_frozen[name] != 0  # entries the set does not reach (weights are never exactly 0)
+        assert torch.equal(p.detach()[outside], before[name][outside]), name
+        moved += int((p.detach()[~outside] != before[name][~outside]).sum())
+    experts = projections(decoder_layers(model)[0])["moe"].experts
+    assert moved > 0 and not hasattr(experts, moe.DELTA_ATTR)
+    changed = (experts.gate_up_proj != before["model.layers.0.mlp.experts.gate_up_proj"]).any(-1)
+    assert changed.any()  # expert rows themselves trained
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_streamed_variant_equals_in_memory_and_reloads(arch, tmp_path):
+    """The shards store one 2D tensor per expert (what save_pretrained writes): streaming zeroes their rows and
+    columns; the result loads with AutoModelForCausalLM and equals zeroing the loaded model in memory."""
+    src = save_tiny(arch, tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    geom = Geometry.from_config(model.config)
+    nset = some_set(geom, seed=4)
+    zero_neurons_streaming(src, tmp_path / "dst", nset, geom)
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "dst", dtype=torch.float32)
+    zero_neurons(model, nset)
+    model.save_pretrained(tmp_path / "saved")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    mine, theirs, reloaded = (dict(m.named_parameters()) for m in (model, streamed, saved))
+    assert set(mine) == set(theirs) == set(reloaded)
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+        assert torch.equal(mine[name], reloaded[name]), name
