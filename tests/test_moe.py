@@ -277,3 +277,59 @@ def test_streamed_variant_equals_in_memory_and_reloads(arch, tmp_path):
     for name in mine:
         assert torch.equal(mine[name], theirs[name]), name
         assert torch.equal(mine[name], reloaded[name]), name
+
+
+def test_detection_deactivation_training_through_the_scripts(tmp_path):
+    """detection.py -> deactivation.py (streamed variants, perplexity) -> train.py (neuron mode, shared set) on
+    tiny Qwen2-MoE: experts.json holds shares that sum to top_k per layer and the expert set algebra; the trained
+    model differs from the base only in the set's slices; --method authors is refused with one line."""
+    model = save_tiny("qwen2_moe", tmp_path / "model")
+    data = tiny_dataset(tmp_path / "dataset")
+    out = tmp_path / "out"
+    common = ["--model", model, "--dataset", data, "--langs", "en,fr,de", "--out", out]
+    env = {"OMP_NUM_THREADS": "1"}
+    r = run_script("detection.py", *common, "--ratio", "0.1", "--threshold", "0.5", "--resamples", "0", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    nd = out / "model" / "neurons"
+    ex = json.loads((nd / "experts.json").read_text())
+    geom = Geometry.from_config(AutoModelForCausalLM.from_pretrained(model).config)
+    assert ex["num_experts"] == geom.num_experts and ex["uniform_share"] == geom.top_k / geom.num_experts
+    for lang in ("en", "fr", "de"):
+        for li, row in enumerate(ex["share"][lang]):
+            assert abs(sum(row) - geom.top_k) < 1e-4
+            related = {e for e, s in enumerate(row) if s >= ex["uniform_share"] - 1e-12}
+            assert set(ex["related"][lang][str(li)]) == related
+            assert set(ex["exclusive"][lang][str(li)]) == related - set(ex["shared"][str(li)])
+    for li in range(geom.num_layers):
+        assert set(ex["shared"][str(li)]) == set.intersection(*(set(ex["related"][l][str(li)]) for l in ex["related"]))
+    # a re-derivation at another threshold keeps experts.json (from the stored routed counts)
+    r = run_script("detection.py", *common, "--ratio", "0.1", "--threshold", "0.4", "--resamples", "0", env=env)
+    assert r.returncode == 0 and "stored firing counts" in r.stdout, r.stderr[-3000:]
+    assert json.loads((nd / "experts.json").read_text())["share"] == ex["share"]
+
+    r = run_script("deactivation.py", *common, "--measure-ppl", "--limit", "2", "--neurons", nd / "shared.json",
+                   "--neurons", nd / "exclusive_en.json", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    variant = out / "model" / "variants" / "shared"
+    AutoModelForCausalLM.from_pretrained(variant)  # an ordinary model directory
+
+    r = run_script("train.py", *common, "--lang", "en", "--langs", "en", "--neurons", nd / "related_all.json",
+                   "--max-steps", "2", "--global-batch-size", "2", "--micro-batch-size", "2", "--lr", "1e-2",
+                   "--cutoff-len", "32", "--val-limit", "1", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained_dir = next(p for p in (out / "model" / "trained").iterdir() if p.is_dir())
+    base = dict(AutoModelForCausalLM.from_pretrained(model).named_parameters())
+    trained = dict(AutoModelForCausalLM.from_pretrained(trained_dir).named_parameters())
+    from langneurons.neurons import read_neuron_file
+    nset = read_neuron_file(nd / "related_all.json", geom)[0]
+    frozen = expected_zeroed(AutoModelForCausalLM.from_pretrained(model), nset)
+    moved = {}
+    for name, p in trained.items():
+        outside = frozen[name] != 0
+        assert torch.equal(p.detach()[outside], base[name].detach()[outside]), name
+        moved[name] = int((p.detach()[~outside] != base[name].detach()[~outside]).sum())
+    assert sum(v for n, v in moved.items() if "experts." in n) > 0  # routed expert slices trained
+
+    r = run_script("detection.py", *common, "--method", "authors", "--out", tmp_path / "authors", env=env)
+    assert r.returncode == 2 and "mixture-of-experts" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "authors" / "model" / "neurons").exists()
