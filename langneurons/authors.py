@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from .cli import InputError
-from .importance import ImportanceProbe, _eager_attention, visible_keys
-from .model import GROUPS, Geometry, decoder_layers, projections
+from .importance import ImportanceProbe, _eager_attention, uses_attention_registry, visible_keys
+from .model import GROUPS, Geometry, decoder_layers, neuron_slots, projections
 
 AUTHORS_ATTENTION = "langneurons_authors"
 _ACTIVE: list["AuthorsProbe"] = []  # attention functions are global: the probe whose forward runs
@@ -164,6 +164,12 @@ class AuthorsProbe:
         self.layer_of = {id(p["attn"]): i for i, p in enumerate(self.layers)}
         self.paper_qk = bool({"attn_q", "attn_k"} & set(paper_groups))
         self.authors_qk = bool({"attn_q", "attn_k"} & set(self.groups))
+        # attention computed inline (Falcon, BLOOM): no attention function to read Q/K in or to change the mask of
+        self.registry = uses_attention_registry(model)
+        if not self.registry and (self.authors_qk or self.paper_qk or attention != "causal"):
+            raise InputError(f"--method authors: model type '{getattr(model.config, 'model_type', '?')}' does not "
+                             "compute attention through transformers' attention functions: attn_q/attn_k and "
+                             "--authors-attention bidirectional are not supported for it")
         self._handles: list = []
         self._scores: dict[str, list] = {}
         self._valid: torch.Tensor | None = None
@@ -176,8 +182,10 @@ class AuthorsProbe:
         """[B, C] sums of |x| over real tokens of x [B, T, C]."""
         return (x.float().abs() * self._valid.to(x.device)[..., None]).sum(1)
 
-    def _up_hook(self, layer: int, module, args, output) -> None:
+    def _up_hook(self, layer: int, module, args, output, positions: torch.Tensor | None = None) -> None:
         if self.measuring:
+            if positions is not None:  # a fused gate_up output: the up part
+                output = output.index_select(-1, positions.to(output.device))
             score = self._abs_sum(output)
             for g in ("fwd_up", "fwd_down"):
                 if g in self.groups:
@@ -215,12 +223,17 @@ class AuthorsProbe:
         self.paper.__enter__()  # its hooks give the paper's groups; the attention function is ours
         for i, p in enumerate(self.layers):
             if {"fwd_up", "fwd_down"} & set(self.groups):
-                self._handles.append(p["up"].register_forward_hook(lambda m, a, o, i=i: self._up_hook(i, m, a, o)))
+                up = next(s for s in neuron_slots(decoder_layers(self.model)[i], self.geom, self.model.config)["fwd_up"]
+                          if s.role == "up")
+                pos = None if "up" in p else up.index
+                self._handles.append(up.module.register_forward_hook(
+                    lambda m, a, o, i=i, pos=pos: self._up_hook(i, m, a, o, pos)))
             if {"attn_v", "attn_o"} & set(self.groups):
                 self._handles.append(p["o"].register_forward_pre_hook(lambda m, a, i=i: self._o_hook(i, m, a)))
         self._old_impl = self.model.config._attn_implementation
-        _register()
-        self.model.set_attn_implementation(AUTHORS_ATTENTION)
+        if self.registry:
+            _register()
+            self.model.set_attn_implementation(AUTHORS_ATTENTION)
         _ACTIVE.append(self)
         return self
 
@@ -229,7 +242,8 @@ class AuthorsProbe:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self.model.set_attn_implementation(self._old_impl)
+        if self.registry:
+            self.model.set_attn_implementation(self._old_impl)
         self.paper.__exit__(*exc)
 
     @torch.no_grad()

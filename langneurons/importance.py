@@ -15,7 +15,7 @@ Those are channels after rotary embedding (and q/k norms); the neuron deactivati
 q_proj/k_proj row before them. Without q/k norms rotary spreads a row over two channels, so its
 removal is a rank-two change of S_h, scored exactly by `qk_row_importance` (qk_score="row").
 
-The LAPE detector (Tang et al., 2024) only needs the FFN activation sign, read at `act_fn`."""
+The LAPE detector (Tang et al., 2024) only needs the FFN activation sign, read at the FFN's activation module (`act_fn`, `act`, ...)."""
 from __future__ import annotations
 
 import contextlib
@@ -24,9 +24,9 @@ import sys
 
 import torch
 
-from .cli import InputError
 from . import moe
-from .model import GROUPS, Geometry, decoder_layers, projections
+from .cli import InputError
+from .model import GROUPS, Geometry, decoder_layers, neuron_slots, projections, value_slot, weight_dim
 
 PROBE_NAME = "langneurons_probe"
 _ACTIVE: list["ImportanceProbe"] = []  # the probe whose forward is running (attention functions are global)
@@ -352,6 +352,69 @@ def qk_row_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return n2q.sqrt().reshape(B, H * D), n2k.reshape(B, KV, rep, D).sum(2).sqrt().reshape(B, KV * D)
 
 
+def uses_attention_registry(model) -> bool:
+    """Whether the model's attention runs through transformers' AttentionInterface (where the probe reads Q, K
+    and V inside the attention function); Falcon and BLOOM compute attention inline instead."""
+    return bool(getattr(model, "_supports_attention_backend", False))
+
+
+def _falcon_attention(module, fused: torch.Tensor, bound: dict):
+    """(query [B,H,T,D], key [B,KV,S,D], value [B,KV,S,D], mask, scaling, bias) exactly as FalconAttention.forward
+    computes them from its fused q/k/v output (rotary applied), the grouped layout's keys and values once per
+    kv head (the model broadcasts them to every query head)."""
+    if bound.get("alibi") is not None:
+        raise InputError("groups attn_q/attn_k: Falcon with alibi is not supported (its eager and sdpa paths add "
+                         "the alibi bias differently); use --groups without attn_q,attn_k")
+    q, k, v = module._split_heads(fused)
+    B, T = q.shape[:2]
+    D = module.head_dim
+    q, k, v = (x.transpose(1, 2).reshape(B, -1, T, D) for x in (q, k, v))
+    if module.new_decoder_architecture:  # broadcast copies: one per kv head
+        rep = module.num_heads // module.num_kv_heads
+        k, v = k[:, ::rep], v[:, ::rep]
+    cos, sin = bound["position_embeddings"]
+    q, k = sys.modules[type(module).__module__].apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v, bound.get("attention_mask"), module.inv_norm_factor, None
+
+
+def _bloom_attention(module, fused: torch.Tensor, bound: dict):
+    """As `_falcon_attention` for BloomAttention.forward: no rotary; the scores are alibi + scale * Q K^T, the alibi
+    bias [B, H, S] returned apart (beta is 1 in BLOOM)."""
+    q, k, v = module._reshape(fused)
+    B, H, T, _ = q.shape
+    if float(module.beta) != 1.0:
+        raise InputError(f"groups attn_q/attn_k: BLOOM with beta {module.beta} is not supported")
+    return q, k, v, bound.get("attention_mask"), module.inv_norm_factor, bound["alibi"].view(B, H, -1)
+
+
+# model types whose attention does not go through the registry: how to recompute its inputs from the fused
+# q/k/v output and the attention module's arguments
+_INLINE_ATTENTION = {"falcon": _falcon_attention, "bloom": _bloom_attention}
+
+
+def qk_importance_with_bias(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
+                            valid: torch.Tensor, scaling: float, bias: torch.Tensor,
+                            chunk_bytes: int | None = None, reference: bool = False
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`qk_importance` for scores scale * Q K^T + bias with a per-head, per-key bias [B, H, S] (alibi): the bias
+    is one more channel (query 1, key bias / scale) that no removal touches, so every real channel's score is
+    exact; the kv heads are spread to the query heads first (the bias is per query head) and key importance
+    summed back over the heads reading each kv head. `reference` computes `qk_importance_reference` instead."""
+    B, H, T, D = query.shape
+    KV = key.shape[1]
+    rep = H // KV
+    k, v = key.float().repeat_interleave(rep, 1), value.float().repeat_interleave(rep, 1)
+    q1 = torch.cat([query.float(), torch.ones(B, H, T, 1, device=query.device)], -1)
+    k1 = torch.cat([k, (bias.float() / scaling)[..., None]], -1)
+    if reference:
+        q_imp, k_imp = qk_importance_reference(q1, k1, v, keep, valid, scaling)
+    else:
+        q_imp, k_imp = qk_importance(q1, k1, v, keep, valid, scaling, chunk_bytes=chunk_bytes)
+    q_imp = q_imp.view(B, H, D + 1)[..., :D].reshape(B, H * D)
+    k_imp = k_imp.view(B, KV, rep, D + 1)[..., :D].square().sum(2).sqrt().reshape(B, KV * D)
+    return q_imp, k_imp
+
+
 class ImportanceProbe:
     """Importance of every neuron for every sentence of a batch, from one forward pass.
 
@@ -373,12 +436,22 @@ class ImportanceProbe:
         self.groups = tuple(groups) if method == "importance" else ()
         self.geom = Geometry.from_config(model.config)
         self.layers = [projections(layer) for layer in decoder_layers(model)]
+        self.slots = [neuron_slots(layer, self.geom, model.config) for layer in decoder_layers(model)]
         self.layer_of = {id(p["attn"]): i for i, p in enumerate(self.layers)}
         self.wants_qk = bool({"attn_q", "attn_k"} & set(self.groups))
         wants_ffn = method == "activation" or bool({"fwd_up", "fwd_down"} & set(self.groups))
         self.moe = {i: moe.LayerProbe(p["moe"], self.geom.moe, method) for i, p in enumerate(self.layers)
                     if "moe" in p and wants_ffn}
         self._taps = contextlib.ExitStack()
+        # attention computed inline (not through the registry): Q, K, V recomputed from the fused projection
+        self.inline = None
+        if self.wants_qk and not uses_attention_registry(model):
+            mt = getattr(model.config, "model_type", None)
+            if mt not in _INLINE_ATTENTION or "qkv" not in self.layers[0]:
+                raise InputError(f"groups attn_q/attn_k: model type '{mt}' does not compute attention through "
+                                 "transformers' attention functions, and its query/key inputs cannot be read; "
+                                 "use --groups without attn_q,attn_k")
+            self.inline = _INLINE_ATTENTION[mt]
         self._handles: list = []
         self._scores: dict[str, list] = {}
         self._valid: torch.Tensor | None = None
@@ -396,10 +469,11 @@ class ImportanceProbe:
         valid = self._valid.to(x.device)
         return (x.float().square() * valid[..., None]).sum(1).sqrt()
 
-    def _column_norms(self, linear: torch.nn.Linear) -> torch.Tensor:
-        """||W[:, k]|| of an input channel: fixed while probing, so computed once per module."""
+    def _column_norms(self, linear: torch.nn.Module) -> torch.Tensor:
+        """||W[:, k]|| of an input channel (the norm over the output dimension, model.weight_dim: a Conv1D
+        stores W transposed): fixed while probing, so computed once per module."""
         if id(linear) not in self._col_norms:
-            self._col_norms[id(linear)] = linear.weight.float().norm(dim=0)
+            self._col_norms[id(linear)] = linear.weight.float().norm(dim=weight_dim(linear, "out"))
         return self._col_norms[id(linear)]
 
     def _down_hook(self, layer: int, module, args) -> None:
@@ -446,9 +520,34 @@ class ImportanceProbe:
         if "attn_k" in self.groups:
             self._scores["attn_k"][layer] = k_imp
 
-    def _projection_hook(self, key: str, output: torch.Tensor) -> None:
+    def _projection_hook(self, key: str, output: torch.Tensor, positions: torch.Tensor | None) -> None:
+        if self.measuring:  # a fused q/k/v output: the rows of q (k) only, in their logical order
+            self._rows[key] = output if positions is None else output.index_select(-1, positions.to(output.device))
+
+    def _attention_args_hook(self, module, args, kwargs) -> None:
+        """Inline attention (Falcon, BLOOM): the attention module's arguments, read by `_inline_attention_hook`."""
         if self.measuring:
-            self._rows[key] = output
+            self._rows["args"] = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+            self._rows["rotary"] = self._rows["args"].get("position_embeddings")
+
+    def _inline_attention_hook(self, attn, fused: torch.Tensor) -> None:
+        """Inline attention: Q, K, V recomputed from the fused projection's output as the module computes them,
+        then scored as the attention function's would be."""
+        if not self.measuring:
+            return
+        query, key, value, mask, scaling, bias = self.inline(attn, fused, self._rows["args"])
+        if bias is None:
+            self.query_key_importance(attn, query, key, value, mask, scaling, None)
+            return
+        # alibi (BLOOM) has no rotary: a q/k row is its channel, so both scores are the channel's
+        keep = visible_keys(mask, query.shape[2], key.shape[2], query.device)
+        q_imp, k_imp = qk_importance_with_bias(query, key, value, keep, self._valid.to(query.device), scaling, bias,
+                                               self.chunk_bytes)
+        layer = self.layer_of[id(attn)]
+        if "attn_q" in self.groups:
+            self._scores["attn_q"][layer] = q_imp
+        if "attn_k" in self.groups:
+            self._scores["attn_k"][layer] = k_imp
 
     def _rotary_hook(self, module, args, kwargs) -> None:
         if self.measuring:
@@ -462,9 +561,13 @@ class ImportanceProbe:
         self._taps.enter_context(moe.tapped([(lp.block.experts, lp.tap) for lp in self.moe.values()]))
         for i, p in enumerate(self.layers):
             if self.method == "activation":
-                if i not in self.moe:  # an MoE layer's experts: moe.LayerProbe
-                    self._handles.append(p["mlp"].act_fn.register_forward_hook(
-                        lambda m, a, o, i=i: self._act_hook(i, m, a, o)))
+                if i in self.moe:  # an MoE layer's experts: moe.LayerProbe
+                    continue
+                if "act" not in p:
+                    raise InputError(f"--method activation: {type(p['mlp']).__name__} has no activation module "
+                                     "to read the FFN activation sign at")
+                self._handles.append(p["act"].register_forward_hook(
+                    lambda m, a, o, i=i: self._act_hook(i, m, a, o)))
                 continue
             if {"fwd_up", "fwd_down"} & set(self.groups) and i not in self.moe:
                 self._handles.append(p["down"].register_forward_pre_hook(lambda m, a, i=i: self._down_hook(i, m, a)))
@@ -472,11 +575,19 @@ class ImportanceProbe:
                 self._handles.append(p["o"].register_forward_pre_hook(lambda m, a, i=i: self._o_hook(i, m, a)))
             if self.wants_qk and self.qk_score == "row":
                 for key in ("q", "k"):
-                    self._handles.append(p[key].register_forward_hook(
-                        lambda m, a, o, key=key: self._projection_hook(key, o)))
-                self._handles.append(p["attn"].register_forward_pre_hook(self._rotary_hook, with_kwargs=True))
+                    slot = self.slots[i][f"attn_{key}"][0]
+                    pos = None if key in p else slot.index
+                    self._handles.append(slot.module.register_forward_hook(
+                        lambda m, a, o, key=key, pos=pos: self._projection_hook(key, o, pos)))
+                if self.inline is None:  # inline attention: _attention_args_hook reads the rotary tables
+                    self._handles.append(p["attn"].register_forward_pre_hook(self._rotary_hook, with_kwargs=True))
         self._old_impl = self.model.config._attn_implementation
-        if self.wants_qk:
+        if self.wants_qk and self.inline is not None:
+            for i, p in enumerate(self.layers):
+                self._handles.append(p["attn"].register_forward_pre_hook(self._attention_args_hook, with_kwargs=True))
+                self._handles.append(p["qkv"].register_forward_hook(
+                    lambda m, a, o, attn=p["attn"]: self._inline_attention_hook(attn, o)))
+        elif self.wants_qk:
             _register()
             self.model.set_attn_implementation(PROBE_NAME)
         _ACTIVE.append(self)
@@ -490,7 +601,7 @@ class ImportanceProbe:
             h.remove()
         self._handles.clear()
         self._taps.close()
-        if self.wants_qk:
+        if self.wants_qk and self.inline is None:
             self.model.set_attn_implementation(self._old_impl)
 
     @torch.no_grad()
@@ -519,6 +630,10 @@ class ImportanceProbe:
             self._valid = None
             for lp in self.moe.values():
                 lp.valid = None
+        for g, v in self._scores.items():
+            if any(x is None for x in v):  # a hook point the forward never reached: no partial scores
+                raise InputError(f"group {g}: the model's forward did not pass the point where it is measured "
+                                 f"({type(self.model).__name__}); use --groups without {g}")
         out = {g: torch.stack([s.cpu() for s in v], 1) for g, v in self._scores.items()}
         if routed:
             out["experts"] = torch.stack(routed, 1)

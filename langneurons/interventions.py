@@ -30,7 +30,7 @@ from .files import atomic_dir, safe_name, write_json
 from .layout import META, Outputs, SCHEMA_VERSION
 from . import moe
 from .masking import _check_fits, moe_layer_indices, register_rewrite
-from .model import GROUPS, Geometry, decoder_layers, projections
+from .model import GROUPS, Geometry, decoder_layers, neuron_slots, value_slot
 from .neurons import NeuronSet
 
 KINDS = ("zero", "scale", "mean", "shift")
@@ -38,7 +38,8 @@ MEANS_FILE = "means.safetensors"
 # detection's default --max-length: means are taken over the tokens detection reads
 MEAN_MAX_LENGTH = 256
 
-# where each group's value lives: (projection, "in" = input channel of it, "out" = output channel of it).
+# where each group's value lives: (logical projection, "in" = input channel of it, "out" = output channel of it);
+# the physical tensor and positions come from model.value_slot (a fused q/k/v projection holds three points).
 # fwd_up and fwd_down share one point: the channel both deactivations switch off is down_proj's input.
 POINTS = (("down", "in", ("fwd_up", "fwd_down")), ("o", "in", ("attn_o",)),
           ("q", "out", ("attn_q",)), ("k", "out", ("attn_k",)), ("v", "out", ("attn_v",)))
@@ -147,15 +148,22 @@ def add_arguments(parser: argparse.ArgumentParser, default: str | None = "zero")
 
 # ---------------------------------------------------------------- hook points
 
-def value_points(model) -> Iterator[tuple[int, torch.nn.Module, str, tuple[str, ...]]]:
-    """(layer, module, "in" | "out", groups) of every place a neuron value lives (POINTS), from the package's
-    module lookup (model.projections). The expert channels of an MoE layer live inside its experts loop: they are
-    rewritten through a tap (`intervened`), not here."""
+def value_points(model) -> Iterator[tuple[int, torch.nn.Module, str, tuple[str, ...], torch.Tensor | None]]:
+    """(layer, module, "in" | "out", groups, positions) of every place a neuron value lives (POINTS), from the
+    package's module lookup (model.neuron_slots): neuron k of the groups is position positions[k] on the last
+    dimension of the module's input or output, positions None when that is k itself (a separate projection).
+    The expert channels of an MoE layer live inside its experts loop: `intervened` rewrites them through a tap."""
+    geom = Geometry.from_config(model.config)
     for li, layer in enumerate(decoder_layers(model)):
-        proj = projections(layer)
-        for key, where, groups in POINTS:
-            if key in proj:
-                yield li, proj[key], where, groups
+        slots = neuron_slots(layer, geom, model.config)
+        for _, where, groups in POINTS:
+            if groups[0] == "fwd_up" and not slots["fwd_down"]:  # an MoE layer
+                continue
+            slot = value_slot(slots, groups[0])
+            assert slot.side == where, (slot, where)
+            width = slot.module.weight.shape[slot.weight_dim()]
+            identity = len(slot.index) == width and torch.equal(slot.index, torch.arange(width))
+            yield li, slot.module, where, groups, None if identity else slot.index
 
 
 def _refuse_moe_means(model, iv: Intervention | None = None) -> None:
@@ -232,11 +240,14 @@ def intervened(model, nset: NeuronSet, intervention: Intervention, means: Means 
     handles, taps = [], []
     try:
         if not intervention.identity:
-            for li, mod, where, groups in value_points(model):
+            for li, mod, where, groups, positions in value_points(model):
                 idx, group = _point_indices(nset, li, groups)
                 if group is None:
                     continue
-                handles.append(register_rewrite(mod, where, _rewrite_for(intervention, idx, group, li, means)))
+                rewrite = _rewrite_for(intervention, idx, group, li, means)
+                if positions is not None:  # a fused tensor: the neurons' positions in it
+                    rewrite.idx = positions[idx]
+                handles.append(register_rewrite(mod, where, rewrite))
             for li, block, idx in moe_layers:
                 tap, shared = moe.value_rewrites(block, Geometry.from_config(model.config).moe, idx,
                                                  lambda k, span: _rewrite_for(intervention, k, "fwd_up", li, None))
@@ -263,20 +274,24 @@ class _MeanProbe:
         self.tokens = 0
         self.handles = []
 
-    def _add(self, li: int, point: str, x: torch.Tensor) -> torch.Tensor:
+    def _add(self, li: int, point: str, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """Adds the batch's values at one point to its sums; returns `x` unchanged (an observing hook)."""
         m = self.mask.to(x.device)
+        full = x
+        if positions is not None:  # the point's neurons within a fused tensor
+            x = x.index_select(-1, positions.to(x.device))
         if tuple(x.shape[:2]) != tuple(m.shape):
             raise RuntimeError(f"neuron value of shape {tuple(x.shape)} does not match the batch {tuple(m.shape)}")
         # float64 sums: hundreds of thousands of tokens lose no precision before the float32 mean
         s = (x.double() * m[..., None].double()).sum((0, 1))
         key = (li, point)
         self.sums[key] = self.sums[key] + s if key in self.sums else s
-        return x
+        return full
 
     def __enter__(self):
-        for li, mod, where, groups in value_points(self.model):
-            self.handles.append(register_rewrite(mod, where, lambda x, li=li, p=groups[0]: self._add(li, p, x)))
+        for li, mod, where, groups, positions in value_points(self.model):
+            self.handles.append(register_rewrite(
+                mod, where, lambda x, li=li, p=groups[0], pos=positions: self._add(li, p, x, pos)))
         return self
 
     def __exit__(self, *exc):

@@ -14,16 +14,15 @@ from typing import Callable, Iterator
 import torch
 
 from .cli import InputError
-from .model import GROUPS, Geometry, decoder_layers, projections
+from .model import GROUPS, Geometry, bias_entries, decoder_layers, neuron_slots, projections, weight_dim
 from .layout import PROVENANCE_FILE
 from .neurons import NeuronSet
 from . import moe
 
-# group -> (projection, dimension of the weight that indexes the neuron, bias entry too?)
-# Rows (dim 0) are output channels: their bias entry is part of the neuron. Columns (dim 1) are input
-# channels: an output bias of down_proj/o_proj belongs to no single input channel and stays.
-_TARGETS = {"fwd_up": (("up", 0), ("gate", 0)), "fwd_down": (("down", 1),),
-            "attn_q": (("q", 0),), "attn_k": (("k", 0),), "attn_v": (("v", 0),), "attn_o": (("o", 1),)}
+# which entries a group's neurons are in which tensors: model.neuron_slots (docs/method.md section 1). A slot on
+# a projection's output side (rows of an nn.Linear, columns of a Conv1D) includes the bias entry: zeroing the
+# weight alone leaves a constant output. An input-side slot (columns of down/o) owns no bias entry: the output
+# bias belongs to no single input channel and stays.
 
 # weight files that a streamed variant must not carry over unzeroed from the source directory
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
@@ -65,24 +64,24 @@ def _check_fits(model, nset: NeuronSet) -> None:
                              f"{geom.shape(g)} (layers x neurons)")
 
 
-def selected_entries(model, nset: NeuronSet) -> Iterator[tuple[torch.nn.Linear, int, torch.Tensor]]:
-    """(projection, dim, indices) for every projection that `nset` reaches: dim 0 = rows (output
-    channels), dim 1 = columns (input channels). The one place that maps groups to parameters (the FFN of an MoE
-    layer: `moe_entries`)."""
+def selected_entries(model, nset: NeuronSet) -> Iterator[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """(projection, side, positions) for every projection that `nset` reaches: side 'out' = output channels,
+    'in' = input channels, positions on the last dimension of that side (a fused tensor's rows of the selected
+    logical neurons, model.neuron_slots). The one place that maps groups to parameters; a projection reached
+    through several groups (a fused q/k/v tensor) comes once per group. The FFN of an MoE layer has no slots:
+    its expert channels are `moe_entries`."""
     _check_fits(model, nset)
+    geom = Geometry.from_config(model.config)
     for li, layer in enumerate(decoder_layers(model)):
-        proj = projections(layer)
-        for group, targets in _TARGETS.items():
-            if "moe" in proj and group in ("fwd_up", "fwd_down"):
-                continue
+        slots = neuron_slots(layer, geom, model.config)
+        for group in GROUPS:
             if group not in nset:
                 continue
             idx = torch.nonzero(nset[group][li]).flatten()
             if idx.numel() == 0:
                 continue
-            for key, dim in targets:
-                if key in proj:  # a non-gated FFN has no gate_proj
-                    yield proj[key], dim, idx
+            for slot in slots[group]:
+                yield slot.module, slot.side, slot.index[idx]
 
 
 def moe_entries(model, nset: NeuronSet) -> Iterator[tuple[torch.nn.Module, str, object, torch.Tensor]]:
@@ -105,13 +104,16 @@ def zero_plan(model, nset: NeuronSet) -> Plan:
     Works on a model skeleton on the meta device too (only names and shapes are used)."""
     names = {id(m): n for n, m in model.named_modules()}
     plan: Plan = {}
-    entries = [(mod, "weight", dim, idx) for mod, dim, idx in selected_entries(model, nset)]
-    for mod, leaf, dim, idx in entries + list(moe_entries(model, nset)):
-        bias = leaf == "weight" and dim == 0 and getattr(mod, "bias", None) is not None
+    entries = [(mod, "weight", weight_dim(mod, side), idx, bias_entries(mod, side) is not None)
+               for mod, side, idx in selected_entries(model, nset)]
+    # MoE layers: fused 3D expert slices (a pair of dims) and the shared expert's rows (with bias) and columns
+    entries += [(mod, leaf, dim, idx, leaf == "weight" and dim == 0 and getattr(mod, "bias", None) is not None)
+                for mod, leaf, dim, idx in moe_entries(model, nset)]
+    for mod, leaf, dim, idx, bias in entries:
         params = [(leaf, dim)] + ([("bias", 0)] if bias else [])
         for pname, d in params:
             full = f"{names[id(mod)]}.{pname}"
-            if full in plan:  # the same projection reached through two groups: union
+            if full in plan:  # the same projection reached through two groups (or a fused tensor): union
                 idx = torch.unique(torch.cat([plan[full][1], idx]), dim=0)
             plan[full] = (d, idx)
     return plan
@@ -167,14 +169,13 @@ def register_rewrite(module: torch.nn.Module, where: str, rewrite: Callable[[tor
 def ablation_hooks(model, nset: NeuronSet) -> Iterator[None]:
     """Switch the same neurons off with hooks instead of weights (an independent check of `zero_neurons`).
 
-    Rows of up/gate/q/k/v become zeroed output channels of those projections (a zero row plus its zero
-    bias entry gives exactly a zero output channel; zeroing up's channel k gives H[:,k] = 0). Columns of
-    down/o become zeroed input channels (forward pre-hook)."""
+    Output-side neurons (up/gate/q/k/v) become zeroed output channels of those projections (a zero weight row
+    plus its zero bias entry gives exactly a zero output channel; zeroing up's channel k gives H[:,k] = 0).
+    Input-side neurons (down/o) become zeroed input channels (forward pre-hook)."""
     handles, taps = [], []
     try:
-        for mod, dim, idx in selected_entries(model, nset):
-            handles.append(register_rewrite(mod, "out" if dim == 0 else "in",
-                                            lambda x, idx=idx: x.index_fill(-1, idx.to(x.device), 0)))
+        for mod, side, idx in selected_entries(model, nset):
+            handles.append(register_rewrite(mod, side, lambda x, idx=idx: x.index_fill(-1, idx.to(x.device), 0)))
         # MoE layers: the channel values h of the listed expert channels are zeroed in the experts loop (a tap),
         # the shared expert's at its down_proj input
         for li, block, idx in moe_layer_indices(model, nset):

@@ -46,16 +46,11 @@ class Geometry:
         c = text_config(config)
         heads = c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-        kv = getattr(c, "num_key_value_heads", None) or heads
         if (moe := moe_sizes(c)) is not None:
-            return cls(c.num_hidden_layers, moe.intermediate_size, heads, kv, int(head_dim), moe.num_experts,
+            return cls(c.num_hidden_layers, moe.intermediate_size, heads, kv_heads(c), int(head_dim), moe.num_experts,
                        moe.expert_size, moe.top_k, moe.shared_size)
-        inter = c.intermediate_size
-        if isinstance(inter, (list, tuple)):
-            if len(set(inter)) != 1:
-                raise InputError("models whose FFN width differs between layers are not supported")
-            inter = inter[0]
-        return cls(c.num_hidden_layers, int(inter), heads, kv, int(head_dim))
+        inter = ffn_width(c)
+        return cls(c.num_hidden_layers, int(inter), heads, kv_heads(c), int(head_dim))
 
     @property
     def moe(self):
@@ -85,6 +80,37 @@ class Geometry:
     @property
     def total_neurons(self) -> int:
         return sum(self.num_layers * self.group_size(g) for g in GROUPS)
+
+
+def ffn_width(c) -> int:
+    """The FFN width I of a (text) config, spelled as each family's config spells it; the architecture check
+    (`check_architecture`) compares it with the modules the model builds."""
+    inter = getattr(c, "intermediate_size", None)
+    if inter is None:
+        inter = getattr(c, "ffn_hidden_size", None)  # Falcon
+    if inter is None and hasattr(c, "n_inner"):
+        inter = c.n_inner or 4 * c.hidden_size  # GPT-2: n_inner None means 4 * n_embd (GPT2Block)
+    if inter is None and getattr(c, "model_type", None) == "bloom":
+        inter = 4 * c.hidden_size  # BloomMLP's fixed width; the config has no field for it
+    if inter is None:
+        raise InputError(f"model type '{getattr(c, 'model_type', '?')}' is not supported: its config gives no FFN "
+                         "width (intermediate_size)")
+    if isinstance(inter, (list, tuple)):
+        if len(set(inter)) != 1:
+            raise InputError("models whose FFN width differs between layers are not supported")
+        inter = inter[0]
+    return int(inter)
+
+
+def kv_heads(c) -> int:
+    """Key/value heads of a (text) config. Falcon spells them by layout: grouped (new_decoder_architecture)
+    has num_kv_heads, multi-query one, the original one per query head."""
+    heads = c.num_attention_heads
+    if getattr(c, "model_type", None) == "falcon":
+        if c.new_decoder_architecture:
+            return int(c.num_kv_heads)
+        return 1 if c.multi_query else int(heads)
+    return int(getattr(c, "num_key_value_heads", None) or heads)
 
 
 def text_config(config):
@@ -229,6 +255,7 @@ def check_model(model: str):
         raise
     except Exception as e:
         raise InputError(f"--model {model}: cannot load its tokenizer ({_first_line(e)})") from None
+    check_architecture(config, model)  # before the weights: an unsupported model needs no weight check
     files = weight_files(d, gguf, model)
     for f in files:
         check_weight_file(f, model)
@@ -452,48 +479,259 @@ def save_model_dir(model, tokenizer, source: str, dst: Path, state_dict: dict | 
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder blocks of any transformers causal LM (also multimodal wrappers)."""
+    """The decoder blocks of any transformers causal LM (also multimodal wrappers): `layers` (Llama, Qwen,
+    Gemma, GPT-NeoX, Phi-3, ...) or `h` (GPT-2, Falcon, BLOOM)."""
     dec = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    if hasattr(dec, "layers"):
-        return dec.layers
-    if hasattr(dec, "language_model") and hasattr(dec.language_model, "layers"):
-        return dec.language_model.layers
-    raise InputError(f"{type(model).__name__}: cannot find the decoder layers")
+    for holder in (dec, getattr(dec, "language_model", None)):
+        for name in ("layers", "h"):
+            blocks = getattr(holder, name, None) if holder is not None else None
+            if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+                return blocks
+    raise InputError(f"model type '{_model_type(model)}' is not supported: no decoder layers found "
+                     f"({type(model).__name__} has no layers/h list of blocks)")
 
 
-_NAMES = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj", "dense"),
-          "up": ("up_proj",), "gate": ("gate_proj",), "down": ("down_proj",)}
+def _model_type(model) -> str:
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+    return isinstance(module, Conv1D)
+
+
+def _is_projection(module) -> bool:
+    return isinstance(module, torch.nn.Linear) or is_conv1d(module)
+
+
+def in_features(module: torch.nn.Module) -> int:
+    return module.weight.shape[0] if is_conv1d(module) else module.in_features
+
+
+def out_features(module: torch.nn.Module) -> int:
+    return module.weight.shape[1] if is_conv1d(module) else module.out_features
+
+
+def weight_dim(module: torch.nn.Module, side: str) -> int:
+    """The dimension of `module.weight` that indexes its output channels (side 'out') or input channels
+    ('in'): nn.Linear stores [out, in] (out=0, in=1), Conv1D [in, out] (out=1, in=0)."""
+    if side not in ("in", "out"):
+        raise ValueError(f"side must be 'in' or 'out', not {side!r}")
+    return int((side == "out") == is_conv1d(module))
+
+
+def bias_entries(module: torch.nn.Module, side: str) -> torch.Tensor | None:
+    """The bias a neuron on `side` owns a part of: an output channel's bias entry (side 'out'); an input
+    channel has none (the output bias belongs to no single input channel)."""
+    return module.bias if side == "out" else None
+
+
+# attention and FFN submodule names, and the projection names in them, per layout
+_ATTN = ("self_attn", "attention", "self_attention", "attn")
+_MLP = ("mlp", "feed_forward")
+_NAMES = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj", "dense", "c_proj"),
+          "qkv": ("qkv_proj", "query_key_value", "c_attn"),
+          "up": ("up_proj", "dense_h_to_4h", "c_fc"), "gate": ("gate_proj",), "gate_up": ("gate_up_proj",),
+          "down": ("down_proj", "dense_4h_to_h", "c_proj")}
+_ACT = ("act_fn", "act", "activation_fn", "gelu_impl")
+# model types whose fused q/k/v tensor is known (docs/method.md section 1): "concat" = [q | k | v] on the output
+# dimension, "grouped" = per kv head g its n_rep query heads, then k_g, then v_g (GPT-NeoX/BLOOM: n_rep = 1, i.e.
+# [q_h, k_h, v_h] per head)
+_FUSED_QKV = {"gpt_neox": "grouped", "bloom": "grouped", "phi3": "concat", "gpt2": "concat"}
+
+
+def _fused_qkv_layout(config) -> str | None:
+    mt = getattr(config, "model_type", None)
+    if mt == "falcon":  # FalconAttention._split_heads
+        return "grouped" if (config.new_decoder_architecture or not config.multi_query) else "concat"
+    return _FUSED_QKV.get(mt)
+
+
+def _find(parent, names: tuple[str, ...]):
+    for n in names:
+        m = getattr(parent, n, None)
+        if _is_projection(m):
+            return m
+    return None
 
 
 def projections(layer) -> dict[str, torch.nn.Module]:
-    """q, k, v, o of the attention and up, gate (when gated), down of the FFN of one decoder block."""
+    """The projections of one decoder block: q, k, v (or a fused qkv) and o of the attention, up (or a fused
+    gate_up), gate (when gated and separate) and down of the FFN, plus 'attn', 'mlp' and 'act' (the FFN
+    activation module, when it is one). Which entries of which tensor a neuron is: `neuron_slots`. A
+    mixture-of-experts FFN gives 'moe' (moe.MoeBlock) instead of up/gate/down: its neurons are expert channels."""
     from .moe import moe_block
-    attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
-    mlp = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None)
+    attn = next((getattr(layer, n) for n in _ATTN if isinstance(getattr(layer, n, None), torch.nn.Module)), None)
+    mlp = next((getattr(layer, n) for n in _MLP if isinstance(getattr(layer, n, None), torch.nn.Module)), None)
     if attn is None or mlp is None:
-        raise InputError(f"{type(layer).__name__}: no self_attn/mlp submodules")
-    out = {}
-    block = moe_block(mlp)
-    if block is not None:
-        # the FFN neurons are expert channels: langneurons/moe.py handles them through out["moe"]
+        raise InputError(f"{type(layer).__name__}: no attention/FFN submodules (self_attn/attention/"
+                         "self_attention/attn and mlp/feed_forward)")
+    out: dict[str, torch.nn.Module] = {"attn": attn, "mlp": mlp}
+    sep = {key: _find(attn, _NAMES[key]) for key in ("q", "k", "v")}
+    if all(sep.values()):
+        out.update(sep)
+    elif (qkv := _find(attn, _NAMES["qkv"])) is not None and not any(sep.values()):
+        out["qkv"] = qkv
+    else:
+        raise InputError(f"{type(attn).__name__}: no q_proj/k_proj/v_proj or fused query/key/value projection")
+    if (o := _find(attn, _NAMES["o"])) is None:
+        raise InputError(f"{type(attn).__name__}: no output projection (o_proj/dense/c_proj)")
+    out["o"] = o
+    if (block := moe_block(mlp)) is not None:
         out["moe"] = block
-    for key, names in _NAMES.items():
-        if block is not None and key in ("up", "gate", "down"):
-            continue
-        parent = mlp if key in ("up", "gate", "down") else attn
-        for n in names:
-            if isinstance(getattr(parent, n, None), torch.nn.Linear):
-                out[key] = getattr(parent, n)
-                break
-        else:
-            if key != "gate":
-                raise InputError(f"{type(parent).__name__}: no {names[0]} linear layer")
-    out["attn"], out["mlp"] = attn, mlp
+        return out
+    if (gate_up := _find(mlp, _NAMES["gate_up"])) is not None:
+        out["gate_up"] = gate_up
+    else:
+        if (up := _find(mlp, _NAMES["up"])) is None:
+            raise InputError(f"{type(mlp).__name__}: no up_proj/dense_h_to_4h/c_fc linear layer")
+        out["up"] = up
+        if (gate := _find(mlp, _NAMES["gate"])) is not None:
+            out["gate"] = gate
+    if (down := _find(mlp, _NAMES["down"])) is None:
+        raise InputError(f"{type(mlp).__name__}: no down_proj/dense_4h_to_h/c_proj linear layer")
+    out["down"] = down
+    act = next((getattr(mlp, n) for n in _ACT if isinstance(getattr(mlp, n, None), torch.nn.Module)), None)
+    if act is not None:
+        out["act"] = act
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where the neurons of one group live in one projection: neuron k of the group is position index[k] on the
+    last dimension of `module`'s input (side 'in') or output (side 'out'). `role` names the logical projection
+    (q, k, v, o, up, gate, down) that part of the tensor is."""
+    module: torch.nn.Module
+    side: str
+    index: torch.Tensor
+    role: str
+
+    def weight_dim(self) -> int:
+        return weight_dim(self.module, self.side)
+
+
+# group -> the logical projections that hold it and the side of them its neuron index is on
+# (docs/method.md section 1)
+_GROUP_ROLES = {"fwd_up": (("up", "out"), ("gate", "out")), "fwd_down": (("down", "in"),),
+                "attn_q": (("q", "out"),), "attn_k": (("k", "out"),), "attn_v": (("v", "out"),),
+                "attn_o": (("o", "in"),)}
+
+
+def _qkv_positions(layout: str, geom: Geometry) -> dict[str, torch.Tensor]:
+    """Logical row -> position on the fused qkv output, for q (h*D+d), k and v (g*D+d)."""
+    H, KV, D = geom.num_heads, geom.num_kv_heads, geom.head_dim
+    if layout == "concat":
+        return {"q": torch.arange(H * D), "k": H * D + torch.arange(KV * D), "v": (H + KV) * D + torch.arange(KV * D)}
+    rep = geom.n_rep
+    block = (rep + 2) * D  # one kv group: its rep query heads, its key head, its value head
+    h, d = torch.arange(H).repeat_interleave(D), torch.arange(D).repeat(H)
+    g, dk = torch.arange(KV).repeat_interleave(D), torch.arange(D).repeat(KV)
+    return {"q": (h // rep) * block + (h % rep) * D + d, "k": g * block + rep * D + dk,
+            "v": g * block + (rep + 1) * D + dk}
+
+
+def neuron_slots(layer, geom: Geometry, config=None) -> dict[str, list[Slot]]:
+    """{group: [Slot]} of one decoder block: the one place that maps the logical neuron spaces of
+    docs/method.md section 1 to the physical tensors (separate, fused and Conv1D projections). `config`
+    (the model's) tells a fused q/k/v layout; without it a fused layer is refused."""
+    p = projections(layer)
+    I = geom.intermediate_size
+    where: dict[str, tuple[torch.nn.Module, torch.Tensor]] = {}
+    for role in ("q", "k", "v"):
+        if role in p:
+            where[role] = (p[role], torch.arange(geom.group_size(f"attn_{role}")))
+    if "qkv" in p:
+        layout = _fused_qkv_layout(text_config(config)) if config is not None else None
+        if layout is None:
+            raise InputError(f"model type '{getattr(config, 'model_type', '?')}' is not supported: its fused "
+                             f"query/key/value projection ({type(p['attn']).__name__}) has no known layout")
+        for role, idx in _qkv_positions(layout, geom).items():
+            where[role] = (p["qkv"], idx)
+    where["o"] = (p["o"], torch.arange(geom.group_size("attn_o")))
+    if "moe" in p:  # expert channels are no slot of a 2D projection: langneurons/moe.py maps them
+        pass
+    elif "gate_up" in p:  # Phi-3: gate_up_proj output is [gate | up] (Phi3MLP: chunk(2))
+        where["gate"], where["up"] = (p["gate_up"], torch.arange(I)), (p["gate_up"], I + torch.arange(I))
+    else:
+        where["up"] = (p["up"], torch.arange(I))
+        if "gate" in p:
+            where["gate"] = (p["gate"], torch.arange(I))
+    if "down" in p:
+        where["down"] = (p["down"], torch.arange(I))
+    return {group: [Slot(where[role][0], side, where[role][1], role) for role, side in roles if role in where]
+            for group, roles in _GROUP_ROLES.items()}
+
+
+def model_slots(model) -> list[dict[str, list[Slot]]]:
+    """`neuron_slots` of every decoder block of `model`."""
+    geom = Geometry.from_config(model.config)
+    return [neuron_slots(layer, geom, model.config) for layer in decoder_layers(model)]
+
+
+def value_slot(slots: dict[str, list[Slot]], group: str) -> Slot:
+    """The slot at which group's neuron *value* lives (what zeroing sets to 0, docs/interventions.md): the
+    input of down for the FFN groups, the input of o for attn_o, the q/k/v projection output for attn_q/k/v."""
+    if group in ("fwd_up", "fwd_down"):
+        return slots["fwd_down"][0]
+    return slots[group][0]
+
+
+def check_architecture(config, model: str) -> None:
+    """Refuse, before any work, a model whose decoder this pipeline cannot map to neurons: not a causal
+    decoder, no decoder layers, no attention/FFN projections it knows, an unknown fused layout, or
+    projections whose sizes differ from the config's (`Geometry`). Runs on the meta-device skeleton."""
+    c = text_config(config)
+    mt = getattr(c, "model_type", None) or getattr(config, "model_type", "?")
+    head = f"--model {model}: model type '{mt}' is not supported:"
+    if getattr(config, "is_encoder_decoder", False):
+        raise InputError(f"{head} an encoder-decoder model, not a causal decoder")
+    from transformers import AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except ValueError as e:
+        raise InputError(f"{head} no causal language model for its config ({_first_line(e)})") from None
+    try:
+        geom = Geometry.from_config(config)
+        layers = decoder_layers(skeleton)
+        if len(layers) != geom.num_layers:
+            raise InputError(f"{len(layers)} decoder layers, the config says {geom.num_layers}")
+        for layer in layers:
+            attn = projections(layer)["attn"]
+            if getattr(attn, "is_causal", True) is False:
+                raise InputError(f"its attention ({type(attn).__name__}) is not causal")
+            covered: dict[int, tuple[torch.nn.Module, list[torch.Tensor]]] = {}
+            moe_layer = "moe" in projections(layer)
+            for group, slots in neuron_slots(layer, geom, config).items():
+                if not slots and not (moe_layer and group in ("fwd_up", "fwd_down")):  # experts: moe.py
+                    raise InputError(f"no projection holds group {group}")
+                for s in slots:
+                    size = in_features(s.module) if s.side == "in" else out_features(s.module)
+                    if s.side == "in" and size != geom.group_size(group):
+                        raise InputError(f"{type(s.module).__name__} ({s.role}) has {size} input channels, "
+                                         f"group {group} has {geom.group_size(group)}")
+                    if s.side == "out":
+                        covered.setdefault(id(s.module), (s.module, []))[1].append(s.index)
+            # every output channel of a projection is exactly one neuron's (a fused layout that does not fill
+            # its tensor, or sizes that differ from the config's, would map neurons to the wrong rows)
+            for mod, parts in covered.values():
+                pos = torch.unique(torch.cat(parts))
+                if len(pos) != sum(len(x) for x in parts) or not torch.equal(pos, torch.arange(out_features(mod))):
+                    raise InputError(f"the output channels of {type(mod).__name__} ({out_features(mod)}) do not "
+                                     "match the neuron groups the config gives")
+    except InputError as e:
+        msg = str(e)
+        raise InputError(msg if "is not supported" in msg else f"{head} {msg}") from None
+    except (AttributeError, TypeError) as e:  # a config without the sizes a decoder needs
+        raise InputError(f"{head} {_first_line(e)}") from None
+
+
 def lora_targets(model) -> list[str]:
-    """Module names (last component) of q/k/v/o/up/gate/down, read from the model itself."""
+    """Module names (last component) of the attention and FFN projections (fused ones included), read from the
+    model itself."""
     names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
     proj = projections(decoder_layers(model)[0])
-    return sorted({names[id(proj[k])] for k in ("q", "k", "v", "o", "up", "gate", "down") if k in proj})
+    return sorted({names[id(proj[k])] for k in ("q", "k", "v", "qkv", "o", "up", "gate", "gate_up", "down")
+                   if k in proj})

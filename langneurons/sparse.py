@@ -4,10 +4,11 @@ The whole model is frozen. Every projection that holds selected rows or columns 
 deactivation zeroes, `masking.zero_plan`) gets a small trainable `NeuronDelta` submodule, initialised
 to zero, and a forward hook that adds its contribution to the projection's output:
 
-    rows k (up/gate/q/k/v):   y[..., k] += x @ delta_w.T + delta_b      delta_w: (len(k), in)
-    columns k (down/o):       y         += x[..., k] @ delta_w.T          delta_w: (out, len(k))
+    output channels k (up/gate/q/k/v):   y[..., k] += x @ delta_w.T + delta_b      delta_w: (len(k), in)
+    input channels k (down/o):           y         += x[..., k] @ delta_w.T          delta_w: (out, len(k))
 
-which is exactly `x @ (W + scatter(delta)).T`. The original weights never receive a gradient, never
+which is exactly `x @ (W + scatter(delta)).T` (k are positions in a fused tensor where the projection is
+fused, model.neuron_slots; a Conv1D's transposed weight gets the delta transposed at merge). The original weights never receive a gradient, never
 reach the optimizer, and are never written, so entries outside the selection cannot change under any
 optimizer, weight decay, mixed precision or number of processes. `merge_deltas` folds the deltas into
 the weights at the end (selected rows/columns only) and leaves an ordinary model.
@@ -28,6 +29,7 @@ from torch import nn
 
 from . import moe
 from .masking import zero_plan
+from .model import in_features, is_conv1d, out_features, weight_dim
 from .neurons import NeuronSet
 
 DELTA_ATTR = "neuron_delta"     # name of the submodule added to each touched projection
@@ -35,23 +37,27 @@ DELTA_FILE = "neuron_deltas.safetensors"  # what a training checkpoint stores in
 
 
 class NeuronDelta(nn.Module):
-    """Trainable offsets of the selected rows (dim 0) or columns (dim 1) of one linear layer."""
+    """Trainable offsets of the selected output channels (rows of an nn.Linear, columns of a Conv1D) or input
+    channels of one projection. `dim` is the weight dimension the indices are on (model.weight_dim); the delta
+    is held in nn.Linear's orientation either way ((k, in) for output channels, (out, k) for input channels)."""
 
-    def __init__(self, linear: nn.Linear, dim: int, idx: torch.Tensor, bias: bool):
+    def __init__(self, linear: nn.Module, dim: int, idx: torch.Tensor, bias: bool):
         super().__init__()
         self.dim = dim
+        self.side = "out" if dim == weight_dim(linear, "out") else "in"
+        self.conv1d = is_conv1d(linear)  # weight stored [in, out]: merged transposed
         dev = linear.weight.device
         self.register_buffer("idx", idx.to(dev, torch.long).clone(), persistent=True)
         k = int(idx.numel())
-        shape = (k, linear.in_features) if dim == 0 else (linear.out_features, k)
+        shape = (k, in_features(linear)) if self.side == "out" else (out_features(linear), k)
         self.weight = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=dev))
-        # a bias entry belongs to an output channel, i.e. to a row; columns have no bias entry of their own
-        self.bias = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=dev)) if bias and dim == 0 else None
+        # a bias entry belongs to an output channel; input channels have no bias entry of their own
+        self.bias = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=dev)) if bias and self.side == "out" else None
 
     def contribution(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + the delta's part of the layer output for input x."""
         w = self.weight.to(y.dtype)
-        if self.dim == 0:
+        if self.side == "out":
             part = x @ w.T
             if self.bias is not None:
                 part = part + self.bias.to(y.dtype)
@@ -59,10 +65,13 @@ class NeuronDelta(nn.Module):
         return y + (x.index_select(-1, self.idx) @ w.T).to(y.dtype)
 
     @torch.no_grad()
-    def merge_into(self, linear: nn.Linear) -> None:
+    def merge_into(self, linear: nn.Module) -> None:
         """Write W[sel] + delta into the selected entries of `linear` (one rounding), nothing else."""
         w = linear.weight
-        rows = w.index_select(self.dim, self.idx).float() + self.weight.to(w.device)
+        delta = self.weight.to(w.device)
+        if self.conv1d:  # [in, out] storage: the (k, in) / (out, k) delta transposed onto it
+            delta = delta.T
+        rows = w.index_select(self.dim, self.idx).float() + delta
         w.index_copy_(self.dim, self.idx.to(w.device), rows.to(w.dtype))
         if self.bias is not None:
             b = linear.bias

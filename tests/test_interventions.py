@@ -51,12 +51,13 @@ def capture(model):
     """Records the value at every hook point of every forward while installed (registered after the
     intervention's hooks, so it reads what the intervention left): {(layer, group-of-point): tensor}."""
     seen, handles = {}, []
-    for li, mod, where, groups in value_points(model):
+    for li, mod, where, groups, pos in value_points(model):
         key = (li, groups[0])
+        pick = (lambda x: x.clone()) if pos is None else (lambda x, pos=pos: x.index_select(-1, pos))
         if where == "in":
-            handles.append(mod.register_forward_pre_hook(lambda m, a, key=key: seen.__setitem__(key, a[0].clone())))
+            handles.append(mod.register_forward_pre_hook(lambda m, a, key=key, f=pick: seen.__setitem__(key, f(a[0]))))
         else:
-            handles.append(mod.register_forward_hook(lambda m, a, o, key=key: seen.__setitem__(key, o.clone())))
+            handles.append(mod.register_forward_hook(lambda m, a, o, key=key, f=pick: seen.__setitem__(key, f(o))))
     return seen, handles
 
 

@@ -333,3 +333,17 @@ def test_detection_deactivation_training_through_the_scripts(tmp_path):
     r = run_script("detection.py", *common, "--method", "authors", "--out", tmp_path / "authors", env=env)
     assert r.returncode == 2 and "mixture-of-experts" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "authors" / "model" / "neurons").exists()
+
+
+def test_probe_leaves_the_model_as_it_was():
+    """After the probe, no tap is left and the experts run their own implementation again (bit-identical logits)."""
+    model = tiny_model("mixtral")
+    ids, mask = batch()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        with ImportanceProbe(model) as probe:
+            probe(ids, mask)
+        after = model(input_ids=ids, attention_mask=mask).logits
+    experts = projections(decoder_layers(model)[0])["moe"].experts
+    assert not getattr(experts, moe.TAPS_ATTR, ()) and model.config._experts_implementation != moe.EXPERTS_NAME
+    assert torch.equal(before, after)

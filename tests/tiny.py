@@ -12,6 +12,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 ARCHS = ["llama", "qwen2", "qwen3", "gemma2", "gemma3"]
 # mixture-of-experts decoders (tests/test_moe.py): 4 routed experts of 24 channels, 2 per token
 MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+# fused and Conv1D projections (tests/test_architectures.py): GPT-NeoX interleaves q/k/v per head, Phi-3
+# concatenates q/k/v and gate/up, GPT-2's Conv1D stores weights [in, out], Falcon in its multi-query and grouped
+# (new_decoder_architecture) layouts, BLOOM (alibi, q/k/v per head)
+FUSED_ARCHS = ["gpt_neox", "phi3", "gpt2", "falcon", "falcon_grouped", "bloom"]
 VOCAB = 256 + 3  # bytes + <pad>, <bos>, <eos>
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -39,10 +43,32 @@ _EXTRA = {
     "qwen3_moe": dict(model_type="qwen3_moe", moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2),
     "olmoe": dict(model_type="olmoe", intermediate_size=24, num_experts=4, num_experts_per_tok=2),
 }
+# the fused families spell their sizes in their own configs' names; hidden 64, 4 heads of 16 as above
+_FUSED = {
+    # partial rotary as in Pythia (rotary_pct 0.25), q/k/v biases, parallel residual
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                     num_attention_heads=4, rotary_pct=0.25, attention_bias=True),
+    "phi3": dict(model_type="phi3", hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2),
+    # n_inner None: 4 * n_embd = 256 FFN channels
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=3, n_head=4, n_inner=None, n_positions=256),
+    "falcon": dict(model_type="falcon", hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   multi_query=True, new_decoder_architecture=False, ffn_hidden_size=96, bias=True,
+                   parallel_attn=True, alibi=False),
+    "falcon_grouped": dict(model_type="falcon", hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           new_decoder_architecture=True, num_kv_heads=2, ffn_hidden_size=96, alibi=False),
+    "bloom": dict(model_type="bloom", hidden_size=64, n_layer=3, n_head=4),
+}
 
 
 def tiny_config(arch: str, **overrides):
     """`overrides` replace config values (another number of layers, another rope_theta)."""
+    if arch in _FUSED:
+        kw = {**_FUSED[arch], "vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+              "tie_word_embeddings": False, **overrides}
+        if arch not in ("gpt2", "bloom"):
+            kw.setdefault("max_position_embeddings", 256)
+        return AutoConfig.for_model(kw.pop("model_type"), **kw)
     kw = {**_COMMON, **_EXTRA[arch], **overrides}
     return AutoConfig.for_model(kw.pop("model_type"), **kw)
 
