@@ -279,8 +279,8 @@ def test_streamed_variant_equals_in_memory_and_reloads(arch, tmp_path):
         assert torch.equal(mine[name], reloaded[name]), name
 
 
-def test_detection_deactivation_training_through_the_scripts(tmp_path):
-    """detection.py -> deactivation.py (streamed variants, perplexity) -> train.py (neuron mode, shared set) on
+def test_detection_deactivation_training_figures_through_the_scripts(tmp_path):
+    """detection.py -> deactivation.py (streamed variants, perplexity) -> train.py (neuron mode) -> figures.py on
     tiny Qwen2-MoE: experts.json holds shares that sum to top_k per layer and the expert set algebra; the trained
     model differs from the base only in the set's slices; --method authors is refused with one line."""
     model = save_tiny("qwen2_moe", tmp_path / "model")
@@ -329,6 +329,12 @@ def test_detection_deactivation_training_through_the_scripts(tmp_path):
         assert torch.equal(p.detach()[outside], base[name].detach()[outside]), name
         moved[name] = int((p.detach()[~outside] != base[name].detach()[~outside]).sum())
     assert sum(v for n, v in moved.items() if "experts." in n) > 0  # routed expert slices trained
+
+    r = run_script("figures.py", "--out", out, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    figure = out / "figures" / "experts_model.png"
+    assert figure.is_file() and figure.stat().st_size > 1000
+    assert "experts_model.png" in (out / "figures" / "report.md").read_text()
 
     r = run_script("detection.py", *common, "--method", "authors", "--out", tmp_path / "authors", env=env)
     assert r.returncode == 2 and "mixture-of-experts" in r.stderr and len(r.stderr.strip().splitlines()) == 1
