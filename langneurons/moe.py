@@ -149,18 +149,28 @@ def _register() -> None:
     ALL_EXPERTS_FUNCTIONS.register(EXPERTS_NAME, _experts_forward)
 
 
+# config id -> (the experts implementation it had, ids of its experts modules carrying a tap or a delta); an entry
+# lives only while something is attached, so nothing is kept between calls
+_SWITCHED: dict[int, tuple[str | None, set[int]]] = {}
+
+
 def _refresh(experts: nn.Module) -> None:
-    """Route the module through EXPERTS_NAME while it carries a tap or a delta, and back to what it used before
-    once it carries neither."""
+    """Route the experts modules of a config through EXPERTS_NAME while any of them carries a tap or a delta, and
+    back to the implementation the config had once none does (the config is shared by all layers)."""
     busy = bool(getattr(experts, TAPS_ATTR, ())) or getattr(experts, DELTA_ATTR, None) is not None
     cfg = experts.config
-    if busy and cfg._experts_implementation != EXPERTS_NAME:
-        _register()
-        experts._langneurons_old_impl = cfg._experts_implementation
-        cfg._experts_implementation = EXPERTS_NAME
-    elif not busy and hasattr(experts, "_langneurons_old_impl"):
-        cfg._experts_implementation = experts._langneurons_old_impl
-        del experts._langneurons_old_impl
+    entry = _SWITCHED.get(id(cfg))
+    if busy:
+        if entry is None:
+            _register()
+            entry = _SWITCHED[id(cfg)] = (cfg._experts_implementation, set())
+            cfg._experts_implementation = EXPERTS_NAME
+        entry[1].add(id(experts))
+    elif entry is not None:
+        entry[1].discard(id(experts))
+        if not entry[1]:
+            cfg._experts_implementation = entry[0]
+            del _SWITCHED[id(cfg)]
 
 
 Tap = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -364,7 +374,7 @@ class ExpertDelta(nn.Module):
         self._of: dict = {}
 
     def _select(self, idx: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (id(idx), e)
+        key = (idx.data_ptr(), idx.device, e)  # the buffers move with the model: a new pointer, a new entry
         if key not in self._of:
             where = torch.nonzero(idx[:, 0] == e).flatten()
             self._of[key] = (where, idx[where, 1])

@@ -353,3 +353,23 @@ def test_probe_leaves_the_model_as_it_was():
     experts = projections(decoder_layers(model)[0])["moe"].experts
     assert not getattr(experts, moe.TAPS_ATTR, ()) and model.config._experts_implementation != moe.EXPERTS_NAME
     assert torch.equal(before, after)
+
+
+def test_nested_taps_on_different_layers_keep_the_experts_implementation():
+    """Hooks on layer 0 inside hooks on layer 1: leaving the inner block must not switch layer 1's experts back to
+    the model's own implementation (its taps would silently stop acting)."""
+    model = tiny_model("olmoe")
+    geom = Geometry.from_config(model.config)
+    outer, inner = empty_set(geom), empty_set(geom)
+    outer["fwd_down"][1, :30] = True
+    inner["fwd_down"][0, :30] = True
+    ids, mask = batch()
+    with torch.no_grad():
+        with ablation_hooks(model, outer):
+            before = model(input_ids=ids, attention_mask=mask).logits
+            with ablation_hooks(model, inner):
+                pass
+            after = model(input_ids=ids, attention_mask=mask).logits
+        plain = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before, after) and (before - plain).abs().max() > 1e-4
+    assert model.config._experts_implementation != moe.EXPERTS_NAME and not moe._SWITCHED
