@@ -11,7 +11,9 @@ which is exactly `x @ (W + scatter(delta)).T` (k are positions in a fused tensor
 fused, model.neuron_slots; a Conv1D's transposed weight gets the delta transposed at merge). The original weights never receive a gradient, never
 reach the optimizer, and are never written, so entries outside the selection cannot change under any
 optimizer, weight decay, mixed precision or number of processes. `merge_deltas` folds the deltas into
-the weights at the end (selected rows/columns only) and leaves an ordinary model.
+the weights at the end (selected rows/columns only) and leaves an ordinary model. The fused experts of a
+mixture-of-experts layer get one `moe.ExpertDelta` each (the same additive form per expert, applied inside the
+experts loop); the router is never touched.
 
 Why hooks rather than a `torch.nn.utils.parametrize` reparametrisation W' = W.index_add(delta): with a
 parametrisation autograd builds the full (out x in) weight gradient of every touched projection and then
