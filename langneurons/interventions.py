@@ -30,7 +30,7 @@ from .files import atomic_dir, safe_name, write_json
 from .layout import META, Outputs, SCHEMA_VERSION
 from . import moe
 from .masking import _check_fits, moe_layer_indices, register_rewrite
-from .model import GROUPS, Geometry, decoder_layers, neuron_slots, value_slot
+from .model import GROUPS, Geometry, decoder_layers, neuron_slots, projections, value_slot
 from .neurons import NeuronSet
 
 KINDS = ("zero", "scale", "mean", "shift")
@@ -166,13 +166,6 @@ def value_points(model) -> Iterator[tuple[int, torch.nn.Module, str, tuple[str, 
             yield li, slot.module, where, groups, None if identity else slot.index
 
 
-def _refuse_moe_means(model, iv: Intervention | None = None) -> None:
-    """Means of expert channels would have to be taken over the tokens routed to each expert: not computed."""
-    if Geometry.from_config(model.config).moe is not None and (iv is None or iv.mean_langs()):
-        raise InputError(f"--intervention {iv.spec if iv else 'mean/shift'}: means of mixture-of-experts channels "
-                         "are not supported (zero and scale=A are)")
-
-
 def _point_indices(nset: NeuronSet, li: int, groups: tuple[str, ...]) -> tuple[torch.Tensor, str | None]:
     """The sorted indices of `nset` at one point of layer `li` (the union over the groups that share it) and
     one of those groups (their means are equal: the same value)."""
@@ -235,8 +228,6 @@ def intervened(model, nset: NeuronSet, intervention: Intervention, means: Means 
     set, scale=1 and shift=L:L install no hook: the model computes exactly what it computes without one."""
     _check_fits(model, nset)
     moe_layers = [] if intervention.identity else list(moe_layer_indices(model, nset))
-    if moe_layers:
-        _refuse_moe_means(model, intervention)
     handles, taps = [], []
     try:
         if not intervention.identity:
@@ -249,8 +240,13 @@ def intervened(model, nset: NeuronSet, intervention: Intervention, means: Means 
                     rewrite.idx = positions[idx]
                 handles.append(register_rewrite(mod, where, rewrite))
             for li, block, idx in moe_layers:
-                tap, shared = moe.value_rewrites(block, Geometry.from_config(model.config).moe, idx,
-                                                 lambda k, span: _rewrite_for(intervention, k, "fwd_up", li, None))
+                # the rewrite of channels k of one expert (or the shared expert), with the values (means) of their
+                # places span.start + k in the layer's index space
+                def make(k: torch.Tensor, span: slice, li: int = li) -> _Rewrite:
+                    rewrite = _rewrite_for(intervention, span.start + k, "fwd_up", li, means)
+                    rewrite.idx = k
+                    return rewrite
+                tap, shared = moe.value_rewrites(block, Geometry.from_config(model.config).moe, idx, make)
                 if tap is not None:
                     taps.append((block.experts, tap))
                 if shared is not None:
@@ -273,6 +269,17 @@ class _MeanProbe:
         self.sums: dict[tuple[int, str], torch.Tensor] = {}
         self.tokens = 0
         self.handles = []
+        # MoE layers: expert channel values are summed inside the experts loop (moe.MeanTap)
+        sizes = Geometry.from_config(model.config).moe
+        self.moe = {li: moe.MeanTap(p["moe"], sizes) for li, p in
+                    enumerate(projections(layer) for layer in decoder_layers(model)) if "moe" in p}
+        self._taps = contextlib.ExitStack()
+
+    def begin(self, mask: torch.Tensor) -> None:
+        """The next batch's attention mask (its non-padding tokens are the ones summed)."""
+        self.mask = mask
+        for t in self.moe.values():
+            t.begin(mask)
 
     def _add(self, li: int, point: str, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """Adds the batch's values at one point to its sums; returns `x` unchanged (an observing hook)."""
@@ -292,12 +299,17 @@ class _MeanProbe:
         for li, mod, where, groups, positions in value_points(self.model):
             self.handles.append(register_rewrite(
                 mod, where, lambda x, li=li, p=groups[0], pos=positions: self._add(li, p, x, pos)))
+        for t in self.moe.values():
+            if t.block.shared is not None:
+                self.handles.append(register_rewrite(t.block.shared.down_proj, "in", t.shared_value))
+        self._taps.enter_context(moe.tapped([(t.block.experts, t.tap) for t in self.moe.values()]))
         return self
 
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
         self.handles = []
+        self._taps.close()
 
 
 @torch.no_grad()
@@ -306,7 +318,6 @@ def neuron_means_and_tokens(model, tok, texts: list[str], max_length: int, batch
     """({group: float32 [layers, size]} mean value of every neuron over every non-padding token of `texts`,
     the number of tokens). Texts are tokenized as detection tokenizes them (data.tokenize: the tokenizer's
     special tokens included, cut at `max_length`); batches are padded on the right and padding is masked."""
-    _refuse_moe_means(model)
     seqs = [s for s in tokenize(tok, texts, max_length) if s]
     if not seqs:
         raise InputError(f"{desc}: no tokens to average over")
@@ -315,12 +326,13 @@ def neuron_means_and_tokens(model, tok, texts: list[str], max_length: int, batch
     with _MeanProbe(model) as probe:
         for idx in tqdm(batches_by_length([len(s) for s in seqs], batch_size), desc=desc, leave=False):
             ids, mask = pad_batch([seqs[i] for i in idx], pad_id(tok), device)
-            probe.mask = mask
+            probe.begin(mask)
             model(input_ids=ids, attention_mask=mask, use_cache=False)
             probe.tokens += int(mask.sum())
     out = {}
     for key, where, groups in POINTS:
-        mean = torch.stack([probe.sums[(li, groups[0])].cpu() for li in range(layers)]) / probe.tokens
+        mean = torch.stack([probe.moe[li].means(probe.tokens).double() if groups[0] == "fwd_up" and li in probe.moe
+                            else probe.sums[(li, groups[0])].cpu() / probe.tokens for li in range(layers)])
         for g in groups:
             out[g] = mean.float().contiguous()
     return {g: out[g] for g in GROUPS}, probe.tokens

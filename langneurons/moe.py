@@ -353,6 +353,40 @@ def value_rewrites(block: MoeBlock, sizes: MoeSizes, idx: torch.Tensor,
     return (tap if per_expert else None), shared_rw
 
 
+class MeanTap:
+    """Sums for the per-language means of one MoE layer's channel values (interventions mean=L, shift=A:B): a routed
+    channel's value averaged over the real tokens routed to its expert (0 for an expert none reached), a shared
+    expert channel's over every real token."""
+
+    def __init__(self, block: MoeBlock, sizes: MoeSizes):
+        dev = block.experts.down_proj.device
+        self.block, self.sizes = block, sizes
+        self.sums = torch.zeros(sizes.num_experts, sizes.expert_size, dtype=torch.float64, device=dev)
+        self.counts = torch.zeros(sizes.num_experts, dtype=torch.float64, device=dev)
+        self.shared = torch.zeros(sizes.shared_size, dtype=torch.float64, device=dev)
+        self.flat: torch.Tensor | None = None  # the running batch's real tokens, flattened as the block sees them
+
+    def begin(self, mask: torch.Tensor) -> None:
+        self.flat = mask.reshape(-1).to(self.sums.device).double()
+
+    def tap(self, e: int, token_idx: torch.Tensor, weights: torch.Tensor, act: torch.Tensor,
+            h: torch.Tensor) -> torch.Tensor:
+        real = self.flat[token_idx]
+        self.sums[e] += (h.double() * real[:, None]).sum(0)
+        self.counts[e] += real.sum()
+        return h
+
+    def shared_value(self, x: torch.Tensor) -> torch.Tensor:
+        """A rewrite of the shared expert's down_proj input that only observes it."""
+        self.shared += (x.double() * self.flat.to(x.device)[:, None]).sum(0).to(self.shared.device)
+        return x
+
+    def means(self, tokens: int) -> torch.Tensor:
+        """[I] float32: the layer's channel means, in the fwd_up/fwd_down index space."""
+        routed = self.sums / self.counts.clamp(min=1)[:, None]
+        return torch.cat([routed.flatten(), self.shared / max(tokens, 1)]).float().cpu()
+
+
 # ---------------------------------------------------------------- training expert slices
 
 class ExpertDelta(nn.Module):

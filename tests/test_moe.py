@@ -216,14 +216,64 @@ def test_scale_multiplies_expert_channel_values(arch):
     torch.testing.assert_close(scaled, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_mean_intervention_on_experts_is_refused():
-    from langneurons.cli import InputError
-    from langneurons.interventions import intervened, parse_intervention
-    model = tiny_model("olmoe")
-    nset = some_set(Geometry.from_config(model.config))
-    with pytest.raises(InputError, match="mixture-of-experts"):
-        with intervened(model, nset, parse_intervention("mean=en"), means={}):
-            pass
+def routed_values(block: moe.MoeBlock, x: torch.Tensor, real: torch.Tensor) -> list[tuple]:
+    """Per expert e, written plainly from the router and the fused weights: (flat real token positions routed to e,
+    their routing weights, their channel values h_e [n, I_e])."""
+    flat, keep = x.reshape(-1, x.shape[-1]), real.reshape(-1)
+    _, weights, idx = block.router(flat)
+    E, I = block.experts.gate_up_proj.shape[0], block.experts.down_proj.shape[2]
+    out = []
+    for e in range(E):
+        tok, pos = torch.nonzero((idx == e) & keep[:, None], as_tuple=True)
+        gate = flat[tok] @ block.experts.gate_up_proj[e, :I].T
+        up = flat[tok] @ block.experts.gate_up_proj[e, I:].T
+        out.append((tok, weights[tok, pos], block.experts.act_fn(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_means_of_expert_channels_are_over_the_tokens_routed_to_them(arch):
+    """A routed channel's mean is over the real tokens routed to its expert, a shared expert channel's over every
+    real token; mean=L then replaces the values of routed tokens only: the block output moves by
+    sum_t w_t * W_down_e[:, K] (mean_K - h_K[t]) exactly."""
+    from langneurons.interventions import intervened, neuron_means_and_tokens, parse_intervention
+    from tiny import tiny_tokenizer
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    geom = Geometry.from_config(model.config)
+    texts = ["The cat sleeps on the warm mat.", "Rain fell all night.", "We walked to the market early today."]
+    means, tokens = neuron_means_and_tokens(model, tok, texts, 64, 2)
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(tok(t)["input_ids"]) for t in texts], batch_first=True)
+    mask = (torch.arange(ids.shape[1])[None] < torch.tensor([len(tok(t)["input_ids"]) for t in texts])[:, None]).long()
+    assert tokens == int(mask.sum())
+    li = 1
+    x = block_inputs(model, ids, mask)[li]
+    block = projections(decoder_layers(model)[li])["moe"]
+    with torch.no_grad():
+        per_expert = routed_values(block, x, mask.bool())
+        for e, (tok_e, _, h) in enumerate(per_expert):
+            expect = h.double().mean(0) if len(tok_e) else torch.zeros(geom.expert_size, dtype=torch.float64)
+            torch.testing.assert_close(means["fwd_up"][li, e * geom.expert_size:(e + 1) * geom.expert_size],
+                                       expect.float(), rtol=1e-4, atol=1e-6)
+        if block.shared is not None:
+            flat = x.reshape(-1, x.shape[-1])[mask.bool().reshape(-1)]
+            sh = block.shared
+            hs = sh.act_fn(sh.gate_proj(flat)) * sh.up_proj(flat)
+            torch.testing.assert_close(means["fwd_up"][li, geom.moe.routed:], hs.mean(0), rtol=1e-4, atol=1e-6)
+        assert torch.equal(means["fwd_up"], means["fwd_down"])
+        # mean=en on channels K of expert 0 in layer li: the exact change of the block output
+        K = torch.tensor([2, 5, 11])
+        nset = empty_set(geom)
+        nset["fwd_down"][li, K] = True
+        base = block.block(x)
+        with intervened(model, nset, parse_intervention("mean=en"), {"en": means}):
+            moved = block.block(x)
+        tok_0, w_0, h_0 = per_expert[0]
+        delta = ((means["fwd_up"][li, K][None] - h_0[:, K]) * w_0[:, None]) @ block.experts.down_proj[0][:, K].T
+        expect = base.reshape(-1, base.shape[-1]).clone()
+        expect.index_add_(0, tok_0, delta)
+        # padding tokens are routed too and rewritten as well (as every intervention acts at every position)
+        real = mask.bool().reshape(-1)
+        torch.testing.assert_close(moved.reshape(-1, base.shape[-1])[real], expect[real], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
@@ -280,9 +330,10 @@ def test_streamed_variant_equals_in_memory_and_reloads(arch, tmp_path):
 
 
 def test_detection_deactivation_training_figures_through_the_scripts(tmp_path):
-    """detection.py -> deactivation.py (streamed variants, perplexity) -> train.py (neuron mode) -> figures.py on
-    tiny Qwen2-MoE: experts.json holds shares that sum to top_k per layer and the expert set algebra; the trained
-    model differs from the base only in the set's slices; --method authors is refused with one line."""
+    """detection.py -> deactivation.py (streamed variants, perplexity) -> evaluate.py under shift=A:B -> train.py
+    (neuron mode) -> figures.py on tiny Qwen2-MoE: experts.json holds shares that sum to top_k per layer and the
+    expert set algebra; the trained model differs from the base only in the set's slices; the experts figure is
+    drawn; --method authors is refused with one line."""
     model = save_tiny("qwen2_moe", tmp_path / "model")
     data = tiny_dataset(tmp_path / "dataset")
     out = tmp_path / "out"
@@ -312,6 +363,11 @@ def test_detection_deactivation_training_figures_through_the_scripts(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     variant = out / "model" / "variants" / "shared"
     AutoModelForCausalLM.from_pretrained(variant)  # an ordinary model directory
+
+    r = run_script("evaluate.py", *common, "--tasks", "ppl", "--limit", "2", "--neurons", nd / "related_all.json",
+                   "--intervention", "shift=en:fr", env=env)  # per-language means of expert channels, stored
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert any((out / "model" / "means").rglob("means.safetensors"))
 
     r = run_script("train.py", *common, "--lang", "en", "--langs", "en", "--neurons", nd / "related_all.json",
                    "--max-steps", "2", "--global-batch-size", "2", "--micro-batch-size", "2", "--lr", "1e-2",
