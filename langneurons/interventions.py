@@ -29,7 +29,7 @@ from .data import (batches_by_length, corpus_file, detection_corpus, external_co
 from .files import atomic_dir, safe_name, write_json
 from .layout import META, Outputs, SCHEMA_VERSION
 from . import moe
-from .masking import _check_fits, moe_layer_indices, register_rewrite
+from .masking import _check_fits, moe_value_rewrites, register_rewrite
 from .model import GROUPS, Geometry, decoder_layers, neuron_slots, projections, value_slot
 from .neurons import NeuronSet
 
@@ -227,7 +227,6 @@ def intervened(model, nset: NeuronSet, intervention: Intervention, means: Means 
     `means` (stored_means or neuron_means) must hold the languages of intervention.mean_langs(). An empty
     set, scale=1 and shift=L:L install no hook: the model computes exactly what it computes without one."""
     _check_fits(model, nset)
-    moe_layers = [] if intervention.identity else list(moe_layer_indices(model, nset))
     handles, taps = [], []
     try:
         if not intervention.identity:
@@ -239,18 +238,14 @@ def intervened(model, nset: NeuronSet, intervention: Intervention, means: Means 
                 if positions is not None:  # a fused tensor: the neurons' positions in it
                     rewrite.idx = positions[idx]
                 handles.append(register_rewrite(mod, where, rewrite))
-            for li, block, idx in moe_layers:
-                # the rewrite of channels k of one expert (or the shared expert), with the values (means) of their
-                # places span.start + k in the layer's index space
-                def make(k: torch.Tensor, span: slice, li: int = li) -> _Rewrite:
-                    rewrite = _rewrite_for(intervention, span.start + k, "fwd_up", li, means)
-                    rewrite.idx = k
-                    return rewrite
-                tap, shared = moe.value_rewrites(block, Geometry.from_config(model.config).moe, idx, make)
-                if tap is not None:
-                    taps.append((block.experts, tap))
-                if shared is not None:
-                    handles.append(register_rewrite(block.shared.down_proj, "in", shared))
+
+            # MoE layers: channels k of one expert (or the shared expert), with the values (means) of their places
+            # span.start + k in the layer's index space
+            def make(k: torch.Tensor, span: slice, li: int) -> _Rewrite:
+                rewrite = _rewrite_for(intervention, span.start + k, "fwd_up", li, means)
+                rewrite.idx = k
+                return rewrite
+            taps = moe_value_rewrites(model, nset, make, handles)
         with moe.tapped(taps):
             yield
     finally:

@@ -172,24 +172,34 @@ def ablation_hooks(model, nset: NeuronSet) -> Iterator[None]:
     Output-side neurons (up/gate/q/k/v) become zeroed output channels of those projections (a zero weight row
     plus its zero bias entry gives exactly a zero output channel; zeroing up's channel k gives H[:,k] = 0).
     Input-side neurons (down/o) become zeroed input channels (forward pre-hook)."""
-    handles, taps = [], []
+    handles = []
     try:
         for mod, side, idx in selected_entries(model, nset):
             handles.append(register_rewrite(mod, side, lambda x, idx=idx: x.index_fill(-1, idx.to(x.device), 0)))
-        # MoE layers: the channel values h of the listed expert channels are zeroed in the experts loop (a tap),
-        # the shared expert's at its down_proj input
-        for li, block, idx in moe_layer_indices(model, nset):
-            tap, shared = moe.value_rewrites(block, Geometry.from_config(model.config).moe, idx,
-                                             lambda k, span: (lambda x, k=k: x.index_fill(-1, k.to(x.device), 0)))
-            if tap is not None:
-                taps.append((block.experts, tap))
-            if shared is not None:
-                handles.append(register_rewrite(block.shared.down_proj, "in", shared))
+        # MoE layers: the values of the listed expert channels are zeroed in the experts loop
+        taps = moe_value_rewrites(model, nset, lambda k, span, li: (lambda x, k=k: x.index_fill(-1, k.to(x.device), 0)),
+                                  handles)
         with moe.tapped(taps):
             yield
     finally:
         for h in handles:
             h.remove()
+
+
+def moe_value_rewrites(model, nset: NeuronSet, make: Callable, handles: list) -> list:
+    """Rewrites of the values of `nset`'s expert channels: make(k, span, layer) gives the rewrite of channels k of
+    one expert (span: where that expert's channels are in the layer's fwd_up/fwd_down index space). Returns the
+    (experts module, tap) pairs for moe.tapped; the shared expert's rewrites are hooked at its down_proj input
+    and their handles appended to `handles`."""
+    taps = []
+    for li, block, idx in moe_layer_indices(model, nset):
+        tap, shared = moe.value_rewrites(block, Geometry.from_config(model.config).moe, idx,
+                                         lambda k, span, li=li: make(k, span, li))
+        if tap is not None:
+            taps.append((block.experts, tap))
+        if shared is not None:
+            handles.append(register_rewrite(block.shared.down_proj, "in", shared))
+    return taps
 
 
 def moe_layer_indices(model, nset: NeuronSet) -> Iterator[tuple[int, "moe.MoeBlock", torch.Tensor]]:
