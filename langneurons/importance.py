@@ -501,10 +501,16 @@ class ImportanceProbe:
         valid = self._valid.to(output.device)
         self._scores["active"][layer] = ((output > 0) & valid[..., None]).sum(1).float()
 
-    def query_key_importance(self, module, query, key, value, attention_mask, scaling, softcap) -> None:
+    def query_key_importance(self, module, query, key, value, attention_mask, scaling, softcap,
+                             bias: torch.Tensor | None = None) -> None:
+        """Query and key importance of one layer from what its attention computes with; `bias` [B, H, S] an
+        additive per-key score bias (BLOOM's alibi, inline attention only)."""
         valid = self._valid.to(query.device)
         keep = visible_keys(attention_mask, query.shape[2], key.shape[2], query.device)
-        if self.qk_score == "row":
+        if bias is not None:
+            # alibi models have no rotary: a q/k row is its channel, so row and channel scores are one
+            q_imp, k_imp = qk_importance_with_bias(query, key, value, keep, valid, scaling, bias, self.chunk_bytes)
+        elif self.qk_score == "row":
             rotary = self._rows.get("rotary")
             partner = rotary_partner(module, rotary, query.shape[-1])
             heads = lambda x: x.view(*x.shape[:2], -1, query.shape[-1]).transpose(1, 2)  # as attention reshapes
@@ -536,18 +542,7 @@ class ImportanceProbe:
         if not self.measuring:
             return
         query, key, value, mask, scaling, bias = self.inline(attn, fused, self._rows["args"])
-        if bias is None:
-            self.query_key_importance(attn, query, key, value, mask, scaling, None)
-            return
-        # alibi (BLOOM) has no rotary: a q/k row is its channel, so both scores are the channel's
-        keep = visible_keys(mask, query.shape[2], key.shape[2], query.device)
-        q_imp, k_imp = qk_importance_with_bias(query, key, value, keep, self._valid.to(query.device), scaling, bias,
-                                               self.chunk_bytes)
-        layer = self.layer_of[id(attn)]
-        if "attn_q" in self.groups:
-            self._scores["attn_q"][layer] = q_imp
-        if "attn_k" in self.groups:
-            self._scores["attn_k"][layer] = k_imp
+        self.query_key_importance(attn, query, key, value, mask, scaling, None, bias=bias)
 
     def _rotary_hook(self, module, args, kwargs) -> None:
         if self.measuring:

@@ -694,8 +694,10 @@ def check_architecture(config, model: str) -> None:
     except ValueError as e:
         raise InputError(f"{head} no causal language model for its config ({_first_line(e)})") from None
     try:
-        geom = Geometry.from_config(config)
         layers = decoder_layers(skeleton)
+        for layer in layers:  # what is missing is named before any size is read
+            projections(layer)
+        geom = Geometry.from_config(config)
         if len(layers) != geom.num_layers:
             raise InputError(f"{len(layers)} decoder layers, the config says {geom.num_layers}")
         for layer in layers:
