@@ -5,11 +5,9 @@ stages run end to end on a tiny MoE."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from conftest import run_script
@@ -17,7 +15,7 @@ from tiny import MOE_ARCHS, save_tiny, tiny_dataset, tiny_model
 
 from langneurons import moe
 from langneurons.importance import ImportanceProbe
-from langneurons.masking import ablation_hooks, meta_skeleton, zero_neurons, zero_neurons_streaming, zeroed
+from langneurons.masking import ablation_hooks, zero_neurons, zero_neurons_streaming, zeroed
 from langneurons.model import GROUPS, Geometry, decoder_layers, projections
 from langneurons.neurons import empty_set
 
