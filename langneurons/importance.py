@@ -354,17 +354,22 @@ def qk_row_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 def uses_attention_registry(model) -> bool:
     """Whether the model's attention runs through transformers' AttentionInterface (where the probe reads Q, K
-    and V inside the attention function); Falcon and BLOOM compute attention inline instead."""
-    return bool(getattr(model, "_supports_attention_backend", False))
+    and V inside the attention function); Falcon and BLOOM compute attention inline instead. Read from the
+    attention module's own forward (the `_supports_attention_backend` flag is missing on some models that do,
+    StableLM)."""
+    if getattr(model, "_supports_attention_backend", False):
+        return True
+    attn = projections(decoder_layers(model)[0])["attn"]
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(type(attn).forward)
+    except (OSError, TypeError):  # no source to read: assume the registry, as transformers' models use it
+        return True
 
 
 def _falcon_attention(module, fused: torch.Tensor, bound: dict):
     """(query [B,H,T,D], key [B,KV,S,D], value [B,KV,S,D], mask, scaling, bias) exactly as FalconAttention.forward
     computes them from its fused q/k/v output (rotary applied), the grouped layout's keys and values once per
     kv head (the model broadcasts them to every query head)."""
-    if bound.get("alibi") is not None:
-        raise InputError("groups attn_q/attn_k: Falcon with alibi is not supported (its eager and sdpa paths add "
-                         "the alibi bias differently); use --groups without attn_q,attn_k")
     q, k, v = module._split_heads(fused)
     B, T = q.shape[:2]
     D = module.head_dim
@@ -451,6 +456,10 @@ class ImportanceProbe:
                 raise InputError(f"groups attn_q/attn_k: model type '{mt}' does not compute attention through "
                                  "transformers' attention functions, and its query/key inputs cannot be read; "
                                  "use --groups without attn_q,attn_k")
+            if mt == "falcon" and model.config.alibi:
+                raise InputError("groups attn_q/attn_k: Falcon with alibi is not supported (transformers adds its "
+                                 "alibi bias differently on the eager and sdpa paths); use --groups without "
+                                 "attn_q,attn_k")
             self.inline = _INLINE_ATTENTION[mt]
         self._handles: list = []
         self._scores: dict[str, list] = {}

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import run_script
+from langneurons.authors import AuthorsProbe
 from langneurons.cli import InputError
 from langneurons.importance import (ImportanceProbe, _rotate, qk_importance_reference, qk_importance_with_bias,
                                     visible_keys)
@@ -372,6 +373,42 @@ def test_every_stage_refuses_an_unsupported_model_in_one_line(forked, script, ex
     assert len(lines) == 1 and "model type 'mamba' is not supported" in lines[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not out.exists() or not any(p for p in out.rglob("*") if p.is_file())
+
+
+def test_what_inline_attention_cannot_score_is_refused_before_any_forward():
+    """Falcon with alibi: no q/k score (the other groups work); the authors' q/k and bidirectional attention need an
+    attention function, which Falcon and BLOOM do not call."""
+    alibi = tiny_model("falcon", alibi=True)
+    with pytest.raises(InputError, match="Falcon with alibi"):
+        ImportanceProbe(alibi, groups=("attn_q",))
+    ids, mask = encode(SENTENCES["en"][:1])
+    with ImportanceProbe(alibi, groups=("fwd_up", "attn_v")) as probe:
+        assert set(probe(ids, mask)) == {"fwd_up", "attn_v"}
+    for arch in ("falcon", "bloom"):
+        with pytest.raises(InputError, match="attn_q/attn_k and --authors-attention bidirectional"):
+            AuthorsProbe(tiny_model(arch), authors_groups=("attn_k",))
+        with pytest.raises(InputError, match="attn_q/attn_k and --authors-attention bidirectional"):
+            AuthorsProbe(tiny_model(arch), authors_groups=("fwd_up",), attention="bidirectional")
+        with AuthorsProbe(tiny_model(arch), authors_groups=("fwd_up", "attn_o")) as probe:
+            authors, _ = probe(ids, mask)
+        assert set(authors) == {"fwd_up", "attn_o"}
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gpt2"])
+def test_authors_ffn_score_reads_the_up_half_of_a_fused_gate_up(arch):
+    """The authors' fwd_up score is sum |up output| over tokens: Phi-3's up is the second half of gate_up_proj
+    ([gate | up]), GPT-2's the Conv1D c_fc."""
+    model = tiny_model(arch)
+    I = Geometry.from_config(model.config).intermediate_size
+    ids, mask = encode(SENTENCES["fr"][:1])
+    seen = {}
+    p = projections(decoder_layers(model)[1])
+    up = p.get("gate_up", p.get("up"))
+    h = up.register_forward_hook(lambda m, a, o: seen.__setitem__("up", o[..., -I:]))
+    with AuthorsProbe(model, authors_groups=("fwd_up",)) as probe:
+        authors, _ = probe(ids, mask)
+    h.remove()
+    torch.testing.assert_close(authors["fwd_up"][0, 1], seen["up"][0].abs().sum(0), rtol=1e-5, atol=1e-6)
 
 
 def test_geometry_of_a_fused_config_needs_no_intermediate_size():
