@@ -23,15 +23,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from langneurons import authors, cli, files, langid, reuse, runinfo, stability
+from langneurons import authors, cli, files, langid, moe, reuse, runinfo, stability
 from langneurons.data import batches_by_length, corpus_file, detection_corpus, external_corpus, pad_batch, pad_id
 from langneurons.importance import ImportanceProbe
 from langneurons.model import GROUPS, Geometry, check_model, load_model, model_record
-from langneurons.layout import (FIRING, META, PER_TEXT, SCHEMA_VERSION, STABILITY, STABILITY_FREQUENCIES, STATS,
-                                model_tag, outputs)
+from langneurons.layout import (EXPERTS, FIRING, META, PER_TEXT, SCHEMA_VERSION, STABILITY, STABILITY_FREQUENCIES,
+                                STATS, model_tag, outputs)
 from langneurons.neurons import derived_sets, language_sets, stats, write_neuron_file
 
 FFN_GROUPS = ("fwd_up", "fwd_down")
+# firing.safetensors of an MoE model: real tokens routed to each (layer, expert) [langs, layers, E], tokens [langs]
+EXPERT_ROUTED, EXPERT_TOKENS = "experts.routed", "experts.tokens"
 
 
 def parse_args() -> argparse.Namespace:
@@ -103,7 +105,11 @@ def main() -> None:
         if earlier.up_to_date:
             return
         # config, tokenizer, weight headers: seconds, before the model run; every neuron file records the config
-        record = model_record(args.model, check_model(args.model))
+        config = check_model(args.model)
+        if Geometry.from_config(config).moe is not None and args.method == "authors":
+            raise cli.InputError(f"--method authors: the authors' scores are defined for dense FFNs only; "
+                                 f"{config.model_type} is a mixture-of-experts model (use importance or activation)")
+        record = model_record(args.model, config)
         counts = earlier.counts or count_firing(args, corpora, groups)
         if counts is None:  # not the main process of a multi-process run
             return
@@ -124,8 +130,10 @@ def main() -> None:
         if resampled is not None:
             meta["stability"] = {"resamples": args.resamples, "stable_core": args.stable_core,
                                  "files": [STABILITY, STABILITY_FREQUENCIES]}
+        if counts.experts is not None:
+            meta["experts"] = EXPERTS
         write_outputs(out_dir, args, langs, firing, sentences, geom, sets, summary, meta, record, kv_space,
-                      counts.per_text, resampled)
+                      counts.per_text, resampled, counts.experts)
     print_summary(args, langs, geom, summary, out_dir)
 
 
@@ -218,6 +226,7 @@ class FiringCounts:
     geom: Geometry
     config: dict
     per_text: stability.PerText
+    experts: tuple[torch.Tensor, torch.Tensor] | None = None  # MoE: routed tokens [langs, layers, E], tokens [langs]
 
 
 @dataclass
@@ -261,7 +270,7 @@ def run_record(args, langs, groups, corpora, mgsm_format, geom: Geometry, config
             "groups": list(groups), "qk_score": args.qk_score,
             "corpus": {"name": args.corpus, "sentences": {l: len(corpora[l]) for l in langs},
                        **({"mgsm_format": mgsm_format} if args.corpus == "mgsm" else {})},
-            "geometry": geom.__dict__, "config": config,
+            "geometry": geom.record(), "config": config,
             "unit": "tokens" if args.method == "activation" else "sentences",
             "run": runinfo.run_meta(args), "fingerprint": fp}
 
@@ -277,13 +286,18 @@ def authors_record(args, undo: tuple[str, ...], geom: Geometry) -> dict:
 
 
 def write_outputs(out_dir: Path, args, langs, firing, sentences, geom, sets, summary, meta, record: dict,
-                  kv_space, per_text: stability.PerText, resampled: tuple[dict, dict] | None) -> None:
+                  kv_space, per_text: stability.PerText, resampled: tuple[dict, dict] | None,
+                  experts: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Everything into a fresh folder, then swapped in whole: a reader never sees a mix of two runs. Every neuron
     file records the model (model.model_record), so that a stage given another model refuses it."""
     with files.atomic_dir(out_dir) as tmp:
         tensors = {f"{g}.{layer}": firing[g][:, layer].to(torch.int32).contiguous()
                    for g in firing for layer in range(geom.num_layers)}
         tensors["sentences"] = sentences.to(torch.int32)
+        if experts is not None:  # MoE: what experts_record is derived from, kept for a re-derivation
+            tensors[EXPERT_ROUTED] = experts[0].to(torch.int64).contiguous()
+            tensors[EXPERT_TOKENS] = experts[1].to(torch.int64).contiguous()
+            files.write_json(tmp / EXPERTS, experts_record(langs, geom, *experts, record))
         # one metadata key: safetensors writes several in hash order, and files must be reproducible
         save_file(tensors, tmp / FIRING, metadata={"langneurons": json.dumps(
             {"langs": langs, "method": args.method, "ratio": args.ratio, "unit": meta["unit"],
@@ -297,6 +311,21 @@ def write_outputs(out_dir: Path, args, langs, firing, sentences, geom, sets, sum
             write_stability(tmp, args, resampled, provenance, kv_space)
         files.write_json(tmp / STATS, summary)
         files.write_json(tmp / META, meta)
+
+
+def experts_record(langs: list[str], geom: Geometry, routed: torch.Tensor, tokens: torch.Tensor,
+                   record: dict) -> dict:
+    """experts.json of an MoE model (docs/outputs.md): per language the share of its real tokens routed to each
+    (layer, expert), and the experts related to it (share >= the uniform share top_k / E) with the shared,
+    exclusive and unique experts by the set algebra of docs/method.md section 4."""
+    shares = moe.expert_shares(routed, tokens)
+    return {"model": record, "langs": langs, "num_layers": geom.num_layers, "num_experts": geom.num_experts,
+            "top_k": geom.top_k, "uniform_share": geom.top_k / geom.num_experts,
+            "rule": "related: share of the language's tokens routed to the expert >= top_k / num_experts",
+            "tokens": {l: int(tokens[i]) for i, l in enumerate(langs)},
+            "routed": {l: routed[i].tolist() for i, l in enumerate(langs)},
+            "share": {l: [[round(float(x), 6) for x in row] for row in shares[i]] for i, l in enumerate(langs)},
+            **moe.expert_sets(shares, langs, geom.top_k)}
 
 
 def check_stability_corpora(args, corpora: dict[str, list[str]]) -> None:
@@ -363,7 +392,8 @@ def stored_counts(out_dir: Path, meta: dict) -> FiringCounts:
         firing = {g: torch.stack([t[f"{g}.{layer}"] for layer in range(geom.num_layers)], 1).long()
                   for g in GROUPS if f"{g}.0" in t}
         per_text = stability.load_per_text(out_dir / PER_TEXT)
-        return FiringCounts(firing, t["sentences"].long(), geom, meta["config"], per_text)
+        experts = (t[EXPERT_ROUTED].long(), t[EXPERT_TOKENS].long()) if EXPERT_ROUTED in t else None
+        return FiringCounts(firing, t["sentences"].long(), geom, meta["config"], per_text, experts)
     except (OSError, SafetensorError, KeyError, TypeError, RuntimeError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise cli.InputError(f"stored output {firing_file} (or its meta.json) is unreadable ({why}); "
@@ -377,6 +407,8 @@ class DetectionMethod(abc.ABC):
     active-token counts [batch, layers, n] and the token counts [batch])."""
     probe: Any
     sizes: dict[str, int]
+
+    routed: torch.Tensor | None = None  # MoE: the last batch's real tokens per (layer, expert) [batch, layers, E]
 
     def encode(self, tok, text: str, max_length: int) -> list[int]:
         return tok(text, truncation=True, max_length=max_length)["input_ids"]
@@ -395,7 +427,9 @@ class TopImportance(DetectionMethod):
         self.probe = ImportanceProbe(model, groups=groups, method="importance", qk_score=args.qk_score)
 
     def scores(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.probe(ids, mask)
+        out = self.probe(ids, mask)
+        self.routed = out.get("experts")
+        return out
 
     def selected(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         scores = self.scores(ids, mask)
@@ -435,6 +469,7 @@ class LapeActivation(DetectionMethod):
 
     def selected(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         scores = self.probe(ids, mask)
+        self.routed = scores.get("experts")
         return {"active": scores["active"].long().cpu(), "tokens": scores["tokens"].long().cpu()}
 
 
@@ -464,6 +499,9 @@ def count_firing(args, corpora: dict[str, list[str]], groups: tuple[str, ...]) -
     method = METHODS[args.method](args, model, geom, groups)
     keys = list(method.sizes) if args.method != "activation" else ["active", "tokens"]
     mine_per_lang = []  # per language {key: this process's per-text tensors, in its text order}
+    # MoE: real tokens routed to each (layer, expert) and real tokens, per language, summed over this process's texts
+    routed = torch.zeros(len(corpora), geom.num_layers, geom.num_experts, dtype=torch.int64)
+    tokens = torch.zeros(len(corpora), dtype=torch.int64)
     with method.probe:
         for li, lang in enumerate(corpora):
             mine = corpora[lang][state.process_index::state.num_processes]
@@ -471,13 +509,21 @@ def count_firing(args, corpora: dict[str, list[str]], groups: tuple[str, ...]) -
             rows: dict[str, list] = {k: [None] * len(seqs) for k in keys}
             for idx in tqdm(batches_by_length([len(s) for s in seqs], args.batch_size), desc=f"detect {lang}",
                             disable=not state.is_main_process):
-                for key, t in method.selected(*pad_batch([seqs[i] for i in idx], pad_id(tok), device)).items():
+                ids, mask = pad_batch([seqs[i] for i in idx], pad_id(tok), device)
+                for key, t in method.selected(ids, mask).items():
                     for i, row in zip(idx, t):
                         rows[key][i] = row
+                if method.routed is not None:
+                    routed[li] += method.routed.sum(0).round().long()
+                    tokens[li] += int(mask.sum())
             mine_per_lang.append({k: torch.stack(v) if v else torch.zeros(0, dtype=torch.int64)
                                   for k, v in rows.items()})
     if state.num_processes > 1:
         mine_per_lang = gather_per_text(mine_per_lang, state)
+        if geom.moe is not None:
+            from accelerate.utils import gather_object
+            every = gather_object([(routed, tokens)])
+            routed, tokens = sum(r for r, _ in every), sum(t for _, t in every)
         # gloo aborts a process that exits with its group alive ("terminate called without an active exception")
         state.destroy_process_group()
         if not state.is_main_process:
@@ -486,7 +532,8 @@ def count_firing(args, corpora: dict[str, list[str]], groups: tuple[str, ...]) -
                                  {k: [d[k] for d in mine_per_lang] for k in keys})
     # the firing counts are the per-text selections summed over all texts (stability.weighted_counts)
     firing, seen = stability.weighted_counts(per_text, stability.full_weights(per_text))
-    return FiringCounts({g: c[0] for g, c in firing.items()}, seen[0], geom, model.config.to_dict(), per_text)
+    return FiringCounts({g: c[0] for g, c in firing.items()}, seen[0], geom, model.config.to_dict(), per_text,
+                        (routed, tokens) if int(tokens.sum()) > 0 else None)
 
 
 def gather_per_text(mine: list[dict[str, torch.Tensor]], state) -> list[dict[str, torch.Tensor]]:

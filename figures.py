@@ -13,6 +13,8 @@ questions (exact McNemar test, significant at p < 0.05; paired bootstrap interva
                             95% intervals and the random controls' range
   importance_<tag>.png      Imp per language and LAS, with 95% intervals
   layers_<tag>.png          shared and exclusive neurons per layer (Fig. 6/7)
+  experts_<tag>.png         mixture-of-experts models: share of each language's tokens routed to each expert,
+                            per layer, against the uniform share; shared experts marked (neurons/experts.json)
   components.png            QK / VO / FFN split of shared and exclusive neurons (Table 2), with the 95% bootstrap
                             interval of each share where neurons/stability.json exists
   ability.png               shared ratio and LAS against multilingual ability across models (Fig. 3/5)
@@ -919,6 +921,39 @@ def report_layers(tags: list[TagResults], emit: Emit) -> str:
     return text
 
 
+def report_experts(tags: list[TagResults], emit: Emit) -> str:
+    """Which experts each language uses (mixture-of-experts models, neurons/experts.json): one heatmap per language
+    of the share of its tokens routed to each (layer, expert) divided by the uniform share top_k / E (1 = uniform),
+    the shared experts (related to every language) marked, and a table of their counts per layer."""
+    found = [(t.tag, ex) for t in tags if isinstance(ex := load(t.outputs.neurons / layout.EXPERTS), dict)
+             and isinstance(ex.get("share"), dict) and ex["share"]]
+    if not found:
+        return ""
+    text = "\n## Experts per language (mixture-of-experts models)\n"
+    for tag, ex in found:
+        langs, uniform = list(ex["share"]), float(ex["uniform_share"])
+        ratio = {l: np.asarray(ex["share"][l], dtype=float) / uniform for l in langs}
+        top = max(2.0, max(float(r.max()) for r in ratio.values()))
+        fig, axes = plt.subplots(1, len(langs), figsize=(2.2 + 2.4 * len(langs), 0.5 + 0.35 * ex["num_layers"] + 1.5),
+                                 squeeze=False, sharey=True)
+        for ax, l in zip(axes[0], langs):
+            im = ax.imshow(ratio[l], cmap="RdBu_r", vmin=0, vmax=top, aspect="auto", origin="lower")
+            for li, experts in ex["shared"].items():
+                ax.scatter(experts, [int(li)] * len(experts), marker="o", s=12, facecolors="none", edgecolors="k")
+            ax.set_title(lang_name(l), fontsize=9)
+            ax.set_xlabel("expert")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[0][0].set_ylabel("layer")
+        fig.colorbar(im, ax=axes[0].tolist(), label="share / uniform share (circles: shared experts)")
+        fig.suptitle(f"{tag}: tokens routed to each expert (top {ex['top_k']} of {ex['num_experts']})", fontsize=10)
+        rows = [[li, str(len(ex["shared"][li]))] + [str(len(ex["exclusive"][l][li])) for l in langs]
+                for li in sorted(ex["shared"], key=int)]
+        text += (f"\n### {tag}\n\n" + emit(fig, f"experts_{tag}.png") + "\n"
+                 + table(["layer", "shared experts"] + [f"exclusive {lang_name(l)}" for l in langs], rows))
+    return text
+
+
 def report_components(tags: list[TagResults], emit: Emit) -> str:
     text = "\n## QK / VO / FFN split (paper Table 2)\n"
     models = neuron_models(tags)
@@ -1350,6 +1385,7 @@ def main() -> None:
         for section in (report_distribution, report_deactivation, report_layers, report_components, report_ability,
                         report_interventions, plot_stability, report_steering):
             report += section(tags, figs.emit)
+        report += report_experts(tags, figs.emit)
         for paired in (report_comparison, report_training):  # the sections with seeded bootstrap intervals
             report += paired(tags, figs.emit, args.resamples, args.seed)
         if notes:

@@ -18,11 +18,13 @@ removal is a rank-two change of S_h, scored exactly by `qk_row_importance` (qk_s
 The LAPE detector (Tang et al., 2024) only needs the FFN activation sign, read at the FFN's activation module (`act_fn`, `act`, ...)."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 
 import torch
 
+from . import moe
 from .cli import InputError
 from .model import GROUPS, Geometry, decoder_layers, neuron_slots, projections, weight_dim
 
@@ -425,7 +427,11 @@ class ImportanceProbe:
     {group: float32 tensor [batch, num_layers, group_size]} on the CPU. With method="activation",
     returns {"active": [batch, layers, intermediate] counts of tokens with FFN activation > 0,
     "tokens": [batch] token counts} instead. qk_score="row" scores query/key neurons as the q_proj/k_proj
-    rows themselves (`qk_row_importance`) instead of the channels attention sees."""
+    rows themselves (`qk_row_importance`) instead of the channels attention sees.
+
+    In an MoE layer (langneurons/moe.py) the FFN groups are expert channels, scored inside the experts loop
+    (moe.LayerProbe), and the result also holds "experts": [batch, layers, num_experts] real tokens routed to each
+    expert."""
 
     def __init__(self, model, groups: tuple[str, ...] = GROUPS, method: str = "importance",
                  chunk_bytes: int | None = None, qk_score: str = "channel"):
@@ -438,6 +444,10 @@ class ImportanceProbe:
         self.slots = [neuron_slots(layer, self.geom, model.config) for layer in decoder_layers(model)]
         self.layer_of = {id(p["attn"]): i for i, p in enumerate(self.layers)}
         self.wants_qk = bool({"attn_q", "attn_k"} & set(self.groups))
+        wants_ffn = method == "activation" or bool({"fwd_up", "fwd_down"} & set(self.groups))
+        self.moe = {i: moe.LayerProbe(p["moe"], self.geom.moe, method) for i, p in enumerate(self.layers)
+                    if "moe" in p and wants_ffn}
+        self._taps = contextlib.ExitStack()
         # attention computed inline (not through the registry): Q, K, V recomputed from the fused projection
         self.inline = None
         if self.wants_qk and not uses_attention_registry(model):
@@ -550,15 +560,20 @@ class ImportanceProbe:
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> "ImportanceProbe":
+        for i, lp in self.moe.items():
+            self._handles += lp.hooks()
+        self._taps.enter_context(moe.tapped([(lp.block.experts, lp.tap) for lp in self.moe.values()]))
         for i, p in enumerate(self.layers):
             if self.method == "activation":
+                if i in self.moe:  # an MoE layer's experts: moe.LayerProbe
+                    continue
                 if "act" not in p:
                     raise InputError(f"--method activation: {type(p['mlp']).__name__} has no activation module "
                                      "to read the FFN activation sign at")
                 self._handles.append(p["act"].register_forward_hook(
                     lambda m, a, o, i=i: self._act_hook(i, m, a, o)))
                 continue
-            if {"fwd_up", "fwd_down"} & set(self.groups):
+            if {"fwd_up", "fwd_down"} & set(self.groups) and i not in self.moe:
                 self._handles.append(p["down"].register_forward_pre_hook(lambda m, a, i=i: self._down_hook(i, m, a)))
             if {"attn_o", "attn_v"} & set(self.groups):
                 self._handles.append(p["o"].register_forward_pre_hook(lambda m, a, i=i: self._o_hook(i, m, a)))
@@ -589,6 +604,7 @@ class ImportanceProbe:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._taps.close()
         if self.wants_qk and self.inline is None:
             self.model.set_attn_implementation(self._old_impl)
 
@@ -598,6 +614,8 @@ class ImportanceProbe:
         keys = ("active",) if self.method == "activation" else self.groups
         self._scores = {g: [None] * n for g in keys}
         self._valid = attention_mask.bool()
+        for lp in self.moe.values():
+            lp.begin(self._valid)
         try:
             # the decoder alone: detection needs no logits, and the LM head is a large share of a
             # small model's forward (Gemma 3 270M: 262k x 640)
@@ -605,13 +623,24 @@ class ImportanceProbe:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                      position_ids=positions, use_cache=False)
+            routed = []
+            for i, lp in self.moe.items():
+                r = lp.result()
+                routed.append(r["routed"])
+                for g in (("active",) if self.method == "activation" else ("fwd_up", "fwd_down")):
+                    if g in self._scores:
+                        self._scores[g][i] = r["scores"]
         finally:
             self._valid = None
+            for lp in self.moe.values():
+                lp.valid = None
         for g, v in self._scores.items():
             if any(x is None for x in v):  # a hook point the forward never reached: no partial scores
                 raise InputError(f"group {g}: the model's forward did not pass the point where it is measured "
                                  f"({type(self.model).__name__}); use --groups without {g}")
         out = {g: torch.stack([s.cpu() for s in v], 1) for g, v in self._scores.items()}
+        if routed:
+            out["experts"] = torch.stack(routed, 1)
         if self.method == "activation":
             out["tokens"] = attention_mask.sum(1).cpu()
         return out

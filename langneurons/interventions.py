@@ -28,8 +28,9 @@ from .data import (batches_by_length, corpus_file, detection_corpus, external_co
                    tokenize)
 from .files import atomic_dir, safe_name, write_json
 from .layout import META, Outputs, SCHEMA_VERSION
-from .masking import _check_fits, register_rewrite
-from .model import GROUPS, Geometry, decoder_layers, neuron_slots, value_slot
+from . import moe
+from .masking import _check_fits, moe_value_rewrites, register_rewrite
+from .model import GROUPS, Geometry, decoder_layers, neuron_slots, projections, value_slot
 from .neurons import NeuronSet
 
 KINDS = ("zero", "scale", "mean", "shift")
@@ -150,11 +151,14 @@ def add_arguments(parser: argparse.ArgumentParser, default: str | None = "zero")
 def value_points(model) -> Iterator[tuple[int, torch.nn.Module, str, tuple[str, ...], torch.Tensor | None]]:
     """(layer, module, "in" | "out", groups, positions) of every place a neuron value lives (POINTS), from the
     package's module lookup (model.neuron_slots): neuron k of the groups is position positions[k] on the last
-    dimension of the module's input or output, positions None when that is k itself (a separate projection)."""
+    dimension of the module's input or output, positions None when that is k itself (a separate projection).
+    The expert channels of an MoE layer live inside its experts loop: `intervened` rewrites them through a tap."""
     geom = Geometry.from_config(model.config)
     for li, layer in enumerate(decoder_layers(model)):
         slots = neuron_slots(layer, geom, model.config)
         for _, where, groups in POINTS:
+            if groups[0] == "fwd_up" and not slots["fwd_down"]:  # an MoE layer
+                continue
             slot = value_slot(slots, groups[0])
             assert slot.side == where, (slot, where)
             width = slot.module.weight.shape[slot.weight_dim()]
@@ -223,7 +227,7 @@ def intervened(model, nset: NeuronSet, intervention: Intervention, means: Means 
     `means` (stored_means or neuron_means) must hold the languages of intervention.mean_langs(). An empty
     set, scale=1 and shift=L:L install no hook: the model computes exactly what it computes without one."""
     _check_fits(model, nset)
-    handles = []
+    handles, taps = [], []
     try:
         if not intervention.identity:
             for li, mod, where, groups, positions in value_points(model):
@@ -234,7 +238,16 @@ def intervened(model, nset: NeuronSet, intervention: Intervention, means: Means 
                 if positions is not None:  # a fused tensor: the neurons' positions in it
                     rewrite.idx = positions[idx]
                 handles.append(register_rewrite(mod, where, rewrite))
-        yield
+
+            # MoE layers: channels k of one expert (or the shared expert), with the values (means) of their places
+            # span.start + k in the layer's index space
+            def make(k: torch.Tensor, span: slice, li: int) -> _Rewrite:
+                rewrite = _rewrite_for(intervention, span.start + k, "fwd_up", li, means)
+                rewrite.idx = k
+                return rewrite
+            taps = moe_value_rewrites(model, nset, make, handles)
+        with moe.tapped(taps):
+            yield
     finally:
         for h in handles:
             h.remove()
@@ -251,6 +264,17 @@ class _MeanProbe:
         self.sums: dict[tuple[int, str], torch.Tensor] = {}
         self.tokens = 0
         self.handles = []
+        # MoE layers: expert channel values are summed inside the experts loop (moe.MeanTap)
+        sizes = Geometry.from_config(model.config).moe
+        self.moe = {li: moe.MeanTap(p["moe"], sizes) for li, p in
+                    enumerate(projections(layer) for layer in decoder_layers(model)) if "moe" in p}
+        self._taps = contextlib.ExitStack()
+
+    def begin(self, mask: torch.Tensor) -> None:
+        """The next batch's attention mask (its non-padding tokens are the ones summed)."""
+        self.mask = mask
+        for t in self.moe.values():
+            t.begin(mask)
 
     def _add(self, li: int, point: str, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """Adds the batch's values at one point to its sums; returns `x` unchanged (an observing hook)."""
@@ -270,12 +294,17 @@ class _MeanProbe:
         for li, mod, where, groups, positions in value_points(self.model):
             self.handles.append(register_rewrite(
                 mod, where, lambda x, li=li, p=groups[0], pos=positions: self._add(li, p, x, pos)))
+        for t in self.moe.values():
+            if t.block.shared is not None:
+                self.handles.append(register_rewrite(t.block.shared.down_proj, "in", t.shared_value))
+        self._taps.enter_context(moe.tapped([(t.block.experts, t.tap) for t in self.moe.values()]))
         return self
 
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
         self.handles = []
+        self._taps.close()
 
 
 @torch.no_grad()
@@ -292,12 +321,13 @@ def neuron_means_and_tokens(model, tok, texts: list[str], max_length: int, batch
     with _MeanProbe(model) as probe:
         for idx in tqdm(batches_by_length([len(s) for s in seqs], batch_size), desc=desc, leave=False):
             ids, mask = pad_batch([seqs[i] for i in idx], pad_id(tok), device)
-            probe.mask = mask
+            probe.begin(mask)
             model(input_ids=ids, attention_mask=mask, use_cache=False)
             probe.tokens += int(mask.sum())
     out = {}
     for key, where, groups in POINTS:
-        mean = torch.stack([probe.sums[(li, groups[0])].cpu() for li in range(layers)]) / probe.tokens
+        mean = torch.stack([probe.moe[li].means(probe.tokens).double() if groups[0] == "fwd_up" and li in probe.moe
+                            else probe.sums[(li, groups[0])].cpu() / probe.tokens for li in range(layers)])
         for g in groups:
             out[g] = mean.float().contiguous()
     return {g: out[g] for g in GROUPS}, probe.tokens

@@ -39,6 +39,7 @@ PER_TEXT = "per_text.safetensors"          # neurons/: what each detection text 
 STABILITY = "stability.json"              # neurons/: set stability under resampling of the texts
 STABILITY_FREQUENCIES = "stability.safetensors"  # neurons/: each neuron's selection frequency per set
 STATS = "stats.json"
+EXPERTS = "experts.json"  # neurons/ of an MoE model: tokens routed to each expert per language, expert sets
 DEACTIVATION = "deactivation.json"
 REPORT = "report.md"
 

@@ -14,9 +14,10 @@ from typing import Callable, Iterator
 import torch
 
 from .cli import InputError
-from .model import GROUPS, Geometry, bias_entries, decoder_layers, neuron_slots, weight_dim
+from .model import GROUPS, Geometry, bias_entries, decoder_layers, neuron_slots, projections, weight_dim
 from .layout import PROVENANCE_FILE
 from .neurons import NeuronSet
+from . import moe
 
 # which entries a group's neurons are in which tensors: model.neuron_slots (docs/method.md section 1). A slot on
 # a projection's output side (rows of an nn.Linear, columns of a Conv1D) includes the bias entry: zeroing the
@@ -26,7 +27,33 @@ from .neurons import NeuronSet
 # weight files that a streamed variant must not carry over unzeroed from the source directory
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
-Plan = dict[str, tuple[int, torch.Tensor]]  # parameter name -> (dim, sorted unique indices)
+# parameter name -> (dim, sorted unique indices): an int dim with 1-D indices (rows or columns), or, for the fused
+# 3D expert parameters of an MoE layer (langneurons/moe.py), a pair of dims with [n, 2] indices: (0, 1) = (expert,
+# row) of gate_up_proj, (0, 2) = (expert, column) of down_proj
+Plan = dict[str, tuple[int | tuple[int, int], torch.Tensor]]
+
+
+def fill_(p: torch.Tensor, dim, idx: torch.Tensor) -> None:
+    """Zero the entries (dim, idx) of a plan in `p`, in place."""
+    if isinstance(dim, int):
+        p.index_fill_(dim, idx.to(p.device), 0)
+    else:
+        p[moe.index_of(dim, idx.to(p.device), p.dim())] = 0
+
+
+def take(p: torch.Tensor, dim, idx: torch.Tensor) -> torch.Tensor:
+    """A copy of the entries (dim, idx) of `p`."""
+    if isinstance(dim, int):
+        return p.index_select(dim, idx.to(p.device))
+    return p[moe.index_of(dim, idx.to(p.device), p.dim())]
+
+
+def put_(p: torch.Tensor, dim, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """Write `values` (as `take` returned them) back into the entries (dim, idx) of `p`."""
+    if isinstance(dim, int):
+        p.index_copy_(dim, idx.to(p.device), values.to(p.device))
+    else:
+        p[moe.index_of(dim, idx.to(p.device), p.dim())] = values.to(p.device)
 
 
 def _check_fits(model, nset: NeuronSet) -> None:
@@ -41,7 +68,8 @@ def selected_entries(model, nset: NeuronSet) -> Iterator[tuple[torch.nn.Module, 
     """(projection, side, positions) for every projection that `nset` reaches: side 'out' = output channels,
     'in' = input channels, positions on the last dimension of that side (a fused tensor's rows of the selected
     logical neurons, model.neuron_slots). The one place that maps groups to parameters; a projection reached
-    through several groups (a fused q/k/v tensor) comes once per group."""
+    through several groups (a fused q/k/v tensor) comes once per group. The FFN of an MoE layer has no slots:
+    its expert channels are `moe_entries`."""
     _check_fits(model, nset)
     geom = Geometry.from_config(model.config)
     for li, layer in enumerate(decoder_layers(model)):
@@ -56,17 +84,37 @@ def selected_entries(model, nset: NeuronSet) -> Iterator[tuple[torch.nn.Module, 
                 yield slot.module, slot.side, slot.index[idx]
 
 
+def moe_entries(model, nset: NeuronSet) -> Iterator[tuple[torch.nn.Module, str, object, torch.Tensor]]:
+    """(module, parameter leaf, dim, indices) of the fwd_up/fwd_down neurons of `nset` in the MoE layers
+    (moe.expert_entries: fused expert slices, and the shared expert's rows and columns)."""
+    geom = Geometry.from_config(model.config)
+    if geom.moe is None:
+        return
+    _check_fits(model, nset)
+    for li, layer in enumerate(decoder_layers(model)):
+        proj = projections(layer)
+        if "moe" not in proj:
+            continue
+        up, down = (torch.nonzero(nset[g][li]).flatten() if g in nset else None for g in ("fwd_up", "fwd_down"))
+        yield from moe.expert_entries(proj["moe"], geom.moe, up, down)
+
+
 def zero_plan(model, nset: NeuronSet) -> Plan:
     """Which entries of which parameters to zero for `nset`: {param name: (dim, indices)}.
     Works on a model skeleton on the meta device too (only names and shapes are used)."""
     names = {id(m): n for n, m in model.named_modules()}
     plan: Plan = {}
-    for mod, side, idx in selected_entries(model, nset):
-        params = [("weight", weight_dim(mod, side))] + ([("bias", 0)] if bias_entries(mod, side) is not None else [])
+    entries = [(mod, "weight", weight_dim(mod, side), idx, bias_entries(mod, side) is not None)
+               for mod, side, idx in selected_entries(model, nset)]
+    # MoE layers: fused 3D expert slices (a pair of dims) and the shared expert's rows (with bias) and columns
+    entries += [(mod, leaf, dim, idx, leaf == "weight" and dim == 0 and getattr(mod, "bias", None) is not None)
+                for mod, leaf, dim, idx in moe_entries(model, nset)]
+    for mod, leaf, dim, idx, bias in entries:
+        params = [(leaf, dim)] + ([("bias", 0)] if bias else [])
         for pname, d in params:
             full = f"{names[id(mod)]}.{pname}"
             if full in plan:  # the same projection reached through two groups (or a fused tensor): union
-                idx = torch.unique(torch.cat([plan[full][1], idx]))
+                idx = torch.unique(torch.cat([plan[full][1], idx]), dim=0)
             plan[full] = (d, idx)
     return plan
 
@@ -81,8 +129,7 @@ def zero_neurons(model, nset: NeuronSet) -> Plan:
     plan = zero_plan(model, nset)
     params = _params(model)
     for name, (dim, idx) in plan.items():
-        p = params[name]
-        p.index_fill_(dim, idx.to(p.device), 0)
+        fill_(params[name], dim, idx)
     return plan
 
 
@@ -97,18 +144,16 @@ def zeroed(model, nset: NeuronSet) -> Iterator[Plan]:
     saved = {}
     with torch.no_grad():
         for name, (dim, idx) in plan.items():
-            p = params[name]
-            saved[name] = p.index_select(dim, idx.to(p.device)).to("cpu", copy=True)
+            saved[name] = take(params[name], dim, idx).to("cpu", copy=True)
     try:
         with torch.no_grad():
             for name, (dim, idx) in plan.items():
-                params[name].index_fill_(dim, idx.to(params[name].device), 0)
+                fill_(params[name], dim, idx)
         yield plan
     finally:
         with torch.no_grad():
             for name, (dim, idx) in plan.items():
-                p = params[name]
-                p.index_copy_(dim, idx.to(p.device), saved[name].to(p.device))
+                put_(params[name], dim, idx, saved[name])
 
 
 def register_rewrite(module: torch.nn.Module, where: str, rewrite: Callable[[torch.Tensor], torch.Tensor]):
@@ -131,10 +176,45 @@ def ablation_hooks(model, nset: NeuronSet) -> Iterator[None]:
     try:
         for mod, side, idx in selected_entries(model, nset):
             handles.append(register_rewrite(mod, side, lambda x, idx=idx: x.index_fill(-1, idx.to(x.device), 0)))
-        yield
+        # MoE layers: the values of the listed expert channels are zeroed in the experts loop
+        taps = moe_value_rewrites(model, nset, lambda k, span, li: (lambda x, k=k: x.index_fill(-1, k.to(x.device), 0)),
+                                  handles)
+        with moe.tapped(taps):
+            yield
     finally:
         for h in handles:
             h.remove()
+
+
+def moe_value_rewrites(model, nset: NeuronSet, make: Callable, handles: list) -> list:
+    """Rewrites of the values of `nset`'s expert channels: make(k, span, layer) gives the rewrite of channels k of
+    one expert (span: where that expert's channels are in the layer's fwd_up/fwd_down index space). Returns the
+    (experts module, tap) pairs for moe.tapped; the shared expert's rewrites are hooked at its down_proj input
+    and their handles appended to `handles`."""
+    taps = []
+    for li, block, idx in moe_layer_indices(model, nset):
+        tap, shared = moe.value_rewrites(block, Geometry.from_config(model.config).moe, idx,
+                                         lambda k, span, li=li: make(k, span, li))
+        if tap is not None:
+            taps.append((block.experts, tap))
+        if shared is not None:
+            handles.append(register_rewrite(block.shared.down_proj, "in", shared))
+    return taps
+
+
+def moe_layer_indices(model, nset: NeuronSet) -> Iterator[tuple[int, "moe.MoeBlock", torch.Tensor]]:
+    """(layer, MoE block, the union of the fwd_up and fwd_down indices of `nset` there) of every MoE layer the set
+    reaches: both groups switch off the same channel, whose value is what hooks and interventions rewrite."""
+    if Geometry.from_config(model.config).moe is None:
+        return
+    for li, layer in enumerate(decoder_layers(model)):
+        proj = projections(layer)
+        if "moe" not in proj:
+            continue
+        parts = [torch.nonzero(nset[g][li]).flatten() for g in ("fwd_up", "fwd_down") if g in nset]
+        idx = torch.unique(torch.cat(parts)) if parts else torch.empty(0, dtype=torch.long)
+        if idx.numel():
+            yield li, proj["moe"], idx
 
 
 def meta_skeleton(config):
@@ -196,6 +276,13 @@ def zero_neurons_streaming(src_dir: str | Path, dst_dir: str | Path, nset: Neuro
     key_plan = {}
     for name, entry in plan.items():
         hits = [name] if name in keys else [k for k in keys if k.endswith("." + name) or name.endswith("." + k)]
+        if not hits and not isinstance(entry[0], int):
+            # fused expert slices of a checkpoint that stores one 2D tensor per expert (moe.checkpoint_entries)
+            for k, e in moe.checkpoint_entries(name, *entry, set(keys), geom.expert_size).items():
+                if k in key_plan:
+                    e = (e[0], torch.unique(torch.cat([key_plan[k][1], e[1]])))
+                key_plan[k] = e
+            continue
         if len(hits) != 1:
             raise InputError(f"--streaming: parameter {name} not found (or ambiguous) in the shards of {src}")
         key_plan[hits[0]] = entry
@@ -216,7 +303,7 @@ def zero_neurons_streaming(src_dir: str | Path, dst_dir: str | Path, nset: Neuro
                 buf = bytearray(out.read(hi - lo))
                 t = torch.frombuffer(buf, dtype=_ST_DTYPES[info["dtype"]]).view(info["shape"])  # shares buf
                 dim, idx = key_plan[k]
-                t.index_fill_(dim, idx, 0)
+                fill_(t, dim, idx)
                 out.seek(start + lo)
                 out.write(buf)
     # config, tokenizer, index, generation config, licence files: copied unchanged; other weight

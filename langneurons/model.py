@@ -34,14 +34,36 @@ class Geometry:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    # mixture-of-experts FFNs (langneurons/moe.py): intermediate_size = num_experts * expert_size + shared_size
+    num_experts: int = 0
+    expert_size: int = 0
+    top_k: int = 0
+    shared_size: int = 0
 
     @classmethod
     def from_config(cls, config) -> "Geometry":
+        from .moe import moe_sizes
         c = text_config(config)
-        inter = ffn_width(c)
         heads = c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        if (moe := moe_sizes(c)) is not None:
+            return cls(c.num_hidden_layers, moe.intermediate_size, heads, kv_heads(c), int(head_dim), moe.num_experts,
+                       moe.expert_size, moe.top_k, moe.shared_size)
+        inter = ffn_width(c)
         return cls(c.num_hidden_layers, int(inter), heads, kv_heads(c), int(head_dim))
+
+    @property
+    def moe(self):
+        """The MoE sizes (moe.MoeSizes), None for a dense FFN."""
+        from .moe import MoeSizes
+        return MoeSizes(self.num_experts, self.expert_size, self.top_k, self.shared_size) if self.num_experts else None
+
+    def record(self) -> dict:
+        """The geometry as a record: the MoE fields only for an MoE model (a dense model's record has the five
+        sizes alone)."""
+        d = dataclasses.asdict(self)
+        return d if self.num_experts else {k: v for k, v in d.items()
+                                           if k not in ("num_experts", "expert_size", "top_k", "shared_size")}
 
     @property
     def n_rep(self) -> int:
@@ -129,7 +151,7 @@ def model_record(model: str, config) -> dict:
     transformers version that read the config (its spelling of a config can change between versions)."""
     import transformers
     return {"name": model, "tag": model_tag(model), "config_sha256": config_digest(config),
-            "geometry": dataclasses.asdict(Geometry.from_config(config)), "transformers": transformers.__version__}
+            "geometry": Geometry.from_config(config).record(), "transformers": transformers.__version__}
 
 
 # ---------------------------------------------------------------- the embedded default model
@@ -537,7 +559,9 @@ def _find(parent, names: tuple[str, ...]):
 def projections(layer) -> dict[str, torch.nn.Module]:
     """The projections of one decoder block: q, k, v (or a fused qkv) and o of the attention, up (or a fused
     gate_up), gate (when gated and separate) and down of the FFN, plus 'attn', 'mlp' and 'act' (the FFN
-    activation module, when it is one). Which entries of which tensor a neuron is: `neuron_slots`."""
+    activation module, when it is one). Which entries of which tensor a neuron is: `neuron_slots`. A
+    mixture-of-experts FFN gives 'moe' (moe.MoeBlock) instead of up/gate/down: its neurons are expert channels."""
+    from .moe import moe_block
     attn = next((getattr(layer, n) for n in _ATTN if isinstance(getattr(layer, n, None), torch.nn.Module)), None)
     mlp = next((getattr(layer, n) for n in _MLP if isinstance(getattr(layer, n, None), torch.nn.Module)), None)
     if attn is None or mlp is None:
@@ -554,6 +578,9 @@ def projections(layer) -> dict[str, torch.nn.Module]:
     if (o := _find(attn, _NAMES["o"])) is None:
         raise InputError(f"{type(attn).__name__}: no output projection (o_proj/dense/c_proj)")
     out["o"] = o
+    if (block := moe_block(mlp)) is not None:
+        out["moe"] = block
+        return out
     if (gate_up := _find(mlp, _NAMES["gate_up"])) is not None:
         out["gate_up"] = gate_up
     else:
@@ -623,13 +650,16 @@ def neuron_slots(layer, geom: Geometry, config=None) -> dict[str, list[Slot]]:
         for role, idx in _qkv_positions(layout, geom).items():
             where[role] = (p["qkv"], idx)
     where["o"] = (p["o"], torch.arange(geom.group_size("attn_o")))
-    if "gate_up" in p:  # Phi-3: gate_up_proj output is [gate | up] (Phi3MLP: chunk(2))
+    if "moe" in p:  # expert channels are no slot of a 2D projection: langneurons/moe.py maps them
+        pass
+    elif "gate_up" in p:  # Phi-3: gate_up_proj output is [gate | up] (Phi3MLP: chunk(2))
         where["gate"], where["up"] = (p["gate_up"], torch.arange(I)), (p["gate_up"], I + torch.arange(I))
     else:
         where["up"] = (p["up"], torch.arange(I))
         if "gate" in p:
             where["gate"] = (p["gate"], torch.arange(I))
-    where["down"] = (p["down"], torch.arange(I))
+    if "down" in p:
+        where["down"] = (p["down"], torch.arange(I))
     return {group: [Slot(where[role][0], side, where[role][1], role) for role, side in roles if role in where]
             for group, roles in _GROUP_ROLES.items()}
 
@@ -675,8 +705,9 @@ def check_architecture(config, model: str) -> None:
             if getattr(attn, "is_causal", True) is False:
                 raise InputError(f"its attention ({type(attn).__name__}) is not causal")
             covered: dict[int, tuple[torch.nn.Module, list[torch.Tensor]]] = {}
+            moe_layer = "moe" in projections(layer)
             for group, slots in neuron_slots(layer, geom, config).items():
-                if not slots:
+                if not slots and not (moe_layer and group in ("fwd_up", "fwd_down")):  # experts: moe.py
                     raise InputError(f"no projection holds group {group}")
                 for s in slots:
                     size = in_features(s.module) if s.side == "in" else out_features(s.module)

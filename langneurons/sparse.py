@@ -11,7 +11,9 @@ which is exactly `x @ (W + scatter(delta)).T` (k are positions in a fused tensor
 fused, model.neuron_slots; a Conv1D's transposed weight gets the delta transposed at merge). The original weights never receive a gradient, never
 reach the optimizer, and are never written, so entries outside the selection cannot change under any
 optimizer, weight decay, mixed precision or number of processes. `merge_deltas` folds the deltas into
-the weights at the end (selected rows/columns only) and leaves an ordinary model.
+the weights at the end (selected rows/columns only) and leaves an ordinary model. The fused experts of a
+mixture-of-experts layer get one `moe.ExpertDelta` each (the same additive form per expert, applied inside the
+experts loop); the router is never touched.
 
 Why hooks rather than a `torch.nn.utils.parametrize` reparametrisation W' = W.index_add(delta): with a
 parametrisation autograd builds the full (out x in) weight gradient of every touched projection and then
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import moe
 from .masking import zero_plan
 from .model import in_features, is_conv1d, out_features, weight_dim
 from .neurons import NeuronSet
@@ -91,8 +94,12 @@ def attach_deltas(model: nn.Module, nset: NeuronSet) -> dict[str, tuple[int, int
         p.requires_grad_(False)
     modules = dict(model.named_modules())
     touched = {}
+    experts: dict[str, dict[str, torch.Tensor]] = {}  # fused expert slices, one moe.ExpertDelta per module
     for pname, (dim, idx) in plan.items():
         mod_name, _, leaf = pname.rpartition(".")
+        if not isinstance(dim, int):
+            experts.setdefault(mod_name, {})[leaf] = idx
+            continue
         if leaf != "weight":
             continue
         linear = modules[mod_name]
@@ -101,6 +108,10 @@ def attach_deltas(model: nn.Module, nset: NeuronSet) -> dict[str, tuple[int, int
         setattr(linear, DELTA_ATTR, NeuronDelta(linear, dim, idx, bias=f"{mod_name}.bias" in plan))
         linear._neuron_delta_hook = linear.register_forward_hook(_hook)
         touched[mod_name] = (dim, int(idx.numel()))
+    for mod_name, parts in experts.items():
+        rows, cols = parts.get("gate_up_proj"), parts.get("down_proj")
+        moe.attach_delta(modules[mod_name], rows, cols)
+        touched[mod_name] = ("experts", sum(len(x) for x in (rows, cols) if x is not None))
     return touched
 
 
@@ -120,7 +131,10 @@ def merge_deltas(model: nn.Module) -> int:
         linear._neuron_delta_hook.remove()
         del linear._neuron_delta_hook
         delattr(linear, DELTA_ATTR)
-    return len(found)
+    fused = [m for m in model.modules() if isinstance(getattr(m, moe.DELTA_ATTR, None), moe.ExpertDelta)]
+    for experts in fused:
+        moe.merge_delta(experts)
+    return len(found) + len(fused)
 
 
 def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

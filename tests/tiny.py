@@ -10,6 +10,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma2", "gemma3"]
+# mixture-of-experts decoders (tests/test_moe.py): 4 routed experts of 24 channels, 2 per token
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 # fused and Conv1D projections (tests/test_architectures.py): GPT-NeoX interleaves q/k/v per head, Phi-3
 # concatenates q/k/v and gate/up, GPT-2's Conv1D stores weights [in, out], Falcon in its multi-query and grouped
 # (new_decoder_architecture) layouts, BLOOM (alibi, q/k/v per head)
@@ -34,6 +36,12 @@ _EXTRA = {
     # StableLM (not in ARCHS, for the tests of partial rotary): rotary on the first quarter of each head's
     # channels only, LayerNorm, q/k/v biases
     "stablelm": dict(model_type="stablelm", partial_rotary_factor=0.25, use_qkv_bias=True),
+    "mixtral": dict(model_type="mixtral", intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
+    # routed experts plus one shared expert weighted by sigmoid(shared_expert_gate(x))
+    "qwen2_moe": dict(model_type="qwen2_moe", moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                      shared_expert_intermediate_size=32, norm_topk_prob=True),
+    "qwen3_moe": dict(model_type="qwen3_moe", moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2),
+    "olmoe": dict(model_type="olmoe", intermediate_size=24, num_experts=4, num_experts_per_tok=2),
 }
 # the fused families spell their sizes in their own configs' names; hidden 64, 4 heads of 16 as above
 _FUSED = {
@@ -72,7 +80,7 @@ def tiny_model(arch: str, seed: int = 0, **overrides):
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # larger weights than the default init, and non-zero biases
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() in (2, 3):  # 3D: the fused experts of an MoE layer
                 p.normal_(0, 0.2)
             elif name.endswith("bias"):
                 p.normal_(0, 0.1)
