@@ -58,13 +58,15 @@ class NeuronDelta(nn.Module):
         return y + (x.index_select(-1, self.idx) @ w.T).to(y.dtype)
 
     @torch.no_grad()
-    def merge_into(self, linear: nn.Linear) -> None:
-        """Write W[sel] + delta into the selected entries of `linear` (one rounding), nothing else."""
-        w = linear.weight
+    def merge_into(self, linear: nn.Linear, out: dict[str, torch.Tensor] | None = None) -> None:
+        """Write W[sel] + delta into the selected entries of `linear` (one rounding), nothing else; with `out`,
+        into copies stored there as out["weight"] / out["bias"] instead, leaving `linear` as it is (a
+        checkpoint saved while training goes on)."""
+        w = linear.weight if out is None else out.setdefault("weight", linear.weight.detach().clone())
         rows = w.index_select(self.dim, self.idx).float() + self.weight.to(w.device)
         w.index_copy_(self.dim, self.idx.to(w.device), rows.to(w.dtype))
         if self.bias is not None:
-            b = linear.bias
+            b = linear.bias if out is None else out.setdefault("bias", linear.bias.detach().clone())
             b.index_copy_(0, self.idx.to(b.device), (b.index_select(0, self.idx.to(b.device)).float()
                                                      + self.bias.to(b.device)).to(b.dtype))
 
@@ -112,6 +114,18 @@ def merge_deltas(model: nn.Module) -> int:
         del linear._neuron_delta_hook
         delattr(linear, DELTA_ATTR)
     return len(found)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict `merge_deltas` would leave, without touching `model`: the deltas' projections get merged
+    copies, every other tensor is the model's own (not copied), the deltas themselves are left out."""
+    state = {k: v for k, v in model.state_dict().items() if f".{DELTA_ATTR}." not in f".{k}"}
+    for name, (linear, delta) in delta_modules(model).items():
+        merged: dict[str, torch.Tensor] = {}
+        delta.merge_into(linear, merged)
+        for leaf, tensor in merged.items():
+            state[f"{name}.{leaf}" if name else leaf] = tensor
+    return state
 
 
 def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
