@@ -106,6 +106,10 @@ def model_record(model: str, config) -> dict:
               "geometry": dataclasses.asdict(Geometry.from_config(config)), "transformers": transformers.__version__}
     if (rev := model_revision(model)) is not None:  # the revisions of one model share their config
         record["revision"] = rev
+    prov = provenance(model)
+    if isinstance(prov.get("step"), int) and "checkpoint_of" in prov:  # a step model of train.py --save-every
+        record["checkpoint"] = {"run": prov["checkpoint_of"], "base_tag": prov.get("base_tag"), "step": prov["step"],
+                                "tokens_seen": prov.get("tokens_seen")}
     return record
 
 
