@@ -974,11 +974,12 @@ def report_ability(tags: list[TagResults], emit: Emit, resamples: int = uncertai
             cor = {c: uncertainty.correlation(*zip(*pts), c, resamples, seed) if len(pts) >= 3 else {"r": None}
                    for c in uncertainty.CORRELATIONS}
             if any(c["r"] is not None for c in cor.values()):
-                text += (f"\n{label} vs mean {TASKS[m].label}: "
-                         + ", ".join(f"{c.capitalize()} {fmt(v['r'], '.2f')}{interval(v.get('ci'), spec='.2f')}"
-                                     f" (p {fmt(v.get('p'), '.2g')})" for c, v in cor.items())
-                         + f" ({len(pts)} models; in brackets the 95% bootstrap interval over the models, {resamples} "
-                           f"resamples, seed {seed}; the paper: 0.92 / 0.88 within a family)\n")
+                p_, s_ = cor["pearson"], cor["spearman"]
+                text += (f"\n{label} vs mean {TASKS[m].label}: Pearson {fmt(p_['r'], '.2f')}, Spearman "
+                         f"{fmt(s_['r'], '.2f')} ({len(pts)} models; 95% bootstrap intervals over the models "
+                         f"({resamples} resamples, seed {seed}): Pearson{interval(p_.get('ci'), spec='.2f') or ' –'}, "
+                         f"Spearman{interval(s_.get('ci'), spec='.2f') or ' –'}; p {fmt(p_.get('p'), '.2g')} / "
+                         f"{fmt(s_.get('p'), '.2g')}; the paper: 0.92 / 0.88 within a family)\n")
     return text
 
 
