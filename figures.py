@@ -991,7 +991,8 @@ DEVELOPMENT_PANELS = (("shared_ratio", "shared ratio |shared| / mean |exclusive|
 def fig_development(found: dict[str, dict]) -> Figure:
     """The neuron statistics of each series against development (development.series): one line per series in
     each panel, with each point's 95% interval as an error bar where it has one."""
-    fig, axes = plt.subplots(1, len(DEVELOPMENT_PANELS), figsize=(5 * len(DEVELOPMENT_PANELS), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(DEVELOPMENT_PANELS), figsize=(5 * len(DEVELOPMENT_PANELS), 4), squeeze=False,
+                             sharex=True)
     for ax, (key, label, scale) in zip(axes[0], DEVELOPMENT_PANELS):
         for name, entry in found.items():
             pts = [p for p in entry["points"] if p[key] is not None]
@@ -1023,7 +1024,8 @@ def report_development(tags: list[TagResults], emit: Emit, order: list[str] | No
              "fractions, the 95% bootstrap interval of each set's size over resampled detection texts "
              "(neurons/stability.json), for the mean exclusive fraction the mean of the languages' bounds and for "
              "the shared ratio the envelope shared low / exclusive high to shared high / exclusive low: "
-             "conservative bounds, since stability.json holds each set's interval on its own.\n")
+             "conservative bounds, since stability.json holds each set's interval on its own. A size interval need "
+             "not contain the full-data value (at --threshold 1.0 a resample's shared set only grows).\n")
     for name, entry in found.items():
         rows = [[str(p["x"]), p["tag"], fmt(p["shared"], ".0f"), fmt(p["shared_ratio"]) + interval(p["shared_ratio_ci"]),
                  pct(p["shared_fraction"]) + interval(p["shared_fraction_ci"], 100, ".3f"),

@@ -21,7 +21,7 @@ LR=2e-4
 CUTOFF=64                   # tokens per training document
 LEN=48                      # tokens per detection sentence and per validation line
 DETECT_TEXTS=16             # detection sentences per language (of 160)
-PPL_LINES=6                 # validation lines per language for deactivation's perplexity (of 64)
+PPL_LINES=4                 # validation lines per language for deactivation's perplexity (of 64)
 
 echo "== 1/4 continued pretraining ($STEPS steps of $BATCH documents, every parameter), a step model every $STEP_EVERY"
 "$PYTHON" train.py --model "$MODEL" --out "$OUT" --lang en --neurons full --train-data dataset/train \
