@@ -17,7 +17,11 @@ questions (exact McNemar test, significant at p < 0.05; paired bootstrap interva
                             per layer, against the uniform share; shared experts marked (neurons/experts.json)
   components.png            QK / VO / FFN split of shared and exclusive neurons (Table 2), with the 95% bootstrap
                             interval of each share where neurons/stability.json exists
-  ability.png               shared ratio and LAS against multilingual ability across models (Fig. 3/5)
+  ability.png               shared ratio and LAS against multilingual ability across models (Fig. 3/5), with
+                            Pearson and Spearman correlations and their bootstrap intervals over the models
+  development.png           shared ratio, exclusive fraction and LAS against development: the training step of
+                            step models (train.py --save-every) and hub revisions (--revision stepN), or the
+                            release order of --order FILE, with 95% intervals (docs/development.md)
   comparison_<tag>.png      MGSM / MMMLU accuracy of the base and of each deactivated or intervened model, 95%
                             Wilson intervals, significant paired differences marked
   training_<tag>.png        validation perplexity of every language before/after targeted training, and the
@@ -51,9 +55,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from langneurons import layout  # noqa: E402
 from langneurons.cli import ArgumentParser, InputError, int_at_least, run, split_list  # noqa: E402
 from langneurons.files import write_bytes  # noqa: E402
-from langneurons.metrics import pearson, spearman  # noqa: E402
 from langneurons.data import LANGUAGE_NAMES  # noqa: E402
-from langneurons import uncertainty  # noqa: E402
+from langneurons import development, uncertainty  # noqa: E402
 from langneurons.reuse import unit  # noqa: E402
 from langneurons.tasks import ACCURACY_TASKS, TASKS  # noqa: E402
 
@@ -70,7 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=0,
                    help="seed of the paired bootstrap intervals (the same seed, the same report)")
     p.add_argument("--resamples", type=int_at_least(100), default=uncertainty.RESAMPLES,
-                   help="bootstrap resamples of each paired difference")
+                   help="bootstrap resamples of each paired difference (and of each correlation across models)")
+    p.add_argument("--order", default=None, metavar="FILE",
+                   help="a release order for the development figure: one model tag per line (x = 1, 2, ...) "
+                        "instead of the training steps of step models and revisions")
     return p.parse_args(argv)
 
 
@@ -355,8 +361,9 @@ def fig_components(models: dict[str, tuple[dict, list[str]]], stability: dict[st
     return fig
 
 
-def fig_ability(points: list[dict]) -> Figure:
-    """Paper Fig. 3/5: shared ratio and LAS of each model against its multilingual ability (mean accuracy)."""
+def fig_ability(points: list[dict], resamples: int = uncertainty.RESAMPLES, seed: int = 0) -> Figure:
+    """Paper Fig. 3/5: shared ratio and LAS of each model against its multilingual ability (mean accuracy), with
+    Pearson and Spearman and their bootstrap intervals over the models (uncertainty.correlation)."""
     metrics = [m for m in ACCURACY_TASKS if sum(p.get(m) is not None for p in points) >= 2]
     fig, axes = plt.subplots(2, len(metrics), figsize=(5 * len(metrics), 8), squeeze=False)
     for j, metric in enumerate(metrics):
@@ -374,9 +381,9 @@ def fig_ability(points: list[dict]) -> Figure:
                                 elinewidth=0.8, capsize=3)
             for a, b, t, _ in pts:
                 ax.annotate(t, (a, b), fontsize=8, xytext=(3, 3), textcoords="offset points")
-            r, rho = pearson(xs, ys), spearman(xs, ys)
-            stats = ", ".join(s for s in (f"Pearson {r:.2f}" if r is not None else "",
-                                          f"Spearman {rho:.2f}" if rho is not None else "") if s)
+            cor = [(c, uncertainty.correlation(xs, ys, c, resamples, seed)) for c in uncertainty.CORRELATIONS]
+            stats = ", ".join(f"{c.capitalize()} {v['r']:.2f}{interval(v['ci'], spec='.2f')}"
+                              for c, v in cor if v["r"] is not None)
             ax.set_title(f"{label} vs {TASKS[metric].label}" + (f"\n{stats}" if stats else ""), fontsize=10)
             ax.set_xlabel(f"mean {TASKS[metric].label} accuracy over languages")
             ax.set_ylabel(label.split(" |")[0])
@@ -973,7 +980,7 @@ def report_components(tags: list[TagResults], emit: Emit) -> str:
             + table(["model", "set", "QK", "VO", "FFN", "size"], rows))
 
 
-def report_ability(tags: list[TagResults], emit: Emit) -> str:
+def report_ability(tags: list[TagResults], emit: Emit, resamples: int = uncertainty.RESAMPLES, seed: int = 0) -> str:
     text = "\n## Shared ratio and LAS against multilingual ability (paper Fig. 3 and 5)\n"
     points = [{"tag": t.tag, **{m: mean_acc(t.base_eval, m) for m in ACCURACY_TASKS},
                **{f"{m}_ci": mean_acc_ci(t.base_eval, m) for m in ACCURACY_TASKS},
@@ -983,7 +990,7 @@ def report_ability(tags: list[TagResults], emit: Emit) -> str:
     usable = [p for p in points if any(p[m] is not None for m in ACCURACY_TASKS)
               and (p["shared_ratio"] is not None or p["las"] is not None)]
     if len(usable) >= 2:
-        text += emit(fig_ability(usable), "ability.png")
+        text += emit(fig_ability(usable, resamples, seed), "ability.png")
     else:
         text += (f"_Figure skipped: needs at least two models with an evaluation of the base model "
                  f"({' or '.join(TASKS[m].label for m in ACCURACY_TASKS)}) "
@@ -999,10 +1006,68 @@ def report_ability(tags: list[TagResults], emit: Emit) -> str:
     for key, label in (("shared_ratio", "shared ratio"), ("las", "LAS")):
         for m in ACCURACY_TASKS:
             pts = [(p[m], p[key]) for p in points if p[m] is not None and p[key] is not None]
-            r, rho = (pearson(*zip(*pts)), spearman(*zip(*pts))) if len(pts) >= 3 else (None, None)
-            if r is not None or rho is not None:
-                text += (f"\n{label} vs mean {TASKS[m].label}: Pearson {fmt(r, '.2f')}, Spearman {fmt(rho, '.2f')} "
-                         f"({len(pts)} models; the paper: 0.92 / 0.88 within a family)\n")
+            cor = {c: uncertainty.correlation(*zip(*pts), c, resamples, seed) if len(pts) >= 3 else {"r": None}
+                   for c in uncertainty.CORRELATIONS}
+            if any(c["r"] is not None for c in cor.values()):
+                p_, s_ = cor["pearson"], cor["spearman"]
+                text += (f"\n{label} vs mean {TASKS[m].label}: Pearson {fmt(p_['r'], '.2f')}, Spearman "
+                         f"{fmt(s_['r'], '.2f')} ({len(pts)} models; 95% bootstrap intervals over the models "
+                         f"({resamples} resamples, seed {seed}): Pearson{interval(p_.get('ci'), spec='.2f') or ' –'}, "
+                         f"Spearman{interval(s_.get('ci'), spec='.2f') or ' –'}; p {fmt(p_.get('p'), '.2g')} / "
+                         f"{fmt(s_.get('p'), '.2g')}; the paper: 0.92 / 0.88 within a family)\n")
+    return text
+
+
+DEVELOPMENT_PANELS = (("shared_ratio", "shared ratio |shared| / mean |exclusive|", 1.0),
+                      ("exclusive_fraction", "mean exclusive neurons, % of all", 100.0),
+                      ("las", "language-agnostic score (LAS)", 1.0))
+
+
+def fig_development(found: dict[str, dict]) -> Figure:
+    """The neuron statistics of each series against development (development.series): one line per series in
+    each panel, with each point's 95% interval as an error bar where it has one."""
+    fig, axes = plt.subplots(1, len(DEVELOPMENT_PANELS), figsize=(5 * len(DEVELOPMENT_PANELS), 4), squeeze=False,
+                             sharex=True)
+    for ax, (key, label, scale) in zip(axes[0], DEVELOPMENT_PANELS):
+        for name, entry in found.items():
+            pts = [p for p in entry["points"] if p[key] is not None]
+            line = ax.plot([p["x"] for p in pts], [scale * p[key] for p in pts], marker="o", label=name)[0]
+            bars = [(p["x"], *span_err(p[f"{key}_ci"], scale)) for p in pts if p.get(f"{key}_ci")]
+            if bars:
+                ax.errorbar([b[0] for b in bars], [b[1] for b in bars], yerr=np.array([b[2] for b in bars]).T,
+                            fmt="none", ecolor=line.get_color(), capsize=3, lw=0.8)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel(" / ".join(sorted({e["x_label"] for e in found.values()})))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def report_development(tags: list[TagResults], emit: Emit, order: list[str] | None = None) -> str:
+    """The development section: the figure and, per series, a table of every point with its intervals."""
+    text = "\n## Language neurons across development\n"
+    models = {t.tag: {"record": development.neuron_record(t.outputs), "stats": t.stats, "stability": t.stability,
+                      "deactivation": t.deact} for t in tags}
+    found = development.series(models, order)
+    if not found:
+        return text + ("_Skipped: no series of two or more models with neuron statistics (step models of "
+                       "train.py --save-every, hub revisions named step<N>, or figures.py --order FILE)._\n")
+    text += emit(fig_development(found), "development.png")
+    text += ("\nIn brackets and as error bars: LAS, the paired-bootstrap 95% interval of deactivation.json; the "
+             "fractions, the 95% bootstrap interval of each set's size over resampled detection texts "
+             "(neurons/stability.json), for the mean exclusive fraction the mean of the languages' bounds and for "
+             "the shared ratio the envelope shared low / exclusive high to shared high / exclusive low: "
+             "conservative bounds, since stability.json holds each set's interval on its own. A size interval need "
+             "not contain the full-data value (at --threshold 1.0 a resample's shared set only grows).\n")
+    for name, entry in found.items():
+        rows = [[str(p["x"]), p["tag"], fmt(p["shared"], ".0f"), fmt(p["shared_ratio"]) + interval(p["shared_ratio_ci"]),
+                 pct(p["shared_fraction"]) + interval(p["shared_fraction_ci"], 100, ".3f"),
+                 pct(p["exclusive_fraction"]) + interval(p["exclusive_fraction_ci"], 100, ".3f"),
+                 fmt(p["las"]) + interval(p["las_ci"])] for p in entry["points"]]
+        text += (f"\n### {name}\n\n" + table([entry["x_label"], "model", "shared", "shared ratio", "shared %",
+                                               "mean exclusive %", "LAS"], rows))
     return text
 
 
@@ -1376,14 +1441,18 @@ def main() -> None:
     out = Path(args.out)
     selected = select(out, args.models)
     figs = FigureFolder(layout.figures_dir(out))
+    order = development.read_order(args.order) if args.order else None  # a bad file: one line, before any output
     # a second run waits for this one; figures are always redrawn
     with unit(figs.folder, f"--out {args.out}", force=True):
         notes: list[str] = []
         tags = [load_tag(o, notes, args.resamples, args.seed) for o in selected]
         report = (f"# Language neurons: figures and tables\n\nGenerated by `figures.py` from the files under "
                   f"`{out}` (models: {', '.join(t.tag for t in tags) or 'none'}).\n")
-        for section in (report_distribution, report_deactivation, report_layers, report_components, report_ability,
-                        report_interventions, plot_stability, report_steering):
+        for section in (report_distribution, report_deactivation, report_layers, report_components):
+            report += section(tags, figs.emit)
+        report += report_ability(tags, figs.emit, args.resamples, args.seed)
+        report += report_development(tags, figs.emit, order)
+        for section in (report_interventions, plot_stability, report_steering):
             report += section(tags, figs.emit)
         report += report_experts(tags, figs.emit)
         for paired in (report_comparison, report_training):  # the sections with seeded bootstrap intervals

@@ -44,6 +44,7 @@ from langneurons.model import (Geometry, check_model, load_model, load_tokenizer
 from langneurons.neurons import NeuronSet, load_neuron_set
 from langneurons.runinfo import run_meta, seed_everything
 
+STEP_PREFIX = "step-"            # <run>/step-<N>/: the model after N steps (--save-every)
 CKPT_ARGS_FILE = "run_args.json"  # in the checkpoint folder: what the checkpoints were trained with
 # arguments that cannot change the trained model: where it goes, how checkpoints are kept and resumed
 NOT_RESULT_ARGS = ("run_name", "resume", "keep_checkpoints", "save_steps", "num_proc", "report_to")
@@ -112,6 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="first N lines of each language's validation text (0 = all)")
     p.add_argument("--save-steps", type=save_steps, default=0.1, help="checkpoint every N steps (a value below 1 "
                    "is a fraction of the run)")
+    # SUPPRESS: unset, the flag is absent from the records, so runs without it keep their fingerprints
+    p.add_argument("--save-every", type=int_at_least(1), default=argparse.SUPPRESS, metavar="N",
+                   help="also keep the model every N optimizer steps (and at the last step) as an ordinary model "
+                        "folder <run>/step-<N>/ with its own tag <tag>@<run>-step<N> and its step in langneurons.json: "
+                        "a series of checkpoints for detection.sh/deactivation.sh and figures.py's development "
+                        "figure (--neurons FILE or full; not with --lora-rank)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward "
                    "pass (less memory, ~30%% slower)")
     p.add_argument("--run-name", default=None, help="output folder name (unset: <lang>-<neuron file stem>, "
@@ -202,7 +209,11 @@ def check_args(args: argparse.Namespace, world: int) -> str:
     if mode == "full" and args.dtype == "float16":
         raise InputError("--dtype float16 with --neurons full: float16 weights cannot be trained with loss "
                          "scaling; use bfloat16 or float32")
+    if getattr(args, "save_every", None) and mode == "lora":
+        raise InputError("--save-every with --lora-rank: step models are written for --neurons FILE and --neurons full")
     sharded = any(os.environ.get(v, "").lower() in ("1", "true") for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    if sharded and getattr(args, "save_every", None):
+        raise InputError("--save-every under FSDP/DeepSpeed: the step models need the whole model on one process")
     if sharded and mode != "full":
         raise InputError(f"FSDP/DeepSpeed launch with --{'lora-rank' if mode == 'lora' else 'neurons FILE'}: "
                          "not supported; its trainable state is tiny, plain data parallelism (torchrun/accelerate "
@@ -436,17 +447,65 @@ def prepare_checkpoints(args: argparse.Namespace, ckpt_dir: Path, fingerprint: d
     """The checkpoint folder records what its checkpoints are trained with; --force drops older ones."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if args.force and resume_from is None:
-        for old in ckpt_dir.glob("checkpoint-*"):
+        for old in [*ckpt_dir.glob("checkpoint-*"), *ckpt_dir.glob(f"{STEP_PREFIX}*")]:
             shutil.rmtree(old)
     write_json(ckpt_dir / CKPT_ARGS_FILE, fingerprint)
 
 
 def make_trainer(model, run: Run, train_set, tok):
-    """transformers' Trainer; for a neuron set, one whose checkpoints hold the deltas only."""
+    """transformers' Trainer; for a neuron set, one whose checkpoints hold the deltas only; with --save-every,
+    one that also writes the step models."""
     from transformers import Trainer
     from langneurons.sparse import sparse_trainer_class
     cls = sparse_trainer_class() if run.mode == "neurons" else Trainer
-    return cls(model=model, args=run.targs, train_dataset=train_set, data_collator=PadCollator(pad_id(tok)))
+    trainer = cls(model=model, args=run.targs, train_dataset=train_set, data_collator=PadCollator(pad_id(tok)))
+    if getattr(run.args, "save_every", None) and run.rank0:
+        trainer.add_callback(step_saver(run, tok))
+    return trainer
+
+
+def step_tag(run: Run, step: int) -> str:
+    """The tag of a step model: its own, so that its neurons and deactivation do not land on the base model's."""
+    return f"{run.tag}@{run.name}-step{step}"
+
+
+def step_saver(run: Run, tok):
+    """A Trainer callback that writes the model after every --save-every-th optimizer step and after the last one,
+    as an ordinary model folder staged in the checkpoint folder (so a stopped run keeps them and resumes past
+    them); write_run moves them into the run folder. The model it saves is what the run folder would hold had
+    training stopped there: deltas merged (sparse.merged_state_dict, the training model untouched), float32
+    masters rounded once to the requested dtype."""
+    from transformers import TrainerCallback
+    from langneurons.sparse import merged_state_dict
+
+    class StepSaver(TrainerCallback):
+        def on_step_end(self, targs, state, control, model=None, **kwargs):
+            step = state.global_step
+            if step % run.args.save_every and step != state.max_steps:
+                return
+            state_dict = merged_state_dict(model) if run.mode == "neurons" else model.state_dict()
+            if run.mixed:
+                state_dict = {k: v.to(run.half) if v.is_floating_point() else v for k, v in state_dict.items()}
+            use_cache, model.config.use_cache = model.config.use_cache, True  # as the run folder's model
+            try:
+                with atomic_dir(run.ckpt_dir / f"{STEP_PREFIX}{step}") as tmp:
+                    save_model_dir(model, tok, run.args.model, tmp, state_dict=state_dict)
+                    write_json(tmp / layout.PROVENANCE_FILE, step_provenance(run, step, state))
+            finally:
+                model.config.use_cache = use_cache
+
+    return StepSaver()
+
+
+def step_provenance(run: Run, step: int, state) -> dict[str, Any]:
+    """langneurons.json of a step model: its own tag, the run it is a step of, the step and the tokens seen.
+    It has no `trained_lang` (layout.provenance_role): a step model is the base model of its own tag."""
+    args, info = run.args, run.neuron_info
+    return {"schema_version": layout.SCHEMA_VERSION, "tag": step_tag(run, step), "base_model": args.model,
+            "base_tag": run.tag, "checkpoint_of": run.name, "step": step, "max_steps": state.max_steps,
+            "tokens_seen": int(state.num_input_tokens_seen), "mode": run.mode,
+            "neurons": info["name"] if info else run.set_name, "neuron_file": info and info["file"],
+            "train_data": run.train_spec, "train_lang": args.lang, "run": run_meta(args)}
 
 
 def plain_model(trainer, run: Run):
@@ -506,6 +565,9 @@ def train_log(run: Run, t: Trained) -> dict[str, Any]:
             "epochs_done": state.epoch, "tokens_seen": int(state.num_input_tokens_seen),
             "train_loss": whole_run_loss(state), "train_runtime_s": t.runtime,
             "resumed_from": str(t.resume_from) if t.resume_from else None,
+            "step_models": [{"folder": d.name, "step": int(d.name[len(STEP_PREFIX):]),
+                             "tag": step_tag(run, int(d.name[len(STEP_PREFIX):]))} for d in step_models(run.ckpt_dir)]
+            if getattr(args, "save_every", None) else None,
             "dtype": run.precision["requested_dtype"], "precision": run.precision, "device": str(t.model.device),
             "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in state.log_history if "loss" in h],
             "val": {"lang": args.lang, "langs": list(run.val), "max_length": args.max_length,
@@ -526,6 +588,14 @@ def write_run(run: Run, t: Trained, tok, log: dict) -> None:
             shutil.copy2(info["file"], tmp / layout.NEURON_FILE_COPY)
         write_json(tmp / layout.PROVENANCE_FILE, provenance)
         write_json(tmp / layout.TRAIN_LOG, log)
+        for step_dir in step_models(run.ckpt_dir):  # --save-every: staged in the checkpoint folder
+            shutil.move(str(step_dir), str(tmp / step_dir.name))
+
+
+def step_models(ckpt_dir: Path) -> list[Path]:
+    """The step models (--save-every) staged in a checkpoint folder, in step order."""
+    found = [d for d in ckpt_dir.glob(f"{STEP_PREFIX}*") if d.is_dir() and re.fullmatch(rf"{STEP_PREFIX}\d+", d.name)]
+    return sorted(found, key=lambda d: int(d.name[len(STEP_PREFIX):]))
 
 
 def resolve_run(args: argparse.Namespace, state: PartialState) -> Run:

@@ -40,6 +40,36 @@ class ArgumentParser(argparse.ArgumentParser):
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        if getattr(ns, "revision", None) is not None:
+            ns.model = with_revision(ns.model, ns.revision)
+        return ns, rest
+
+
+def with_revision(model: str, revision: str) -> str:
+    """`--model ID --revision REV` as the one model spec `ID@REV` that every stage resolves, names and records
+    (model.resolve_model, layout.model_name); a local folder, a .gguf file or the embedded model has no
+    revisions and is refused."""
+    if not revision.strip() or revision != revision.strip():
+        raise_usage(f"--revision '{revision}': empty or padded with blanks")
+    if model == EMBEDDED_MODEL or model.endswith(".gguf") or os.path.exists(model) or model.startswith((".", "/", "~")):
+        what = "the embedded model" if model == EMBEDDED_MODEL else "a .gguf file" if model.endswith(".gguf") \
+            else "a local folder"
+        raise_usage(f"--revision {revision}: --model {model} is {what}; a revision selects a cached hub "
+                    "revision of a hub id (owner/name)")
+    if "@" in model:  # a recorded run's --model ID@REV given again with its --revision REV
+        if model.split("@", 1)[1] != revision:
+            raise_usage(f"--revision {revision}: --model {model} already names another revision")
+        return model
+    return f"{model}@{revision}"
+
+
+def raise_usage(message: str):
+    """A bad flag found after parsing: the parser's one line, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
 
 # ---------------------------------------------------------------- argparse types: flags are checked as they are parsed
 
@@ -103,6 +133,11 @@ def common_parser(description: str, add_help: bool = True) -> argparse.ArgumentP
     p.add_argument("--model", default=EMBEDDED_MODEL,
                    help=f"HF hub id, local model directory, or a .gguf file; '{EMBEDDED_MODEL}' is the "
                         "embedded default (google/gemma-3-270m shipped through PyPI as GGUF)")
+    # SUPPRESS: unset, the flag is absent from the namespace, so the records (and fingerprints) of runs without
+    # it stay what they were; set, --model becomes ID@REV (ArgumentParser.parse_known_args)
+    p.add_argument("--revision", default=argparse.SUPPRESS, metavar="REV",
+                   help="a branch, tag or commit of a hub --model, from the local Hugging Face cache (nothing is "
+                        "downloaded), e.g. Pythia's step1000; outputs go under <tag> <name>@<REV>")
     p.add_argument("--langs", default=DEFAULT_LANGS, help="comma-separated language codes")
     p.add_argument("--dataset", default="./dataset", help="dataset root in the paper's layout")
     p.add_argument("--out", default="./outputs", help="output root")

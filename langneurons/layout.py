@@ -55,16 +55,38 @@ def provenance(model: str) -> dict:
     return obj
 
 
+def split_revision(model: str) -> tuple[str, str | None]:
+    """(hub id, revision) of `--model ID@REV` (what `--model ID --revision REV` becomes, cli.ArgumentParser), else
+    (model, None). Only a hub id takes a revision: an existing path, a .gguf file, a path spelled as one
+    (./, /, ~) and the embedded model are never split, whatever '@' they hold."""
+    if ("@" not in model or model == EMBEDDED_MODEL or model.endswith(".gguf") or Path(model).exists()
+            or model.startswith((".", "/", "~"))):
+        return model, None
+    hub_id, rev = model.split("@", 1)  # a hub id has no '@'; a revision may (and may hold '/': refs/pr/1)
+    return hub_id, rev
+
+
+def tag_part(text: str) -> str:
+    """A tag safe-named around its '@' (`<name>@<revision>`, `<base>@<run>-step<N>`): each side is made
+    filesystem-safe on its own, so that the revision stays readable in the folder name."""
+    return "@".join(safe_name(part, "model") for part in text.split("@"))
+
+
 def model_name(model: str) -> str:
-    """The name of `model` itself: the embedded model's name, else its folder or file name without .gguf."""
+    """The name of `model` itself: the embedded model's name, else its folder or file name without .gguf; a hub
+    revision (`ID@REV`) gives `<name>@<REV>`, so the revisions of one model do not share a folder."""
+    hub_id, rev = split_revision(model)
+    if rev is not None:
+        return f"{model_name(hub_id)}@{safe_name(rev, 'revision')}"
     name = EMBEDDED_MODEL if model == EMBEDDED_MODEL else Path(model.rstrip("/")).name
     return safe_name(name[:-5] if name.endswith(".gguf") else name, "model")
 
 
 def model_tag(model: str) -> str:
-    """`<tag>`: the name of the *base* model (a variant or trained model keeps its base's tag)."""
+    """`<tag>`: the name of the *base* model (a variant or trained model keeps its base's tag; a training
+    checkpoint saved by train.py --save-every has its own, `<base tag>@<run>-step<N>`)."""
     tag = provenance(model).get("tag")
-    return model_name(model) if tag is None else safe_name(tag, "model")
+    return model_name(model) if tag is None else tag_part(tag)
 
 
 def model_role(model: str) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from .cli import EMBEDDED_MODEL, InputError
 from .files import atomic_dir, read_json, write_json
-from .layout import PROVENANCE_FILE, model_tag, provenance
+from .layout import PROVENANCE_FILE, model_tag, provenance, split_revision
 
 GROUPS = ("fwd_up", "fwd_down", "attn_q", "attn_k", "attn_v", "attn_o")
 
@@ -150,8 +150,15 @@ def model_record(model: str, config) -> dict:
     it loads (neurons.load_neuron_set): `--model` as given, its <tag>, the config digest, the geometry and the
     transformers version that read the config (its spelling of a config can change between versions)."""
     import transformers
-    return {"name": model, "tag": model_tag(model), "config_sha256": config_digest(config),
-            "geometry": Geometry.from_config(config).record(), "transformers": transformers.__version__}
+    record = {"name": model, "tag": model_tag(model), "config_sha256": config_digest(config),
+              "geometry": Geometry.from_config(config).record(), "transformers": transformers.__version__}
+    if (rev := model_revision(model)) is not None:  # the revisions of one model share their config
+        record["revision"] = rev
+    prov = provenance(model)
+    if isinstance(prov.get("step"), int) and "checkpoint_of" in prov:  # a step model of train.py --save-every
+        record["checkpoint"] = {"run": prov["checkpoint_of"], "base_tag": prov.get("base_tag"), "step": prov["step"],
+                                "tokens_seen": prov.get("tokens_seen")}
+    return record
 
 
 # ---------------------------------------------------------------- the embedded default model
@@ -213,9 +220,41 @@ def resolve_model(model: str) -> tuple[str, str | None]:
         if not (p / "config.json").is_file():
             raise InputError(f"--model {model}: directory has no config.json")
         return str(p), None
+    hub_id, rev = split_revision(model)
+    if rev is not None:  # --revision: the snapshot folder of that revision in the local cache, or one line
+        return str(revision_snapshot(hub_id, rev)), None
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise InputError(f"--model {model}: no such file or directory")
     return model, None  # a hub id: only found if it is already in the local cache (we never download)
+
+
+def revision_snapshot(hub_id: str, revision: str) -> Path:
+    """The local snapshot folder of `hub_id` at `revision` (a branch, tag or commit of the hub, e.g. Pythia's
+    step1000): huggingface_hub resolves refs/<revision> or snapshots/<commit> of the cache; nothing is
+    downloaded, a revision that is not there is one line."""
+    if hub_id.startswith((".", "/", "~")) or hub_id.count("/") > 1 or not hub_id or not revision:
+        raise InputError(f"--model {hub_id} --revision {revision}: a revision needs a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+    try:
+        folder = Path(snapshot_download(hub_id, revision=revision, local_files_only=True))
+    except Exception:  # huggingface_hub raises several kinds for a revision or id that is not cached or not valid
+        raise InputError(f"--model {hub_id} --revision {revision}: that revision is not in the local Hugging Face "
+                         "cache (nothing is downloaded)") from None
+    if not (folder / "config.json").is_file():
+        raise InputError(f"--model {hub_id} --revision {revision}: the cached snapshot {folder} has no config.json")
+    return folder
+
+
+def model_revision(model: str) -> dict | None:
+    """What the outputs record of a hub revision (`--model ID --revision REV`): the id, the revision as given,
+    the commit it resolved to in the local cache and the training step a revision named step<N> stands for;
+    None for any other model."""
+    hub_id, rev = split_revision(model)
+    if rev is None:
+        return None
+    step = re.search(r"(?:^|[^A-Za-z])step(\d+)", rev)  # Pythia's step1000, OLMo's stage1-step1000-tokens4B
+    return {"hub_id": hub_id, "revision": rev, "commit": revision_snapshot(hub_id, rev).name,
+            "step": int(step.group(1)) if step else None}
 
 
 def local_dir(path: str) -> Path | None:

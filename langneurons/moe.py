@@ -428,11 +428,15 @@ class ExpertDelta(nn.Module):
         return y + (h.index_select(-1, k) @ self.cols_weight[where].to(y.dtype)).to(y.dtype)
 
     @torch.no_grad()
-    def merge_into(self, experts: nn.Module) -> None:
-        """W[selected] + delta into the selected slices (one rounding), nothing else."""
-        for p, idx, d, dims in ((experts.gate_up_proj, self.row_idx, self.rows_weight, (0, 1)),
-                                (experts.down_proj, self.col_idx, self.cols_weight, (0, 2))):
+    def merge_into(self, experts: nn.Module, out: dict[str, torch.Tensor] | None = None) -> None:
+        """W[selected] + delta into the selected slices (one rounding), nothing else; with `out`, into copies
+        stored there as out["gate_up_proj"] / out["down_proj"], leaving `experts` as it is."""
+        for name, idx, d, dims in (("gate_up_proj", self.row_idx, self.rows_weight, (0, 1)),
+                                   ("down_proj", self.col_idx, self.cols_weight, (0, 2))):
             if len(idx):
+                p = getattr(experts, name)
+                if out is not None:
+                    p = out.setdefault(name, p.detach().clone())
                 ix = index_of(dims, idx.to(p.device), 3)
                 p[ix] = (p[ix].float() + d.to(p.device)).to(p.dtype)
 

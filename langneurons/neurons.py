@@ -228,7 +228,7 @@ def other_model(path: str | Path, meta: Any, model: dict[str, Any]) -> str | Non
     if not isinstance(rec.get("config_sha256"), str) or not isinstance(geom, dict):
         raise InputError(f"neuron file {path}: meta.model is not a model record (needs config_sha256 and geometry)")
     if rec["config_sha256"] == model["config_sha256"]:
-        return None
+        return other_point(rec, model)
     theirs, ours = f"model '{rec.get('tag', '?')}'", f"--model {model['name']} ('{model['tag']}'"
     if field := next((f for f in model["geometry"] if geom.get(f) != model["geometry"][f]), None):
         return f"{theirs} ({field} {geom.get(field)}), not on {ours}, {field} {model['geometry'][field]})"
@@ -237,6 +237,21 @@ def other_model(path: str | Path, meta: Any, model: dict[str, Any]) -> str | Non
     if rec.get("transformers") not in (None, model["transformers"]):
         why += f" (the file's config was read by transformers {rec['transformers']}, this is {model['transformers']})"
     return why
+
+
+def other_point(rec: dict[str, Any], model: dict[str, Any]) -> str | None:
+    """Why a record of the same config names another point of development than `model`: both are hub revisions
+    (model.model_revision) with different commits, or both step models (train.py --save-every) of other steps or
+    runs; None otherwise (a trained model or a variant uses its base's neuron files)."""
+    for key, what, fields in (("revision", "revision", ("commit",)), ("checkpoint", "step model", ("run", "step"))):
+        a, b = rec.get(key), model.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and any(a.get(f) != b.get(f) for f in fields):
+            def where(r: dict) -> str:
+                return ", ".join(f"{f} {str(r.get(f))[:12]}" for f in (("revision", "commit") if key == "revision"
+                                                                      else ("run", "step")))
+            return (f"model '{rec.get('tag', '?')}' ({where(a)}), not on --model {model['name']} ('{model['tag']}', "
+                    f"{where(b)}): another {what} of the same model")
+    return None
 
 
 def load_neuron_set(path: str | Path, geom: Geometry, legacy_kv: bool = False, model: dict[str, Any] | None = None,

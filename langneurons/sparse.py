@@ -67,16 +67,18 @@ class NeuronDelta(nn.Module):
         return y + (x.index_select(-1, self.idx) @ w.T).to(y.dtype)
 
     @torch.no_grad()
-    def merge_into(self, linear: nn.Module) -> None:
-        """Write W[sel] + delta into the selected entries of `linear` (one rounding), nothing else."""
-        w = linear.weight
+    def merge_into(self, linear: nn.Module, out: dict[str, torch.Tensor] | None = None) -> None:
+        """Write W[sel] + delta into the selected entries of `linear` (one rounding), nothing else; with `out`,
+        into copies stored there as out["weight"] / out["bias"] instead, leaving `linear` as it is (a
+        checkpoint saved while training goes on)."""
+        w = linear.weight if out is None else out.setdefault("weight", linear.weight.detach().clone())
         delta = self.weight.to(w.device)
         if self.conv1d:  # [in, out] storage: the (k, in) / (out, k) delta transposed onto it
             delta = delta.T
         rows = w.index_select(self.dim, self.idx).float() + delta
         w.index_copy_(self.dim, self.idx.to(w.device), rows.to(w.dtype))
         if self.bias is not None:
-            b = linear.bias
+            b = linear.bias if out is None else out.setdefault("bias", linear.bias.detach().clone())
             b.index_copy_(0, self.idx.to(b.device), (b.index_select(0, self.idx.to(b.device)).float()
                                                      + self.bias.to(b.device)).to(b.dtype))
 
@@ -135,6 +137,22 @@ def merge_deltas(model: nn.Module) -> int:
     for experts in fused:
         moe.merge_delta(experts)
     return len(found) + len(fused)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict `merge_deltas` would leave, without touching `model`: the deltas' projections get merged
+    copies, every other tensor is the model's own (not copied), the deltas themselves are left out."""
+    state = {k: v for k, v in model.state_dict().items()
+             if f".{DELTA_ATTR}." not in f".{k}" and f".{moe.DELTA_ATTR}." not in f".{k}"}
+    merges = [(name, linear, delta) for name, (linear, delta) in delta_modules(model).items()]
+    merges += [(name, m, getattr(m, moe.DELTA_ATTR)) for name, m in model.named_modules()
+               if isinstance(getattr(m, moe.DELTA_ATTR, None), moe.ExpertDelta)]
+    for name, module, delta in merges:
+        merged: dict[str, torch.Tensor] = {}
+        delta.merge_into(module, merged)
+        for leaf, tensor in merged.items():
+            state[f"{name}.{leaf}" if name else leaf] = tensor
+    return state
 
 
 def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -160,3 +160,39 @@ def split_halves(n: int, resamples: int, seed: int) -> tuple[np.ndarray, np.ndar
     perm = np.stack([rng.permutation(n) for _ in range(resamples)]) if resamples else np.zeros((0, n), dtype=int)
     h = n // 2
     return perm[:, :h], perm[:, h:2 * h]
+
+
+# ---------------------------------------------------------------- correlation across models
+
+CORRELATIONS = ("pearson", "spearman")
+
+
+def _correlation(x: np.ndarray, y: np.ndarray, method: str) -> float:
+    """Pearson's r or Spearman's rho (scipy.stats); NaN where it is undefined (a constant sequence)."""
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    r = stats.pearsonr(x, y) if method == "pearson" else stats.spearmanr(x, y)
+    return float(r.statistic)
+
+
+def correlation(x: Sequence[float], y: Sequence[float], method: str = "pearson", resamples: int = RESAMPLES,
+                seed: int = 0, level: float = LEVEL) -> dict:
+    """Pearson's r or Spearman's rho of paired values (e.g. each model's shared ratio and its MGSM accuracy), with
+    scipy's two-sided p-value and a percentile bootstrap interval over the pairs: each resample draws n pairs with
+    replacement (seeded; the same seed, the same interval). A resample on which the statistic is undefined (every
+    drawn x or every drawn y equal, likely with few models) is left out and counted in `undefined_resamples`.
+    r, p and ci are None below 3 pairs or when x or y is constant; ci is None when no resample is defined."""
+    if method not in CORRELATIONS:
+        raise ValueError(f"correlation method '{method}': expected one of {', '.join(CORRELATIONS)}")
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if xs.shape != ys.shape or xs.ndim != 1:
+        raise ValueError(f"correlation needs two equally long sequences (have {xs.size} and {ys.size})")
+    out = {"method": method, "n": int(xs.size), "r": None, "p": None, "ci": None, "level": level,
+           "resamples": resamples, "seed": seed, "undefined_resamples": None}
+    r = _correlation(xs, ys, method) if xs.size >= 3 else float("nan")
+    if not np.isfinite(r):
+        return out
+    p = stats.pearsonr(xs, ys).pvalue if method == "pearson" else stats.spearmanr(xs, ys).pvalue
+    boot = np.array([_correlation(xs[idx], ys[idx], method) for idx in resample_indices(xs.size, resamples, seed)])
+    return {**out, "r": r, "p": float(p), "ci": interval_or_none(boot, level),
+            "undefined_resamples": int((~np.isfinite(boot)).sum())}
