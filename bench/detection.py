@@ -19,6 +19,7 @@ pruned, and, unless --no-profile, one profiled pass per mode (where the time goe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import resource
@@ -185,30 +186,37 @@ def run_length(length: int | None, args, queue) -> None:
 
     times = {m: [] for m in modes}
     memory, profile = {}, {}
-    for p in probes.values():  # entered once, as detection.py enters its probe once per run
-        p.__enter__()
+    warm = (batches[0][0][:1, :64], batches[0][1][:1, :64])
     with torch.no_grad():
         for mode in modes:  # warm-up on one short sentence: allocator, kernels, code paths
-            call(mode, batches[0][0][:1, :64], batches[0][1][:1, :64])
-        for p in probes.values():
-            p.qk_stats.update(scored=0, channels=0)
+            with probes.get(mode, contextlib.nullcontext()):
+                call(mode, *warm)
+        pruning = {"scored": 0, "channels": 0}
         for rep in range(args.repeats):
             for mode in modes:
-                if cuda:
-                    torch.cuda.synchronize(dev)
-                    torch.cuda.reset_peak_memory_stats(dev)
-                t0 = time.perf_counter()
-                for ids, mask in batches:
-                    call(mode, ids, mask)
-                if cuda:
-                    torch.cuda.synchronize(dev)
-                times[mode].append(time.perf_counter() - t0)
+                # one probe at a time (attention functions are global); entered, and its weight column
+                # norms computed on the warm-up sentence, outside the timing, as detection.py enters its
+                # probe once for a whole run
+                with probes.get(mode, contextlib.nullcontext()):
+                    if mode in probes:
+                        call(mode, *warm)
+                    if cuda:
+                        torch.cuda.synchronize(dev)
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    before = dict(probes[mode].qk_stats) if mode in probes else None
+                    t0 = time.perf_counter()
+                    for ids, mask in batches:
+                        call(mode, ids, mask)
+                    if cuda:
+                        torch.cuda.synchronize(dev)
+                    times[mode].append(time.perf_counter() - t0)
+                    if mode == "all":  # the warm-up sentence does not count in the pruned fraction
+                        for key in pruning:
+                            pruning[key] += probes[mode].qk_stats[key] - before[key]
                 memory[mode] = max(memory.get(mode, 0.0), peak())
         if args.profile:
-            profile = profiled(modes, batches, call, cuda)
-    stats = probes["all"].qk_stats if "all" in probes else {"scored": 0, "channels": 0}
-    for p in probes.values():
-        p.__exit__(None, None, None)
+            profile = profiled(modes, batches, call, cuda, probes)
+    stats = pruning
     median = statistics.median
     ratio = lambda a, b: median([x / y for x, y in zip(times[a], times[b])]) if a in times and b in times else None
     part = lambda a, b: (median([(x - y) / z for x, y, z in zip(times[a], times[b], times["decoder"])])
@@ -230,16 +238,19 @@ def run_length(length: int | None, args, queue) -> None:
                "peak_gib": memory, "profile": profile})
 
 
-def profiled(modes, batches, call, cuda: bool, top: int = 12) -> dict:
+def profiled(modes, batches, call, cuda: bool, probes: dict, top: int = 12) -> dict:
     """One more pass per mode under torch.profiler: per mode the operators taking the most self time
     [name, milliseconds, calls] and the total, so a row says where its time goes."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     out = {}
     for mode in modes:
-        with profile(activities=acts) as prof:
-            for ids, mask in batches:
-                call(mode, ids, mask)
+        with probes.get(mode, contextlib.nullcontext()):
+            if mode in probes:
+                call(mode, batches[0][0][:1, :64], batches[0][1][:1, :64])
+            with profile(activities=acts) as prof:
+                for ids, mask in batches:
+                    call(mode, ids, mask)
         rows = prof.key_averages()
         key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
         rows = sorted(rows, key=key, reverse=True)

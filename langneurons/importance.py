@@ -337,6 +337,9 @@ def _pruned(exact: _ExactScores, qa: torch.Tensor, kt: torch.Tensor, bound: torc
         m = int(new.sum(-1).max())
         if m == 0:
             break
+        if m >= D // 2:  # most of a head anyway: score every channel left, once, rather than in rounds
+            new = ~scored
+            m = int(new.sum(-1).max())
         # per head, its new channels first (stable sort), padded with channels whose result is dropped
         idx = torch.argsort((~new).to(torch.int8), dim=-1, stable=True)[..., :m]  # [KV,rep,m]
         keep = new.gather(-1, idx)
