@@ -119,7 +119,7 @@ def load(args):
     if not args.config:
         model, tok = load_model(args.model, args.device, args.dtype)
         return model, tok, args.model
-    from random_model import byte_tokenizer, random_config, random_model
+    from bench.random_model import byte_tokenizer, random_config, random_model
     from langneurons.model import resolve_device, resolve_dtype
     cfg = json.loads(Path(args.config).read_text(encoding="utf-8"))
     overrides = {"num_hidden_layers": args.layers, "vocab_size": args.vocab}
