@@ -215,7 +215,7 @@ def run_length(length: int | None, args, queue) -> None:
                             pruning[key] += probes[mode].qk_stats[key] - before[key]
                 memory[mode] = max(memory.get(mode, 0.0), peak())
         if args.profile:
-            profile = profiled(modes, batches, call, cuda, probes)
+            profile = profiled(modes, batches, call, cuda, probes, geom.num_layers)
     stats = pruning
     median = statistics.median
     ratio = lambda a, b: median([x / y for x, y in zip(times[a], times[b])]) if a in times and b in times else None
@@ -238,7 +238,7 @@ def run_length(length: int | None, args, queue) -> None:
                "peak_gib": memory, "profile": profile})
 
 
-def profiled(modes, batches, call, cuda: bool, probes: dict, top: int = 12) -> dict:
+def profiled(modes, batches, call, cuda: bool, probes: dict, layers: int, top: int = 12) -> dict:
     """One more pass per mode under torch.profiler: per mode the operators taking the most self time
     [name, milliseconds, calls] and the total, so a row says where its time goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -253,9 +253,15 @@ def profiled(modes, batches, call, cuda: bool, probes: dict, top: int = 12) -> d
                     call(mode, ids, mask)
         rows = prof.key_averages()
         key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+        count = lambda *names: sum(e.count for e in rows if e.key.startswith(names))
         rows = sorted(rows, key=key, reverse=True)
         out[mode] = {"total_ms": sum(key(e) for e in rows) / 1e3,
                      "top": [[e.key, round(key(e) / 1e3, 2), e.count] for e in rows[:top]]}
+        if cuda:  # what the issue counts: kernel launches and host synchronisations, per layer and batch
+            per = layers * len(batches)
+            out[mode].update(launches_per_layer=count("cudaLaunchKernel", "cuLaunchKernel") / per,
+                             syncs_per_layer=count("cudaStreamSynchronize", "cudaDeviceSynchronize") / per,
+                             copies_per_layer=count("cudaMemcpy") / per)
     return out
 
 
@@ -314,7 +320,9 @@ def main():
         print(f"{r['length']:>5} tokens x {r['sentences']:3d}: all six {fmt(o.get('all'))} decoder "
               f"(exhaustive {fmt(o.get('exhaustive'))}, floor {r['floor']:.2f}x), FFN {fmt(o.get('ffn'))}", flush=True)
         for mode, prof in r["profile"].items():
-            print(f"      {mode:<10} {prof['total_ms']:9.0f} ms: " + ", ".join(
+            launches = (f" [{prof['launches_per_layer']:.0f} launches, {prof['syncs_per_layer']:.1f} syncs per layer]"
+                        if "launches_per_layer" in prof else "")
+            print(f"      {mode:<10} {prof['total_ms']:9.0f} ms{launches}: " + ", ".join(
                 f"{name} {ms:.0f}" for name, ms, _ in prof["top"][:5]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -118,7 +118,7 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
                   valid: torch.Tensor, scaling: float, softcap: float | None = None,
                   chunk_bytes: int | None = None, top_k: tuple[int, int] | None = None,
                   key_ranges: tuple[list[int], list[int]] | None = None,
-                  stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  stats: dict | None = None, product: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
     """Query importance [B, H*D] and key importance [B, KV*D] of one attention layer.
 
     query [B,H,T,D] and key/value [B,KV,S,D] as the attention function sees them (after rotary
@@ -147,7 +147,8 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     exact score of every text of the batch are then not scored exactly, and hold -inf; the top lists are
     those of exhaustive scoring (docs/detection.md, pruned top-k). key_ranges: `block_key_ranges` of this
     mask, when the caller has it; stats: counts "scored" (channels scored exactly, padding included) and
-    "channels" are added to it."""
+    "channels" are added to it. product "bfloat16" or "tf32": the product with the values in that
+    precision, of float32-formed probability differences (`_ExactScores._low_precision`; for GPU checks)."""
     B, H, T, D = query.shape
     KV, S = key.shape[1], key.shape[2]
     rep = H // KV
@@ -187,8 +188,10 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
         scores = scores.sub_(top).mul_(_LOG2E)
     qa = (q * (-scaling if softcap is not None else -scaling * _LOG2E)).transpose(-1, -2)  # [B,KV,rep,D,T]
     kt = k.transpose(-1, -2)[:, :, None]  # [B,KV,1,D,S]
+    if product not in ("float32", "bfloat16", "tf32"):
+        raise ValueError(f"product must be float32, bfloat16 or tf32, not {product!r}")
     exact = _ExactScores(scores if softcap is None else pre, keep, top * _LOG2E, rt, out, valid, softcap, stable,
-                         first, last, chunk_bytes)
+                         first, last, chunk_bytes, probs=probs, product=product)
     kq, kk = top_k if top_k is not None else (0, 0)
     if not (kq or kk) or (kq >= H * D and kk >= KV * D):
         n2 = exact(qa, kt)
@@ -208,8 +211,10 @@ class _ExactScores:
     there); the same code for every channel whichever channels are asked for, so a channel's score does
     not depend on which others are scored with it."""
 
-    def __init__(self, base, keep, top2, rt, out, valid, softcap, stable, first, last, chunk_bytes):
+    def __init__(self, base, keep, top2, rt, out, valid, softcap, stable, first, last, chunk_bytes,
+                 probs=None, product: str = "float32"):
         self.base, self.keep, self.top2, self.rt, self.out = base, keep, top2, rt, out
+        self.probs, self.product = probs, product
         self.softcap, self.stable, self.first, self.last, self.chunk_bytes = softcap, stable, first, last, chunk_bytes
         B, T = valid.shape
         self.rowmask = valid.view(B, 1, 1, 1, T).float()
@@ -245,12 +250,34 @@ class _ExactScores:
                     x = x.sub_(x.amax(-1, keepdim=True))
                 x = x.exp2_()
                 z = x.sum(-1, keepdim=True)  # the softmax denominators (a pass: cheaper than a 1+r1 wide product)
+                if self.product != "float32":
+                    dist = self._low_precision(x.div_(z), t0, t1, s0, s1, rt_b, (B, KV, rep, d1 - d0, Tb))
+                    n2[..., d0:d1] += (dist.square_() * self.rowmask[..., t0:t1]).sum(-1)
+                    continue
                 y = torch.matmul(x.view(B, KV, -1, Sb), rt_b, out=ybuf[:n * r1].view(B, KV, -1, r1))
                 y = y.view(B, KV, rep, d1 - d0, Tb, r1)
                 # Z * (perturbed output - output) in place, then its norm over Z
                 dist = torch.linalg.vector_norm(y.addcmul_(z, out_b, value=-1), dim=-1).div_(z[..., 0])
                 n2[..., d0:d1] += (dist.square_() * self.rowmask[..., t0:t1]).sum(-1)
         return n2
+
+    def _low_precision(self, perturbed, t0, t1, s0, s1, rt_b, shape) -> torch.Tensor:
+        """The change's norm per row with one bf16 or TF32 product: the difference of the perturbed and the
+        unperturbed probabilities is formed in float32 first (the nearly equal rows cancel there, not in
+        the product), then multiplied by the values' factor with float32 accumulation (for the GPU;
+        accepted only where every top list agrees with float32 scoring, bench/qk_precision.py)."""
+        B, KV, rep, c, Tb = shape
+        diff = perturbed.sub_(self.probs[..., None, t0:t1, s0:s1]).view(B, KV, -1, s1 - s0)
+        if self.product == "bfloat16":
+            y = torch.matmul(diff.bfloat16(), rt_b.bfloat16()).float()
+        else:  # tf32: float32 storage, reduced-precision multiplies on the tensor cores
+            old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                y = torch.matmul(diff, rt_b)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = old
+        return torch.linalg.vector_norm(y.view(B, KV, rep, c, Tb, -1), dim=-1)
 
 
 # float rounding allowances of the pruning test: the bound is inflated by a relative margin, and by an
