@@ -4,7 +4,7 @@
 # (a lent GPU box: they do not travel), then query/key scoring on the paper's shapes: bf16/TF32 products and
 # pruned top-k against float32 by the top lists (bench/qk_precision.py) and the detection benchmark on a
 # random 2-layer Llama-3.1-8B (launches and host synchronisations per layer in its profile). Each step is
-# bounded (280 + 120 + 90 + 120 + 150 s); GPU_CHECK_ONLY=step,step runs only those steps, so the check can be
+# bounded (280 + 120 + 90 + 150 + 180 s); GPU_CHECK_ONLY=step,step runs only those steps, so the check can be
 # split over two device calls of under 10 minutes each. Prints one summary table; writes it, the logs and the
 # JSON results to the folder given as argument, else $OUT, else ./gpu_check.
 #
@@ -70,7 +70,7 @@ if [[ $DRY == 1 ]]; then
   DET_SIZES=(--lengths 16,32 --per-lang 2 --batch-size 2)
   TRAIN_SIZES=(--steps 1 --micro-batch-size 1 --seq-len 32)
   QK_SIZES=(--dtype float32 --layers 1 --lengths 32 --tokens 64 --products bfloat16)
-  SHAPE_SIZES=(--dtype float32 --layers 1 --lengths 32 --tokens 64 --repeats 1)
+  SHAPE_SIZES=(--dtype float32 --layers 1 --lengths 32 --tokens 64 --repeats 1 --modes decoder,all --no-profile)
 else
   DEVICE=cuda
   if [[ -f "$EMBEDDED/config.json" ]]; then
@@ -121,7 +121,7 @@ step training_bench 90 $PYTHON bench/training.py "${TRAIN_ARGS[@]}"
 # profile counts kernel launches and host synchronisations per layer and batch
 step qk_precision 150 $PYTHON bench/qk_precision.py --device "$DEVICE" --config bench/llama-3.1-8b.config.json \
   "${QK_SIZES[@]}" --json "$DEST/qk_precision.json"
-step detection_shapes 120 $PYTHON bench/detection.py --device "$DEVICE" --config bench/llama-3.1-8b.config.json \
+step detection_shapes 180 $PYTHON bench/detection.py --device "$DEVICE" --config bench/llama-3.1-8b.config.json \
   "${SHAPE_SIZES[@]}" --json "$DEST/detection_shapes.json"
 
 # ---------------------------------------------------------------- one table
