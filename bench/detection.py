@@ -186,6 +186,10 @@ def run_length(length: int | None, args, queue) -> None:
 
     times = {m: [] for m in modes}
     memory, profile = {}, {}
+    # on the CPU the process's own CPU time: other jobs on a shared machine barely move it (wall time would
+    # count their share of the cores); on a GPU the wall time
+    use_cpu_clock = args.clock == "cpu" or (args.clock == "auto" and not cuda)
+    clock = time.process_time if use_cpu_clock else time.perf_counter
     warm = (batches[0][0][:1, :64], batches[0][1][:1, :64])
     with torch.no_grad():
         for mode in modes:  # warm-up on one short sentence: allocator, kernels, code paths
@@ -204,12 +208,12 @@ def run_length(length: int | None, args, queue) -> None:
                         torch.cuda.synchronize(dev)
                         torch.cuda.reset_peak_memory_stats(dev)
                     before = dict(probes[mode].qk_stats) if mode in probes else None
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     for ids, mask in batches:
                         call(mode, ids, mask)
                     if cuda:
                         torch.cuda.synchronize(dev)
-                    times[mode].append(time.perf_counter() - t0)
+                    times[mode].append(clock() - t0)
                     if mode == "all":  # the warm-up sentence does not count in the pruned fraction
                         for key in pruning:
                             pruning[key] += probes[mode].qk_stats[key] - before[key]
@@ -229,6 +233,8 @@ def run_length(length: int | None, args, queue) -> None:
                "batch_size": args.batch_size, "repeats": args.repeats, "device": str(dev),
                "gpu": torch.cuda.get_device_name(dev) if cuda else None, "dtype": str(model.dtype),
                "threads": torch.get_num_threads(), "ratio_top_k": args.ratio, **counted,
+               "clock": "process CPU time" if use_cpu_clock else "wall time",
+               "load_average": list(__import__("os").getloadavg()), "cores": __import__("os").cpu_count(),
                "seconds": {m: median(t) for m, t in times.items()}, "runs": times,
                "over_decoder": {m: ratio(m, "decoder") for m in modes},
                "split": {"ffn": ratio("ffn", "decoder"), "all_but_qk": ratio("noqk", "decoder"),
@@ -291,6 +297,8 @@ def main():
                    help="what is timed (decoder is always included): " + ", ".join(f"{k}: {v}" for k, v in MODES.items()))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
+                   help="auto: the process's CPU time on the CPU (robust to other jobs), wall time on a GPU")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiled pass per mode")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
@@ -329,7 +337,8 @@ def main():
     r0 = results[0]
     where = r0["gpu"] or f"CPU, {r0['threads']} threads"
     print(f"\n{r0['model']}, {r0['dtype']}, {where}, batch {args.batch_size}, top {args.ratio:g}, "
-          f"median of {args.repeats} repeats\n")
+          f"median of {args.repeats} repeats of {r0['clock']}, load average {r0['load_average'][0]:.1f} on "
+          f"{r0['cores']} cores\n")
     print("| tokens/sentence | sentences (tokens, padded) | floor | **all six / decoder** | exhaustive / decoder | "
           "FFN / decoder | all but q/k / decoder | q/k part / decoder | q/k GFLOP/s | pruned | seconds: decoder, all six |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -135,3 +135,16 @@ def test_floor_counts_sum_layers_and_sentences():
     qk = 44 + 36 + 2 * 4
     assert got["decoder_macs"] == dec and got["qk_macs"] == qk
     assert math.isclose(got["floor"], 1 + qk / dec)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_bf16_product_of_float32_differences_is_close(softcap):
+    """The GPU check's low-precision variant (the probability differences formed in float32, one bf16 product
+    with the values' factor): within bf16's rounding of float32 scoring, channel for channel."""
+    q, k, v, keep, valid = inputs(4)
+    ref = qk_importance(q, k, v, keep, valid, 0.3, softcap)
+    got = qk_importance(q, k, v, keep, valid, 0.3, softcap, product="bfloat16")
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-4)
+    with pytest.raises(ValueError):
+        qk_importance(q, k, v, keep, valid, 0.3, softcap, product="float16")
