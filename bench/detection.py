@@ -279,7 +279,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--config", help="random weights with this config's layer shapes instead of --model "
-                                    "(bench/llama-3.1-8b.config.json, bench/qwen2.5-7b.config.json, ...)")
+                                    "(bench/llama-3.1-8b.config.json, bench/qwen2.5-7b.config.json, ...; "
+                                    "several, comma-separated, each timed in turn)")
     p.add_argument("--layers", type=int, default=2, help="--config: decoder layers kept (ratios are per layer)")
     p.add_argument("--vocab", type=int, default=512, help="--config: vocabulary cut to this size")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -317,7 +318,10 @@ def main():
         lengths = [x for x in lengths if x != "mgsm"]
     ctx = mp.get_context("spawn")
     results = []
-    for length in lengths:  # a fresh process each: peak memory per length, no cache carried over
+    configs = args.config.split(",") if args.config else [None]
+    # a fresh process per shape and length: peak memory per length, no cache carried over
+    for config, length in [(c, n) for c in configs for n in lengths]:
+        args.config = config
         queue = ctx.Queue()
         proc = ctx.Process(target=run_length, args=(None if length == "mgsm" else int(length), args, queue))
         proc.start()
@@ -336,15 +340,15 @@ def main():
         args.json.write_text(json.dumps(results, indent=1))
     r0 = results[0]
     where = r0["gpu"] or f"CPU, {r0['threads']} threads"
-    print(f"\n{r0['model']}, {r0['dtype']}, {where}, batch {args.batch_size}, top {args.ratio:g}, "
+    print(f"\n{'; '.join(dict.fromkeys(r['model'] for r in results))}\n{r0['dtype']}, {where}, batch {args.batch_size}, top {args.ratio:g}, "
           f"median of {args.repeats} repeats of {r0['clock']}, load average {r0['load_average'][0]:.1f} on "
           f"{r0['cores']} cores\n")
-    print("| tokens/sentence | sentences (tokens, padded) | floor | **all six / decoder** | exhaustive / decoder | "
+    print("| model | tokens/sentence | sentences (tokens, padded) | floor | **all six / decoder** | exhaustive / decoder | "
           "FFN / decoder | all but q/k / decoder | q/k part / decoder | q/k GFLOP/s | pruned | seconds: decoder, all six |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         o, s, sp = r["over_decoder"], r["seconds"], r["split"]
-        print(f"| {r['length']} | {r['sentences']} ({r['tokens']}, {r['padded_tokens']}) | {r['floor']:.2f}x | "
+        print(f"| {r['model'].split(',')[0]} | {r['length']} | {r['sentences']} ({r['tokens']}, {r['padded_tokens']}) | {r['floor']:.2f}x | "
               f"**{fmt(o.get('all'))}** | {fmt(o.get('exhaustive'))} | {fmt(sp['ffn'])} | {fmt(sp['all_but_qk'])} | "
               f"{fmt(sp['qk'])} | {fmt(r['qk_gflops'], '.0f', '')} | {fmt(r['pruned_fraction'] and 100 * r['pruned_fraction'], '.0f', '%')} | "
               f"{s['decoder']:.2f}, {fmt(s.get('all'), '.2f', '')} |")
