@@ -330,7 +330,8 @@ def main():
         r = results[-1]
         o = r["over_decoder"]
         print(f"{r['length']:>5} tokens x {r['sentences']:3d}: all six {fmt(o.get('all'))} decoder "
-              f"(exhaustive {fmt(o.get('exhaustive'))}, floor {r['floor']:.2f}x), FFN {fmt(o.get('ffn'))}", flush=True)
+              f"(exhaustive {fmt(o.get('exhaustive'))}, floor {r['floor']:.2f}x), FFN {fmt(o.get('ffn'))}, pruned "
+              f"{fmt(None if r['pruned_fraction'] is None else 100 * r['pruned_fraction'], '.0f', '%')}", flush=True)
         for mode, prof in r["profile"].items():
             launches = (f" [{prof['launches_per_layer']:.0f} launches, {prof['syncs_per_layer']:.1f} syncs per layer]"
                         if "launches_per_layer" in prof else "")
@@ -350,7 +351,7 @@ def main():
         o, s, sp = r["over_decoder"], r["seconds"], r["split"]
         print(f"| {r['model'].split(',')[0]} | {r['length']} | {r['sentences']} ({r['tokens']}, {r['padded_tokens']}) | {r['floor']:.2f}x | "
               f"**{fmt(o.get('all'))}** | {fmt(o.get('exhaustive'))} | {fmt(sp['ffn'])} | {fmt(sp['all_but_qk'])} | "
-              f"{fmt(sp['qk'])} | {fmt(r['qk_gflops'], '.0f', '')} | {fmt(r['pruned_fraction'] and 100 * r['pruned_fraction'], '.0f', '%')} | "
+              f"{fmt(sp['qk'])} | {fmt(r['qk_gflops'], '.0f', '')} | {fmt(None if r['pruned_fraction'] is None else 100 * r['pruned_fraction'], '.0f', '%')} | "
               f"{s['decoder']:.2f}, {fmt(s.get('all'), '.2f', '')} |")
 
 
