@@ -424,7 +424,10 @@ class TopImportance(DetectionMethod):
     def __init__(self, args, model, geom: Geometry, groups: tuple[str, ...]):
         self.sizes = {g: geom.group_size(g) for g in groups}
         self.top_k = {g: max(1, int(args.ratio * geom.group_size(g))) for g in groups}
-        self.probe = ImportanceProbe(model, groups=groups, method="importance", qk_score=args.qk_score)
+        # the probe is told k: query/key channels that cannot enter a top list are not scored exactly
+        # (the lists, and so every file, are those of exhaustive scoring; docs/detection.md, pruned top-k)
+        self.probe = ImportanceProbe(model, groups=groups, method="importance", qk_score=args.qk_score,
+                                     top_k=self.top_k)
 
     def scores(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.probe(ids, mask)

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # One prepared check of the GPU path: the `cuda` tests (tests/test_cuda.py), then the detection and training
 # benchmarks in bf16 on the embedded model, or on random weights of its config when its weights are not here
-# (a lent GPU box: they do not travel). Each step is bounded (280 + 120 + 90 s), so the whole check stays under 9 minutes. Prints one summary table; writes it, the logs and the JSON results to
-# the folder given as argument, else $OUT, else ./gpu_check.
+# (a lent GPU box: they do not travel), then query/key scoring on the paper's shapes: bf16/TF32 products and
+# pruned top-k against float32 by the top lists (bench/qk_precision.py) and the detection benchmark on a
+# random 2-layer Llama-3.1-8B (launches and host synchronisations per layer in its profile). Each step is
+# bounded (280 + 120 + 90 + 150 + 180 s); GPU_CHECK_ONLY=step,step runs only those steps, so the check can be
+# split over two device calls of under 10 minutes each. Prints one summary table; writes it, the logs and the
+# JSON results to the folder given as argument, else $OUT, else ./gpu_check.
 #
-#   bash bench/gpu_check.sh [FOLDER]                  # on a GPU box (about 4 minutes on one H100)
+#   bash bench/gpu_check.sh [FOLDER]                  # on a GPU box
+#   GPU_CHECK_ONLY=qk_precision,detection_shapes bash bench/gpu_check.sh [FOLDER]   # the query/key steps alone
 #   bash bench/gpu_check.sh --cpu-dry-run [FOLDER]    # the same steps on the CPU with tiny sizes (catches typos)
 #
 # Needs a python with torch, transformers, accelerate, safetensors, pytest ($PYTHON, default python3; no venv).
@@ -24,8 +29,10 @@ STEPS="$DEST/steps.tsv"
 : > "$STEPS"
 
 # step NAME TIMEOUT_S CMD...: run, log to $DEST/NAME.log, record status and seconds; a failure never stops the rest
+ONLY=",${GPU_CHECK_ONLY:-all},"
 step() {
   local name=$1 limit=$2; shift 2
+  if [[ $ONLY != ",all," && $ONLY != *",$name,"* ]]; then return 0; fi
   local t0=$SECONDS rc
   echo "== $name: $*" | tee "$DEST/$name.log"
   timeout "$limit" "$@" >> "$DEST/$name.log" 2>&1
@@ -62,6 +69,8 @@ if [[ $DRY == 1 ]]; then
   export LANGNEURONS_CUDA_TESTS_ON_CPU=1
   DET_SIZES=(--lengths 16,32 --per-lang 2 --batch-size 2)
   TRAIN_SIZES=(--steps 1 --micro-batch-size 1 --seq-len 32)
+  QK_SIZES=(--dtype float32 --layers 1 --lengths 32 --tokens 64 --products bfloat16)
+  SHAPE_SIZES=(--dtype float32 --layers 1 --lengths 32 --tokens 64 --repeats 1 --modes decoder,all --no-profile)
 else
   DEVICE=cuda
   if [[ -f "$EMBEDDED/config.json" ]]; then
@@ -74,6 +83,8 @@ else
   fi
   DET_SIZES=(--lengths 64,256,1024 --per-lang 16 --batch-size 8)
   TRAIN_SIZES=(--steps 10 --micro-batch-size 4 --seq-len 512)
+  QK_SIZES=(--dtype bfloat16 --layers 2 --lengths 64,256 --tokens 512 --products bfloat16,tf32)
+  SHAPE_SIZES=(--dtype bfloat16 --layers 2 --lengths mgsm,256,1024 --tokens 2048 --per-lang 16 --repeats 3)
 fi
 echo "model: $(cat "$DEST/model.txt")"
 
@@ -104,5 +115,17 @@ mapfile -t TRAIN_ARGS < <(flags bench/training.py --model "$MODEL" --device "$DE
   --json "$DEST/training.json" --modes neurons,full "${TRAIN_SIZES[@]}")
 step training_bench 90 $PYTHON bench/training.py "${TRAIN_ARGS[@]}"
 
+# ---------------------------------------------------------------- query/key scoring on the paper's shapes
+# bf16/TF32 products and pruned top-k against float32 by every text's top lists, the device against the CPU,
+# the stabilised path on the device; then the detection benchmark on a 2-layer Llama-3.1-8B shape, whose
+# profile counts kernel launches and host synchronisations per layer and batch
+step qk_precision 150 $PYTHON bench/qk_precision.py --device "$DEVICE" --config bench/llama-3.1-8b.config.json \
+  "${QK_SIZES[@]}" --json "$DEST/qk_precision.json"
+step detection_shapes 180 $PYTHON bench/detection.py --device "$DEVICE" --config bench/llama-3.1-8b.config.json \
+  "${SHAPE_SIZES[@]}" --json "$DEST/detection_shapes.json"
+
 # ---------------------------------------------------------------- one table
 $PYTHON bench/gpu_summary.py "$DEST" | tee "$DEST/summary.md"
+for name in qk_precision detection_shapes; do
+  [[ -f "$DEST/$name.log" ]] && { echo; echo "### $name"; grep -v -e USDT -e '^==' "$DEST/$name.log" | tail -n 12; } | tee -a "$DEST/summary.md"
+done

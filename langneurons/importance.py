@@ -102,9 +102,25 @@ def qk_importance_reference(query: torch.Tensor, key: torch.Tensor, value: torch
     return n2.sqrt().reshape(B, H * D), n2.view(B, KV, rep, D).sum(2).sqrt().reshape(B, KV * D)
 
 
+def block_key_ranges(keep: torch.Tensor, valid: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Per query row t, the first and last key any text and head of the batch sees (padding rows see
+    only their own key), as Python lists: the key range of each block of rows. It depends on the mask
+    only, so a probe computes it once per mask and forward (one host synchronisation, not one per layer)."""
+    B, T, S = keep.shape[0], keep.shape[-2], keep.shape[-1]
+    own_key = torch.arange(T, device=keep.device)[:, None] + (S - T) == torch.arange(S, device=keep.device)
+    keep = torch.where(valid[:, None, :, None], keep, own_key)
+    pos = torch.arange(S, device=keep.device)
+    first = torch.where(keep, pos, S).amin(-1).amin(1).amin(0)
+    last = torch.where(keep, pos, -1).amax(-1).amax(1).amax(0)
+    both = torch.stack((first, last)).tolist()
+    return both[0], both[1]
+
+
 def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
                   valid: torch.Tensor, scaling: float, softcap: float | None = None,
-                  chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk_bytes: int | None = None, top_k: tuple[int, int] | None = None,
+                  key_ranges: tuple[list[int], list[int]] | None = None,
+                  stats: dict | None = None, product: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
     """Query importance [B, H*D] and key importance [B, KV*D] of one attention layer.
 
     query [B,H,T,D] and key/value [B,KV,S,D] as the attention function sees them (after rotary
@@ -126,7 +142,15 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     pass is needed (the product is divided by the row sums instead), and the product is with the
     triangular factor of the values, which for a row seeing keys < s has only min(s, D) columns.
     The cost is bounded by the formula itself: H * D * sum_t keys_t * min(keys_t, D) multiply-adds
-    per layer (docs/detection.md, the detection cost: about 4x a decoder forward at 256 tokens on the embedded model)."""
+    per layer (docs/detection.md, the detection cost).
+
+    top_k = (k_query, k_key): only each text's top k_query query channels and top k_key key channels are
+    needed (detection's top lists). Channels whose upper bound (`qk_upper_bounds`) stays below the k-th
+    exact score of every text of the batch are then not scored exactly, and hold -inf; the top lists are
+    those of exhaustive scoring (docs/detection.md, pruned top-k). key_ranges: `block_key_ranges` of this
+    mask, when the caller has it; stats: counts "scored" (channels scored exactly, padding included) and
+    "channels" are added to it. product "bfloat16" or "tf32": the product with the values in that
+    precision, of float32-formed probability differences (`_ExactScores._low_precision`; for GPU checks)."""
     B, H, T, D = query.shape
     KV, S = key.shape[1], key.shape[2]
     rep = H // KV
@@ -143,9 +167,7 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     own_key = torch.arange(T, device=dev)[:, None] + (S - T) == torch.arange(S, device=dev)
     keep = torch.where(valid[:, None, :, None], keep, own_key)
     keep = keep.view(B, 1, 1, T, S) if keep.shape[1] == 1 else keep.view(B, KV, rep, T, S)
-    pos = torch.arange(S, device=dev)
-    first = torch.where(keep, pos, S).amin(-1).flatten(0, 2).amin(0)  # [T] first and last key each row sees
-    last = torch.where(keep, pos, -1).amax(-1).flatten(0, 2).amax(0)
+    first, last = key_ranges if key_ranges is not None else block_key_ranges(keep.flatten(1, 2), valid)
 
     def capped(x: torch.Tensor) -> torch.Tensor:
         return x if softcap is None else torch.tanh(x / softcap).mul_(softcap)
@@ -153,54 +175,226 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     pre = (q.reshape(B, KV, rep * T, D) @ k.transpose(-1, -2)).view(B, KV, rep, T, S) * scaling
     scores = capped(pre).masked_fill_(~keep, float("-inf"))
     top = scores.amax(-1, keepdim=True)  # [B,KV,rep,T,1]
-    out = (torch.softmax(scores, -1).view(B, KV, rep * T, S) @ rt).view(B, KV, rep, T, r)
+    probs = torch.softmax(scores, -1)
+    out = (probs.view(B, KV, rep * T, S) @ rt).view(B, KV, rep, T, r)
     # removing channel d changes a score by at most |scale * q[t,d] * k[s,d]| (soft-capping only shrinks
-    # changes); beyond the bound, each perturbed row is shifted by its own maximum (one more pass)
-    bound = scaling * q.abs().amax(3).flatten(1, 2).amax(1) * k.abs().amax(2).amax(1)  # [B, D]
-    stable = bool((bound < _EXP_SAFE).all())
+    # changes); beyond the bound, each perturbed row is shifted by its own maximum (one more pass). On a
+    # GPU the check would stop the device for the host, so there every row is shifted
+    if dev.type == "cpu":
+        bound = scaling * q.abs().amax(3).flatten(1, 2).amax(1) * k.abs().amax(2).amax(1)  # [B, D]
+        stable = bool((bound < _EXP_SAFE).all())
+    else:
+        stable = False
     # base-2 exponents: without soft-capping, scores and channel terms are scaled by log2 e up front
     if softcap is None:
         scores = scores.sub_(top).mul_(_LOG2E)
-    top2 = top * _LOG2E
     qa = (q * (-scaling if softcap is not None else -scaling * _LOG2E)).transpose(-1, -2)  # [B,KV,rep,D,T]
     kt = k.transpose(-1, -2)[:, :, None]  # [B,KV,1,D,S]
-    rowmask = valid.view(B, 1, 1, 1, T).float()
+    if product not in ("float32", "bfloat16", "tf32"):
+        raise ValueError(f"product must be float32, bfloat16 or tf32, not {product!r}")
+    exact = _ExactScores(scores if softcap is None else pre, keep, top * _LOG2E, rt, out, valid, softcap, stable,
+                         first, last, chunk_bytes, probs=probs, product=product)
+    kq, kk = top_k if top_k is not None else (0, 0)
+    if not (kq or kk) or (kq >= H * D and kk >= KV * D):
+        n2 = exact(qa, kt)
+        if stats is not None:
+            stats["scored"] = stats.get("scored", 0) + B * H * D
+            stats["channels"] = stats.get("channels", 0) + B * H * D
+        return n2.sqrt().reshape(B, H * D), n2.sum(2).sqrt().reshape(B, KV * D)
+    bound = qk_upper_bounds(q, k, value, probs, out, valid, last, scaling, softcap)
+    return _pruned(exact, qa, kt, bound, min(kq, H * D), min(kk, KV * D), stats)
+
+
+class _ExactScores:
+    """The exact squared query/key scores of `qk_importance` for a set of channels per head: called with
+    qa [B,KV,rep,m,T] (the query channels, times -scale) and kt [B,KV,1|rep,m,S] (the key channels),
+    it returns n2 [B,KV,rep,m], the squared norm of each channel's change of the attention output over
+    the real query rows. Blocks of query rows over their key ranges, chunks of channels (as documented
+    there); the same code for every channel whichever channels are asked for, so a channel's score does
+    not depend on which others are scored with it."""
+
+    def __init__(self, base, keep, top2, rt, out, valid, softcap, stable, first, last, chunk_bytes,
+                 probs=None, product: str = "float32"):
+        self.base, self.keep, self.top2, self.rt, self.out = base, keep, top2, rt, out
+        self.probs, self.product = probs, product
+        self.softcap, self.stable, self.first, self.last, self.chunk_bytes = softcap, stable, first, last, chunk_bytes
+        B, T = valid.shape
+        self.rowmask = valid.view(B, 1, 1, 1, T).float()
+
+    def __call__(self, qa: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
+        B, KV, rep, D, T = qa.shape
+        H, r, dev, softcap = KV * rep, self.rt.shape[-1], qa.device, self.softcap
+        n2 = torch.zeros(B, KV, rep, D, device=dev)
+        # blocks of query rows: under a causal mask a block sees only the keys up to its last row (and
+        # under a sliding window only those from its first row's window on)
+        rows_per_block = max(16, -(-T // 16))
+        for t0 in range(0, T, rows_per_block):
+            t1 = min(T, t0 + rows_per_block)
+            s0, s1 = min(self.first[t0:t1]), max(self.last[t0:t1]) + 1
+            Tb, Sb, r1 = t1 - t0, s1 - s0, min(s1, r)
+            c = max(1, min(D, self.chunk_bytes // (4 * B * H * Tb * Sb)))
+            # reused buffers: allocation costs on the CPU
+            buf, ybuf = torch.empty(B * H * c * Tb * Sb, device=dev), torch.empty(B * H * c * Tb * r1, device=dev)
+            base_b = self.base[..., None, t0:t1, s0:s1].contiguous()
+            keep_b, top_b = self.keep[..., None, t0:t1, s0:s1], self.top2[..., None, t0:t1, :]
+            rt_b, out_b = self.rt[:, :, s0:s1, :r1].contiguous(), self.out[..., None, t0:t1, :r1]
+            qa_b, kt_b = qa[..., t0:t1].contiguous(), kt[..., s0:s1].contiguous()
+            for d0 in range(0, D, c):
+                d1 = min(D, d0 + c)
+                n = B * H * (d1 - d0) * Tb
+                # scores minus Q[:,d] K[:,d]^T * scale for every channel d of the chunk, in one fused pass
+                x = torch.addcmul(base_b, qa_b[..., d0:d1, :, None], kt_b[..., d0:d1, None, :],
+                                  out=buf[:n * Sb].view(B, KV, rep, d1 - d0, Tb, Sb))
+                if softcap is not None:
+                    x = torch.tanh(x.div_(softcap), out=x).mul_(softcap * _LOG2E).sub_(top_b)
+                    x = x.masked_fill_(~keep_b, float("-inf"))
+                if not self.stable:
+                    x = x.sub_(x.amax(-1, keepdim=True))
+                x = x.exp2_()
+                z = x.sum(-1, keepdim=True)  # the softmax denominators (a pass: cheaper than a 1+r1 wide product)
+                if self.product != "float32":
+                    dist = self._low_precision(x.div_(z), t0, t1, s0, s1, rt_b, (B, KV, rep, d1 - d0, Tb))
+                    n2[..., d0:d1] += (dist.square_() * self.rowmask[..., t0:t1]).sum(-1)
+                    continue
+                y = torch.matmul(x.view(B, KV, -1, Sb), rt_b, out=ybuf[:n * r1].view(B, KV, -1, r1))
+                y = y.view(B, KV, rep, d1 - d0, Tb, r1)
+                # Z * (perturbed output - output) in place, then its norm over Z
+                dist = torch.linalg.vector_norm(y.addcmul_(z, out_b, value=-1), dim=-1).div_(z[..., 0])
+                n2[..., d0:d1] += (dist.square_() * self.rowmask[..., t0:t1]).sum(-1)
+        return n2
+
+    def _low_precision(self, perturbed, t0, t1, s0, s1, rt_b, shape) -> torch.Tensor:
+        """The change's norm per row with one bf16 or TF32 product: the difference of the perturbed and the
+        unperturbed probabilities is formed in float32 first (the nearly equal rows cancel there, not in
+        the product), then multiplied by the values' factor with float32 accumulation (for the GPU;
+        accepted only where every top list agrees with float32 scoring, bench/qk_precision.py)."""
+        B, KV, rep, c, Tb = shape
+        diff = perturbed.sub_(self.probs[..., None, t0:t1, s0:s1]).view(B, KV, -1, s1 - s0)
+        if self.product == "bfloat16":
+            y = torch.matmul(diff.bfloat16(), rt_b.bfloat16()).float()
+        else:  # tf32: float32 storage, reduced-precision multiplies on the tensor cores
+            old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                y = torch.matmul(diff, rt_b)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = old
+        return torch.linalg.vector_norm(y.view(B, KV, rep, c, Tb, -1), dim=-1)
+
+
+# float rounding allowances of the pruning test: the bound is inflated by a relative margin, and by an
+# absolute one per query row, a multiple of float32's epsilon times the scale of the vectors the exact
+# score subtracts (its rounding error cannot exceed that), so no channel whose exactly computed score
+# could reach a top list is left out
+_PRUNE_RELATIVE = 1e-3
+_PRUNE_ABSOLUTE = 1e-4
+
+
+def qk_upper_bounds(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, probs: torch.Tensor, out: torch.Tensor,
+                    valid: torch.Tensor, last, scaling: float, softcap: float | None) -> torch.Tensor:
+    """An upper bound [B,KV,rep,D] of every query channel's exact score (the norm, not its square), from
+    products of the probabilities with K, K*K and ||v||^2 (docs/detection.md, pruned top-k: derivation).
+
+    Per query row t, with p the row's probabilities, w_s = exp(X_s) the factor removing the channel puts on
+    key s (X_s = -scale q_t k_s; with soft-capping the change of the capped score) and o = E_p[v]:
+    ||change|| = ||E_p[(w - E_p w)(v - o)]|| / E_p[w] <= sqrt(Var_p(w)) / E_p[w] * sigma_t (Cauchy-Schwarz),
+    sigma_t^2 = E_p||v||^2 - ||o||^2; Var_p(w) <= e^{2M} Var_p(X) with M the largest X_s - E_p X over the
+    keys up to the row's last key, and E_p[w] >= e^{E_p X} (Jensen). It is also at most
+    max_s ||v_s|| + ||o||. Inflated by the float rounding allowances above. q [B,KV,rep,T,D], k [B,KV,S,D]."""
+    B, KV, rep, T, D = q.shape
+    S = k.shape[2]
+    last = torch.as_tensor(last, device=q.device)
+    p = probs.reshape(B, KV, rep * T, S)
+    a = q * scaling
+    if softcap is None:
+        kc = k - k.mean(2, keepdim=True)  # the bound is invariant under a shift of K: centred for accuracy
+        m1 = (p @ kc).view(B, KV, rep, T, D)
+        m2 = (p @ kc.square()).view(B, KV, rep, T, D)
+        var = (m2 - m1.square()).clamp_(min=0).add_(m2 * 1e-6)
+        kmax = kc.cummax(2).values.index_select(2, last)[:, :, None]  # [B,KV,1,T,D]: max over keys <= last_t
+        kmin = kc.cummin(2).values.index_select(2, last)[:, :, None]
+        spread = torch.where(a > 0, a * (m1 - kmin), -a * (kmax - m1))  # M - E_p X >= 0
+        xvar = a.square() * var
+        ratio = torch.where(xvar > 0, xvar * torch.exp(2 * spread), 0)
+    else:
+        # soft-capping is 1-Lipschitz: |X_s| <= |a k_s|, so Var_p(w) <= e^{2|a| kabs} a^2 E_p[k^2] and
+        # E_p[w] >= e^{-|a| kabs}, kabs the largest |k_s| up to the row's last key
+        m2 = (p @ k.square()).view(B, KV, rep, T, D) * (1 + 1e-6)
+        kabs = k.abs().cummax(2).values.index_select(2, last)[:, :, None]
+        xvar = a.square() * m2
+        ratio = torch.where(xvar > 0, xvar * torch.exp(4 * a.abs() * kabs), 0)
+    vn2 = value.float().square().sum(-1)  # [B,KV,S]
+    ev2 = (p @ vn2[..., None]).view(B, KV, rep, T, 1)
+    on2 = out.square().sum(-1, keepdim=True)  # ||o||^2: the triangular factor keeps norms
+    sigma2 = (ev2 - on2).clamp_(min=0).add_(ev2 * 1e-6)
+    vmax = vn2.sqrt().cummax(2).values.index_select(2, last)[:, :, None, :, None]  # [B,KV,1,T,1]
+    cap = vmax + on2.sqrt()
+    row = torch.minimum((ratio * sigma2).sqrt(), cap)  # [B,KV,rep,T,D]
+    rowmask = valid.view(B, 1, 1, T, 1).float()
+    total = (row.square() * rowmask).sum(3).sqrt()
+    noise = (_PRUNE_ABSOLUTE * cap).square().mul(rowmask).sum(3).sqrt()  # [B,KV,rep,1]
+    return total * (1 + _PRUNE_RELATIVE) + noise
+
+
+def _kth(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of each row of x [B, n] (-inf counts as a value)."""
+    return x.topk(k, dim=-1).values[:, -1]
+
+
+def _pruned(exact: _ExactScores, qa: torch.Tensor, kt: torch.Tensor, bound: torch.Tensor, kq: int, kk: int,
+            stats: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact scores for the channels that can enter a text's top-kq query or top-kk key list, -inf for the
+    others. Channels are scored batch-wide per head (the same channels for every text: one product shape):
+    first each text's top channels by bound, then, until none is left, every channel whose bound reaches
+    the k-th exact score of some text (for keys: the bound summed over the heads reading the kv head)."""
+    B, KV, rep, D, T = qa.shape
+    dev = qa.device
     n2 = torch.zeros(B, KV, rep, D, device=dev)
-    # blocks of query rows: under a causal mask a block sees only the keys up to its last row (and
-    # under a sliding window only those from its first row's window on)
-    rows_per_block = max(16, -(-T // 16))
-    first, last = first.tolist(), last.tolist()
-    for t0 in range(0, T, rows_per_block):
-        t1 = min(T, t0 + rows_per_block)
-        s0, s1 = min(first[t0:t1]), max(last[t0:t1]) + 1
-        Tb, Sb, r1 = t1 - t0, s1 - s0, min(s1, r)
-        c = max(1, min(D, chunk_bytes // (4 * B * H * Tb * Sb)))
-        # reused buffers: allocation costs on the CPU
-        buf, ybuf = torch.empty(B * H * c * Tb * Sb, device=dev), torch.empty(B * H * c * Tb * r1, device=dev)
-        base_b = (scores if softcap is None else pre)[..., None, t0:t1, s0:s1].contiguous()
-        keep_b, top_b = keep[..., None, t0:t1, s0:s1], top2[..., None, t0:t1, :]
-        rt_b, out_b = rt[:, :, s0:s1, :r1].contiguous(), out[..., None, t0:t1, :r1]
-        qa_b, kt_b = qa[..., t0:t1].contiguous(), kt[..., s0:s1].contiguous()
-        for d0 in range(0, D, c):
-            d1 = min(D, d0 + c)
-            n = B * H * (d1 - d0) * Tb
-            # scores minus Q[:,d] K[:,d]^T * scale for every channel d of the chunk, in one fused pass
-            x = torch.addcmul(base_b, qa_b[..., d0:d1, :, None], kt_b[..., d0:d1, None, :],
-                              out=buf[:n * Sb].view(B, KV, rep, d1 - d0, Tb, Sb))
-            if softcap is not None:
-                x = torch.tanh(x.div_(softcap), out=x).mul_(softcap * _LOG2E).sub_(top_b)
-                x = x.masked_fill_(~keep_b, float("-inf"))
-            if not stable:
-                x = x.sub_(x.amax(-1, keepdim=True))
-            x = x.exp2_()
-            z = x.sum(-1, keepdim=True)  # the softmax denominators (a pass: cheaper than a 1+r1 wide product)
-            y = torch.matmul(x.view(B, KV, -1, Sb), rt_b, out=ybuf[:n * r1].view(B, KV, -1, r1))
-            y = y.view(B, KV, rep, d1 - d0, Tb, r1)
-            # Z * (perturbed output - output) in place, then its norm over Z
-            dist = torch.linalg.vector_norm(y.addcmul_(z, out_b, value=-1), dim=-1).div_(z[..., 0])
-            n2[..., d0:d1] += (dist.square_() * rowmask[..., t0:t1]).sum(-1)
-    q_imp = n2.sqrt().reshape(B, H * D)
-    k_imp = n2.sum(2).sqrt().reshape(B, KV * D)
+    scored = torch.zeros(KV, rep, D, dtype=torch.bool, device=dev)
+    kbound = bound.square().sum(2).sqrt()  # [B,KV,D]
+    wanted = torch.zeros(B, KV * rep * D, dtype=torch.bool, device=dev)
+    if kq:
+        wanted.scatter_(1, bound.flatten(1).topk(kq, dim=-1).indices, True)
+    wanted = wanted.view(B, KV, rep, D).any(0)
+    if kk:
+        kwant = torch.zeros(B, KV * D, dtype=torch.bool, device=dev)
+        kwant.scatter_(1, kbound.flatten(1).topk(kk, dim=-1).indices, True)
+        wanted |= kwant.view(B, KV, 1, D).any(0)
+    computed = 0
+    while True:
+        new = wanted & ~scored
+        m = int(new.sum(-1).max())
+        if m == 0:
+            break
+        if m >= D // 2:  # most of a head anyway: score every channel left, once, rather than in rounds
+            new = ~scored
+            m = int(new.sum(-1).max())
+        # per head, its new channels first (stable sort), padded with channels whose result is dropped
+        idx = torch.argsort((~new).to(torch.int8), dim=-1, stable=True)[..., :m]  # [KV,rep,m]
+        keep = new.gather(-1, idx)
+        qi = qa.gather(3, idx[None, ..., None].expand(B, KV, rep, m, T))
+        ki = kt.expand(B, KV, rep, D, kt.shape[-1]).gather(3, idx[None, ..., None].expand(B, KV, rep, m, kt.shape[-1]))
+        got = exact(qi, ki)
+        n2.scatter_(3, idx[None].expand(B, KV, rep, m), torch.where(keep, got, n2.gather(3, idx[None].expand(B, KV, rep, m))))
+        scored |= new
+        computed += KV * rep * m
+        wanted = torch.zeros_like(scored)
+        score = torch.where(scored, n2.sqrt(), float("-inf"))
+        if kq:
+            tau = _kth(score.flatten(1), kq)  # [B]
+            wanted |= (bound >= tau[:, None, None, None]).any(0)
+        if kk:
+            full = scored.all(1)  # [KV, D]: every head reading g scored
+            kscore = torch.where(full, n2.sum(2).sqrt(), float("-inf"))
+            tau_k = _kth(kscore.flatten(1), kk)
+            reach = ((kbound >= tau_k[:, None, None]) & ~full).any(0)  # [KV, D]
+            wanted |= reach[:, None, :]
+    if stats is not None:
+        stats["scored"] = stats.get("scored", 0) + B * computed
+        stats["channels"] = stats.get("channels", 0) + B * KV * rep * D
+    q_imp = torch.where(scored, n2.sqrt(), float("-inf")).expand(B, KV, rep, D).reshape(B, KV * rep * D)
+    full = scored.all(1)
+    k_imp = torch.where(full, n2.sum(2).sqrt(), float("-inf")).reshape(B, KV * D)
     return q_imp, k_imp
 
 
@@ -434,7 +628,7 @@ class ImportanceProbe:
     expert."""
 
     def __init__(self, model, groups: tuple[str, ...] = GROUPS, method: str = "importance",
-                 chunk_bytes: int | None = None, qk_score: str = "channel"):
+                 chunk_bytes: int | None = None, qk_score: str = "channel", top_k: dict[str, int] | None = None):
         if qk_score not in ("channel", "row"):
             raise ValueError(f"qk_score must be 'channel' or 'row', not {qk_score!r}")
         self.model, self.method, self.chunk_bytes, self.qk_score = model, method, chunk_bytes, qk_score
@@ -466,6 +660,11 @@ class ImportanceProbe:
         self._valid: torch.Tensor | None = None
         self._col_norms: dict[int, torch.Tensor] = {}
         self._rows: dict = {}  # row score: the current layer's q_proj/k_proj outputs and rotary tables
+        # top_k {group: k}: only each text's top k of attn_q/attn_k are needed (detection), so query/key
+        # channels that provably cannot enter them are not scored exactly (-inf; qk_importance)
+        self.top_k = top_k or {}
+        self.qk_stats = {"scored": 0, "channels": 0}  # query/key channels scored exactly, of all
+        self._ranges: dict = {}  # per attention mask of the running forward: its blocks' key ranges
 
     # ------------------------------------------------------------ hooks
     # (they measure only inside __call__: other forwards of the model under the probe are untouched)
@@ -528,7 +727,13 @@ class ImportanceProbe:
             q_imp, k_imp = qk_row_importance(query, key, value, keep, valid, scaling, softcap, q_rows, k_rows,
                                              partner, self.chunk_bytes)
         else:
-            q_imp, k_imp = qk_importance(query, key, value, keep, valid, scaling, softcap, self.chunk_bytes)
+            cached = self._ranges.get(id(attention_mask))
+            if cached is None:  # the same mask for every layer of a kind: computed once per forward
+                cached = self._ranges[id(attention_mask)] = (attention_mask, block_key_ranges(keep, valid))
+            top_k = tuple(self.top_k.get(g, 0) if g in self.groups else 0 for g in ("attn_q", "attn_k"))
+            q_imp, k_imp = qk_importance(query, key, value, keep, valid, scaling, softcap, self.chunk_bytes,
+                                         top_k=top_k if any(top_k) else None, key_ranges=cached[1],
+                                         stats=self.qk_stats)
         layer = self.layer_of[id(module)]
         if "attn_q" in self.groups:
             self._scores["attn_q"][layer] = q_imp
@@ -616,6 +821,7 @@ class ImportanceProbe:
         self._valid = attention_mask.bool()
         for lp in self.moe.values():
             lp.begin(self._valid)
+        self._ranges.clear()
         try:
             # the decoder alone: detection needs no logits, and the LM head is a large share of a
             # small model's forward (Gemma 3 270M: 262k x 640)
@@ -638,6 +844,7 @@ class ImportanceProbe:
             if any(x is None for x in v):  # a hook point the forward never reached: no partial scores
                 raise InputError(f"group {g}: the model's forward did not pass the point where it is measured "
                                  f"({type(self.model).__name__}); use --groups without {g}")
+            self._ranges.clear()
         out = {g: torch.stack([s.cpu() for s in v], 1) for g, v in self._scores.items()}
         if routed:
             out["experts"] = torch.stack(routed, 1)

@@ -1,0 +1,150 @@
+"""Pruned top-k query/key scoring (docs/detection.md, pruned top-k) gives the top lists of exhaustive scoring,
+its upper bound holds, and the benchmark's floor counter counts what it says."""
+import argparse
+import math
+
+import pytest
+import torch
+
+import detection
+from bench.detection import floor_counts, layer_macs
+from langneurons.importance import qk_importance, qk_importance_reference, qk_upper_bounds
+from langneurons.data import pad_batch
+from langneurons.model import GROUPS, Geometry
+from tiny import ARCHS, SENTENCES, tiny_model, tiny_tokenizer
+
+TOK = tiny_tokenizer()
+
+
+def inputs(seed: int, B=3, H=4, KV=2, T=40, D=16, scales=False, window=None):
+    """Random q/k/v with a causal mask (optionally a sliding window), one left- and one right-padded text;
+    with `scales`, every query and key channel multiplied by its own factor in [1/1000, 1000] (log-uniform)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(B, H, T, D, generator=g), torch.randn(B, KV, T, D, generator=g), torch.randn(B, KV, T, D, generator=g)
+    if scales:
+        q = q * 10 ** (torch.rand(D, generator=g) * 6 - 3) * 0.05
+        k = k * 10 ** (torch.rand(KV, 1, D, generator=g) * 6 - 3) * 0.05
+    keep = torch.ones(T, T, dtype=torch.bool).tril()
+    if window:
+        keep &= ~torch.ones(T, T, dtype=torch.bool).tril(-window)
+    keep = keep[None, None].repeat(B, 1, 1, 1)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    keep[1, :, :, :5], valid[1, :5] = False, False  # left padding
+    keep[2, :, :, 30:], valid[2, 30:] = False, False  # right padding
+    return q, k, v, keep, valid
+
+
+def top_lists(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return scores.topk(k, dim=-1).indices.sort(-1).values
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("scales", [False, True], ids=["plain", "scaled-1000x"])
+@pytest.mark.parametrize("window", [None, 7])
+def test_pruned_top_lists_equal_exhaustive(softcap, scales, window):
+    """Adversarial channel scales (up to 1000x either way), soft-capping, sliding windows, padding, grouped-query
+    attention: every text's top lists equal exhaustive scoring's, every channel scored carries exactly the
+    exhaustive value, and the others hold -inf."""
+    for seed in range(3):
+        q, k, v, keep, valid = inputs(seed, scales=scales, window=window)
+        full_q, full_k = qk_importance(q, k, v, keep, valid, 0.3, softcap)
+        for kq, kk in ((1, 1), (3, 2), (8, 5)):
+            stats = {}
+            got_q, got_k = qk_importance(q, k, v, keep, valid, 0.3, softcap, top_k=(kq, kk), stats=stats)
+            assert torch.equal(top_lists(got_q, kq), top_lists(full_q, kq))
+            assert torch.equal(top_lists(got_k, kk), top_lists(full_k, kk))
+            for got, full in ((got_q, full_q), (got_k, full_k)):
+                scored = torch.isfinite(got)
+                assert torch.equal(got[scored], full[scored])
+                assert (got[~scored] == float("-inf")).all()
+            assert 0 < stats["scored"] and stats["channels"] == 3 * 4 * 16
+
+
+def test_scaled_channels_are_pruned():
+    """With channel scales spread over six decades most channels are far from any top list: the bound
+    must leave most of them unscored (else the pruning path does nothing), and still give the same lists."""
+    q, k, v, keep, valid = inputs(0, scales=True, D=32)
+    stats = {}
+    got_q, _ = qk_importance(q, k, v, keep, valid, 0.3, None, top_k=(2, 1), stats=stats)
+    assert stats["scored"] < 0.6 * stats["channels"]
+    full_q, _ = qk_importance(q, k, v, keep, valid, 0.3, None)
+    assert torch.equal(top_lists(got_q, 2), top_lists(full_q, 2))
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("scales", [False, True], ids=["plain", "scaled-1000x"])
+def test_upper_bound_holds(softcap, scales):
+    """qk_upper_bounds is at least the exact score (importance.qk_importance_reference, the formula written
+    plainly) of every query channel of every head and text, without its rounding allowance too."""
+    for seed in range(3):
+        q, k, v, keep, valid = inputs(seed, scales=scales, window=None if seed < 2 else 9)
+        B, H, T, D = q.shape
+        KV = k.shape[1]
+        ref_q, _ = qk_importance_reference(q, k, v, keep, valid, 0.3, softcap)
+        own = torch.arange(T)[:, None] == torch.arange(T)
+        keep2 = torch.where(valid[:, None, :, None], keep, own)
+        pre = (q @ k.repeat_interleave(H // KV, 1).transpose(-1, -2)) * 0.3
+        capped = pre if softcap is None else torch.tanh(pre / softcap) * softcap
+        probs = torch.softmax(capped.masked_fill(~keep2, float("-inf")), -1)
+        out = probs @ v.repeat_interleave(H // KV, 1)
+        last = torch.where(keep2, torch.arange(T), -1).amax(-1).amax(1).amax(0)
+        bound = qk_upper_bounds(q.view(B, KV, H // KV, T, D), k, v, probs.view(B, KV, H // KV, T, T),
+                                out.view(B, KV, H // KV, T, D), valid, last, 0.3, softcap)
+        assert (bound.reshape(B, H * D) >= ref_q * (1 - 1e-5)).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_detection_selections_equal_exhaustive(arch):
+    """detection.TopImportance (which passes its k to the probe) selects, per text, layer and group, exactly
+    what exhaustive scoring selects, on every architecture: so every file detection writes from them
+    (per_text.safetensors, firing counts, sets) is byte-identical. Several ratios, padded batches."""
+    model = tiny_model(arch)
+    geom = Geometry.from_config(model.config)
+    texts = SENTENCES["fr"][:3] + SENTENCES["de"][:2]
+    for left in (False, True):
+        ids, mask = pad_batch([TOK(t)["input_ids"] for t in texts], TOK.pad_token_id, "cpu", left=left)
+        for ratio in (0.02, 0.1, 0.3):
+            method = detection.TopImportance(argparse.Namespace(ratio=ratio, qk_score="channel"), model, geom, GROUPS)
+            assert method.probe.top_k == method.top_k
+            with method.probe:
+                pruned = method.selected(ids, mask)
+            method.probe.top_k = {}  # the same method scoring every channel
+            with method.probe:
+                exhaustive = method.selected(ids, mask)
+            for g in GROUPS:
+                assert torch.equal(pruned[g], exhaustive[g]), (arch, left, ratio, g)
+
+
+def test_layer_macs_hand_counted():
+    # 3 tokens, causal: the rows see 1, 2, 3 keys; 10 weight entries, 2 heads of width 2
+    # decoder 3*10 + 2*(2*2)*(1+2+3) = 78; q/k: 2*2*(1*min(1,2) + 2*min(2,2) + 3*min(3,2)) = 4*11 = 44
+    assert layer_macs(3, 10, 2, 2) == (78, 44)
+    # a window of 2: the rows see 1, 2, 2 keys, the last one keys 2..3, so its factor is min(3, 2) wide
+    # decoder 30 + 8*5 = 70; q/k: 4*(1*1 + 2*2 + 2*2) = 36
+    assert layer_macs(3, 10, 2, 2, window=2) == (70, 36)
+    # one token: only its own key
+    assert layer_macs(1, 7, 3, 5) == (7 + 2 * 15, 15)
+
+
+def test_floor_counts_sum_layers_and_sentences():
+    shapes = [{"linear_params": 10, "heads": 2, "head_dim": 2, "window": None},
+              {"linear_params": 10, "heads": 2, "head_dim": 2, "window": 2}]
+    got = floor_counts(shapes, [3, 1])
+    # the 3-token sentence as above in each layer, the 1-token one 10 + 2*(2*2)*1 = 18 and 2*2*1*1 = 4 in each
+    dec = 78 + 70 + 2 * (10 + 2 * 4 * 1)
+    qk = 44 + 36 + 2 * 4
+    assert got["decoder_macs"] == dec and got["qk_macs"] == qk
+    assert math.isclose(got["floor"], 1 + qk / dec)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_bf16_product_of_float32_differences_is_close(softcap):
+    """The GPU check's low-precision variant (the probability differences formed in float32, one bf16 product
+    with the values' factor): within bf16's rounding of float32 scoring, channel for channel."""
+    q, k, v, keep, valid = inputs(4)
+    ref = qk_importance(q, k, v, keep, valid, 0.3, softcap)
+    got = qk_importance(q, k, v, keep, valid, 0.3, softcap, product="bfloat16")
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-4)
+    with pytest.raises(ValueError):
+        qk_importance(q, k, v, keep, valid, 0.3, softcap, product="float16")
