@@ -60,6 +60,7 @@ def _register() -> None:
 # exponentiated directly: its largest term lies in [e^-40, e^40], far from float32 under- and overflow
 _EXP_SAFE = 40.0
 _LOG2E = 1.4426950408889634  # exp(x) = 2^(x log2 e); torch's exp2 runs ~3x faster than exp on the CPU
+_MIN_PRODUCT_ROWS = 512  # rows of each matrix product in qk_importance's inner step (CPU: smaller ones run slowly)
 
 
 def visible_keys(attention_mask: torch.Tensor | None, T: int, S: int, device) -> torch.Tensor:
@@ -232,7 +233,10 @@ class _ExactScores:
             t1 = min(T, t0 + rows_per_block)
             s0, s1 = min(self.first[t0:t1]), max(self.last[t0:t1]) + 1
             Tb, Sb, r1 = t1 - t0, s1 - s0, min(s1, r)
-            c = max(1, min(D, self.chunk_bytes // (4 * B * H * Tb * Sb)))
+            # channels per chunk: temporaries near chunk_bytes, but at least ~512 rows per matrix product (many
+            # heads with long rows, Llama-3.1-8B's shape at 256 tokens, would otherwise give one channel per chunk
+            # and small, slow products)
+            c = max(1, min(D, max(self.chunk_bytes // (4 * B * H * Tb * Sb), -(-_MIN_PRODUCT_ROWS // (rep * Tb)))))
             # reused buffers: allocation costs on the CPU
             buf, ybuf = torch.empty(B * H * c * Tb * Sb, device=dev), torch.empty(B * H * c * Tb * r1, device=dev)
             base_b = self.base[..., None, t0:t1, s0:s1].contiguous()
