@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .cli import InputError
-from .importance import ImportanceProbe, _eager_attention, uses_attention_registry, visible_keys
+from .importance import ImportanceProbe, _eager_attention, alibi_in_mask, uses_attention_registry, visible_keys
 from .model import GROUPS, Geometry, decoder_layers, neuron_slots, projections
 
 AUTHORS_ATTENTION = "langneurons_authors"
@@ -170,6 +170,11 @@ class AuthorsProbe:
             raise InputError(f"--method authors: model type '{getattr(model.config, 'model_type', '?')}' does not "
                              "compute attention through transformers' attention functions: attn_q/attn_k and "
                              "--authors-attention bidirectional are not supported for it")
+        if alibi_in_mask(model.config) and (self.authors_qk or self.paper_qk or attention != "causal"):
+            # an alibi bias rides in the additive mask: re-masking would drop it, the q/k scores would ignore it
+            raise InputError(f"--method authors: model type '{getattr(model.config, 'model_type', '?')}' adds an "
+                             "alibi bias to its attention: attn_q/attn_k and --authors-attention bidirectional are "
+                             "not supported for it")
         self._handles: list = []
         self._scores: dict[str, list] = {}
         self._valid: torch.Tensor | None = None

@@ -564,6 +564,12 @@ def uses_attention_registry(model) -> bool:
         return True
 
 
+def alibi_in_mask(config) -> bool:
+    """Whether the model adds an alibi bias to its attention scores (Falcon with alibi, BLOOM): on the attention
+    registry's path that bias arrives inside the additive mask (transformers >= 5.25 for Falcon)."""
+    return bool(getattr(config, "alibi", False)) or getattr(config, "model_type", None) == "bloom"
+
+
 def _falcon_attention(module, fused: torch.Tensor, bound: dict):
     """(query [B,H,T,D], key [B,KV,S,D], value [B,KV,S,D], mask, scaling, bias) exactly as FalconAttention.forward
     computes them from its fused q/k/v output (rotary applied), the grouped layout's keys and values once per
@@ -648,16 +654,22 @@ class ImportanceProbe:
         self._taps = contextlib.ExitStack()
         # attention computed inline (not through the registry): Q, K, V recomputed from the fused projection
         self.inline = None
-        if self.wants_qk and not uses_attention_registry(model):
-            mt = getattr(model.config, "model_type", None)
+        mt = getattr(model.config, "model_type", None)
+        registry = uses_attention_registry(model)
+        if self.wants_qk and mt == "falcon" and model.config.alibi:
+            raise InputError("groups attn_q/attn_k: Falcon with alibi is not supported (transformers adds its "
+                             "alibi bias differently between its versions and attention paths); use --groups "
+                             "without attn_q,attn_k")
+        if self.wants_qk and registry and alibi_in_mask(model.config):
+            # the bias would reach the attention function inside an additive mask, which the score reads as
+            # visibility only: refused rather than scored without it
+            raise InputError(f"groups attn_q/attn_k: model type '{mt}' adds an alibi bias to the attention mask, "
+                             "which the query/key score does not model; use --groups without attn_q,attn_k")
+        if self.wants_qk and not registry:
             if mt not in _INLINE_ATTENTION or "qkv" not in self.layers[0]:
                 raise InputError(f"groups attn_q/attn_k: model type '{mt}' does not compute attention through "
                                  "transformers' attention functions, and its query/key inputs cannot be read; "
                                  "use --groups without attn_q,attn_k")
-            if mt == "falcon" and model.config.alibi:
-                raise InputError("groups attn_q/attn_k: Falcon with alibi is not supported (transformers adds its "
-                                 "alibi bias differently on the eager and sdpa paths); use --groups without "
-                                 "attn_q,attn_k")
             self.inline = _INLINE_ATTENTION[mt]
         self._handles: list = []
         self._scores: dict[str, list] = {}
