@@ -46,12 +46,16 @@ def layer_macs(n: int, linear_params: int, heads: int, head_dim: int, window: in
     Decoder: every token through the layer's linear weights (`linear_params` entries) plus the attention's
     two products (Q K^T and P V: heads * head_dim per visible key). Query/key: the exact scores of
     importance.qk_importance, one product of each (head, channel, query row)'s perturbed probabilities over
-    its n_t visible keys with the values' triangular factor, min(t, head_dim) wide for a row whose last
-    key is t: heads * head_dim * sum_t n_t * min(t, head_dim). n_t = t causal, min(t, window) with a sliding
-    window."""
+    its visible keys with the values' triangular factor, in which key s (1-based) has min(s, head_dim)
+    entries: heads * head_dim * sum_t sum over the row's visible keys s of min(s, head_dim). A row sees
+    keys t-n_t+1..t, n_t = t causal, min(t, window) with a sliding window."""
     visible = [min(t, window) if window else t for t in range(1, n + 1)]
+    # reach[s] = sum_{s' <= s} min(s', head_dim): a row's product is reach[t] - reach[t - n_t]
+    reach = [0]
+    for s in range(1, n + 1):
+        reach.append(reach[-1] + min(s, head_dim))
     decoder = n * linear_params + 2 * heads * head_dim * sum(visible)
-    qk = heads * head_dim * sum(v * min(t, head_dim) for t, v in enumerate(visible, 1))
+    qk = heads * head_dim * sum(reach[t] - reach[t - v] for t, v in enumerate(visible, 1))
     return decoder, qk
 
 

@@ -19,6 +19,7 @@ The LAPE detector (Tang et al., 2024) only needs the FFN activation sign, read a
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 import inspect
 import sys
 
@@ -142,8 +143,9 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     unnormalised softmax by exp(-scale * Q[t,d] * K[:,d]), so no per-row maximum or normalisation
     pass is needed (the product is divided by the row sums instead), and the product is with the
     triangular factor of the values, which for a row seeing keys < s has only min(s, D) columns.
-    The cost is bounded by the formula itself: H * D * sum_t keys_t * min(keys_t, D) multiply-adds
-    per layer (docs/detection.md, the detection cost).
+    The products cost about H * D * sum_t sum_s min(s, D) multiply-adds per layer (s over the keys row t
+    sees; key s has min(s, D) entries in the triangular factor, `_trapezoidal_product`; docs/detection.md,
+    the detection cost).
 
     top_k = (k_query, k_key): only each text's top k_query query channels and top k_key key channels are
     needed (detection's top lists). Channels whose upper bound (`qk_upper_bounds`) stays below the k-th
@@ -202,8 +204,36 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
             stats["scored"] = stats.get("scored", 0) + B * H * D
             stats["channels"] = stats.get("channels", 0) + B * H * D
         return n2.sqrt().reshape(B, H * D), n2.sum(2).sqrt().reshape(B, KV * D)
-    bound = qk_upper_bounds(q, k, value, probs, out, valid, last, scaling, softcap)
-    return _pruned(exact, qa, kt, bound, min(kq, H * D), min(kk, KV * D), stats)
+    # every _SAMPLE_STEP-th query row's terms of the bound: a lower bound of the bound, at a fraction of its cost.
+    # Channels it already puts at or above a text's k-th exact score must be scored whatever the full bound says,
+    # so where they are most of a head the full bound would prune nothing, and it is not computed (random
+    # weights: channels are alike and none can be pruned)
+    every = slice(None, None, _SAMPLE_STEP)
+    sample = qk_upper_bounds(q[:, :, :, every], k, value, probs[:, :, :, every], out[:, :, :, every],
+                             valid[:, every], last[every], scaling, softcap)
+    full = lambda: qk_upper_bounds(q, k, value, probs, out, valid, last, scaling, softcap)
+    return _pruned(exact, qa, kt, sample, full, min(kq, H * D), min(kk, KV * D), stats)
+
+
+_KEY_CHUNK = 64  # keys per product where the values' factor is triangular (smaller ones run slowly)
+
+
+def _trapezoidal_product(x: torch.Tensor, rt: torch.Tensor, s0: int, out: torch.Tensor) -> torch.Tensor:
+    """x [G,M,K] @ rt [G,K,N] into out, for rt lower trapezoidal in absolute key order (key s0 + i has nonzeros
+    in columns <= s0 + i only): keys whose row reaches every column in one product, the earlier ones in
+    chunks of _KEY_CHUNK keys into just the columns they reach, which saves up to half the products of the
+    triangle (the keys before the head_dim-th)."""
+    K, N = rt.shape[-2:]
+    full = min(K, max(0, N - 1 - s0))  # keys before this one reach fewer than N columns
+    starts = list(range(0, full, _KEY_CHUNK))
+    if len(starts) <= 1:  # at most one chunk of the triangle: one product
+        return torch.matmul(x, rt, out=out)
+    torch.matmul(x[..., starts[-1]:], rt[:, starts[-1]:], out=out)  # the last chunk reaches every column
+    for k0 in reversed(starts[:-1]):
+        k1 = k0 + _KEY_CHUNK
+        w = min(N, s0 + k1)
+        out[..., :w].baddbmm_(x[..., k0:k1], rt[:, k0:k1, :w])
+    return out
 
 
 class _ExactScores:
@@ -229,16 +259,22 @@ class _ExactScores:
         # blocks of query rows: under a causal mask a block sees only the keys up to its last row (and
         # under a sliding window only those from its first row's window on)
         rows_per_block = max(16, -(-T // 16))
+        blocks = []
         for t0 in range(0, T, rows_per_block):
             t1 = min(T, t0 + rows_per_block)
             s0, s1 = min(self.first[t0:t1]), max(self.last[t0:t1]) + 1
-            Tb, Sb, r1 = t1 - t0, s1 - s0, min(s1, r)
             # channels per chunk: temporaries near chunk_bytes, but at least ~512 rows per matrix product (many
             # heads with long rows, Llama-3.1-8B's shape at 256 tokens, would otherwise give one channel per chunk
             # and small, slow products)
-            c = max(1, min(D, max(self.chunk_bytes // (4 * B * H * Tb * Sb), -(-_MIN_PRODUCT_ROWS // (rep * Tb)))))
-            # reused buffers: allocation costs on the CPU
-            buf, ybuf = torch.empty(B * H * c * Tb * Sb, device=dev), torch.empty(B * H * c * Tb * r1, device=dev)
+            per_channel = 4 * B * H * (t1 - t0) * (s1 - s0)
+            blocks.append((t0, t1, s0, s1, max(1, min(D, max(self.chunk_bytes // per_channel,
+                                                              -(-_MIN_PRODUCT_ROWS // (rep * (t1 - t0))))))))
+        # one pair of buffers for all blocks: on the CPU a fresh large allocation is a fresh mapping, whose
+        # pages the first pass over it would fault in
+        buf = torch.empty(max(B * H * c * (t1 - t0) * (s1 - s0) for t0, t1, s0, s1, c in blocks), device=dev)
+        ybuf = torch.empty(max(B * H * c * (t1 - t0) * min(s1, r) for t0, t1, s0, s1, c in blocks), device=dev)
+        for t0, t1, s0, s1, c in blocks:
+            Tb, Sb, r1 = t1 - t0, s1 - s0, min(s1, r)
             base_b = self.base[..., None, t0:t1, s0:s1].contiguous()
             keep_b, top_b = self.keep[..., None, t0:t1, s0:s1], self.top2[..., None, t0:t1, :]
             rt_b, out_b = self.rt[:, :, s0:s1, :r1].contiguous(), self.out[..., None, t0:t1, :r1]
@@ -260,8 +296,8 @@ class _ExactScores:
                     dist = self._low_precision(x.div_(z), t0, t1, s0, s1, rt_b, (B, KV, rep, d1 - d0, Tb))
                     n2[..., d0:d1] += (dist.square_() * self.rowmask[..., t0:t1]).sum(-1)
                     continue
-                y = torch.matmul(x.view(B, KV, -1, Sb), rt_b, out=ybuf[:n * r1].view(B, KV, -1, r1))
-                y = y.view(B, KV, rep, d1 - d0, Tb, r1)
+                y = _trapezoidal_product(x.view(B * KV, -1, Sb), rt_b.view(B * KV, Sb, r1), s0,
+                                         ybuf[:n * r1].view(B * KV, -1, r1)).view(B, KV, rep, d1 - d0, Tb, r1)
                 # Z * (perturbed output - output) in place, then its norm over Z
                 dist = torch.linalg.vector_norm(y.addcmul_(z, out_b, value=-1), dim=-1).div_(z[..., 0])
                 n2[..., d0:d1] += (dist.square_() * self.rowmask[..., t0:t1]).sum(-1)
@@ -292,6 +328,7 @@ class _ExactScores:
 # could reach a top list is left out
 _PRUNE_RELATIVE = 1e-3
 _PRUNE_ABSOLUTE = 1e-4
+_SAMPLE_STEP = 8  # query rows of the sampled bound: every 8th
 
 
 def qk_upper_bounds(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, probs: torch.Tensor, out: torch.Tensor,
@@ -315,8 +352,8 @@ def qk_upper_bounds(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, probs
         m1 = (p @ kc).view(B, KV, rep, T, D)
         m2 = (p @ kc.square()).view(B, KV, rep, T, D)
         var = (m2 - m1.square()).clamp_(min=0).add_(m2 * 1e-6)
-        kmax = kc.cummax(2).values.index_select(2, last)[:, :, None]  # [B,KV,1,T,D]: max over keys <= last_t
-        kmin = kc.cummin(2).values.index_select(2, last)[:, :, None]
+        kmax = _running_max(kc).index_select(2, last)[:, :, None]  # [B,KV,1,T,D]: max over keys <= last_t
+        kmin = -_running_max(-kc).index_select(2, last)[:, :, None]
         spread = torch.where(a > 0, a * (m1 - kmin), -a * (kmax - m1))  # M - E_p X >= 0
         xvar = a.square() * var
         ratio = torch.where(xvar > 0, xvar * torch.exp(2 * spread), 0)
@@ -324,14 +361,14 @@ def qk_upper_bounds(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, probs
         # soft-capping is 1-Lipschitz: |X_s| <= |a k_s|, so Var_p(w) <= e^{2|a| kabs} a^2 E_p[k^2] and
         # E_p[w] >= e^{-|a| kabs}, kabs the largest |k_s| up to the row's last key
         m2 = (p @ k.square()).view(B, KV, rep, T, D) * (1 + 1e-6)
-        kabs = k.abs().cummax(2).values.index_select(2, last)[:, :, None]
+        kabs = _running_max(k.abs()).index_select(2, last)[:, :, None]
         xvar = a.square() * m2
         ratio = torch.where(xvar > 0, xvar * torch.exp(4 * a.abs() * kabs), 0)
     vn2 = value.float().square().sum(-1)  # [B,KV,S]
     ev2 = (p @ vn2[..., None]).view(B, KV, rep, T, 1)
     on2 = out.square().sum(-1, keepdim=True)  # ||o||^2: the triangular factor keeps norms
     sigma2 = (ev2 - on2).clamp_(min=0).add_(ev2 * 1e-6)
-    vmax = vn2.sqrt().cummax(2).values.index_select(2, last)[:, :, None, :, None]  # [B,KV,1,T,1]
+    vmax = _running_max(vn2.sqrt()).index_select(2, last)[:, :, None, :, None]  # [B,KV,1,T,1]
     cap = vmax + on2.sqrt()
     row = torch.minimum((ratio * sigma2).sqrt(), cap)  # [B,KV,rep,T,D]
     rowmask = valid.view(B, 1, 1, T, 1).float()
@@ -340,65 +377,91 @@ def qk_upper_bounds(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, probs
     return total * (1 + _PRUNE_RELATIVE) + noise
 
 
+def _running_max(x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    """x.cummax(dim).values, as log2(n) vectorised maxima of shifted copies (torch's cummax along an inner
+    dimension runs element by element, slower than the rest of the bound together)."""
+    n, x = x.shape[dim], x.clone(memory_format=torch.contiguous_format)  # the scan overwrites both buffers
+    other, step = torch.empty_like(x), 1
+    while step < n:
+        other.narrow(dim, 0, step).copy_(x.narrow(dim, 0, step))
+        torch.maximum(x.narrow(dim, step, n - step), x.narrow(dim, 0, n - step), out=other.narrow(dim, step, n - step))
+        x, other, step = other, x, 2 * step
+    return x
+
+
 def _kth(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest value of each row of x [B, n] (-inf counts as a value)."""
     return x.topk(k, dim=-1).values[:, -1]
 
 
-def _pruned(exact: _ExactScores, qa: torch.Tensor, kt: torch.Tensor, bound: torch.Tensor, kq: int, kk: int,
-            stats: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _pruned(exact: _ExactScores, qa: torch.Tensor, kt: torch.Tensor, sample: torch.Tensor,
+            full: Callable[[], torch.Tensor], kq: int, kk: int, stats: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact scores for the channels that can enter a text's top-kq query or top-kk key list, -inf for the
     others. Channels are scored batch-wide per head (the same channels for every text: one product shape):
-    first each text's top channels by bound, then, until none is left, every channel whose bound reaches
-    the k-th exact score of some text (for keys: the bound summed over the heads reading the kv head)."""
+    first each text's top channels by the sampled bound (`sample`, at most the full bound), then, until none
+    is left, every channel whose bound reaches the k-th exact score of some text (for keys: the bound summed
+    over the heads reading the kv head). The sampled bound decides while it can: a channel it puts at the k-th
+    exact score must be scored in any case; the full bound (`full()`) is computed only when the sampled one
+    asks for no more channels while some are unscored. A round's heads are padded to one size with their not yet scored channels
+    of highest bound, which are kept, so no channel is scored twice."""
     B, KV, rep, D, T = qa.shape
     dev = qa.device
     n2 = torch.zeros(B, KV, rep, D, device=dev)
     scored = torch.zeros(KV, rep, D, dtype=torch.bool, device=dev)
-    kbound = bound.square().sum(2).sqrt()  # [B,KV,D]
-    wanted = torch.zeros(B, KV * rep * D, dtype=torch.bool, device=dev)
-    if kq:
-        wanted.scatter_(1, bound.flatten(1).topk(kq, dim=-1).indices, True)
-    wanted = wanted.view(B, KV, rep, D).any(0)
-    if kk:
-        kwant = torch.zeros(B, KV * D, dtype=torch.bool, device=dev)
-        kwant.scatter_(1, kbound.flatten(1).topk(kk, dim=-1).indices, True)
-        wanted |= kwant.view(B, KV, 1, D).any(0)
+    bound = sample
+
+    def wanted_by(bound: torch.Tensor) -> torch.Tensor:
+        """Channels whose bound reaches a text's k-th exact score (k-th by bound while none is scored)."""
+        wanted = torch.zeros(KV, rep, D, dtype=torch.bool, device=dev)
+        kbound = bound.square().sum(2).sqrt()  # [B,KV,D]
+        if not scored.any():
+            if kq:
+                first = torch.zeros(B, KV * rep * D, dtype=torch.bool, device=dev)
+                wanted |= first.scatter_(1, bound.flatten(1).topk(kq, dim=-1).indices, True).view(B, KV, rep, D).any(0)
+            if kk:
+                first = torch.zeros(B, KV * D, dtype=torch.bool, device=dev)
+                wanted |= first.scatter_(1, kbound.flatten(1).topk(kk, dim=-1).indices, True).view(B, KV, 1, D).any(0)
+            return wanted
+        if kq:
+            tau = _kth(torch.where(scored, n2.sqrt(), float("-inf")).flatten(1), kq)  # [B]
+            wanted |= (bound >= tau[:, None, None, None]).any(0)
+        if kk:
+            heads_done = scored.all(1)  # [KV, D]: every head reading g scored
+            tau_k = _kth(torch.where(heads_done, n2.sum(2).sqrt(), float("-inf")).flatten(1), kk)
+            wanted |= ((kbound >= tau_k[:, None, None]) & ~heads_done).any(0)[:, None, :]
+        return wanted & ~scored
+
     computed = 0
-    while True:
-        new = wanted & ~scored
+    while not scored.all():
+        new = wanted_by(bound)
         m = int(new.sum(-1).max())
+        if m == 0 and bound is sample and scored.any():  # the sampled bound needs no more: ask the full one
+            bound = full()
+            continue
         if m == 0:
             break
         if m >= D // 2:  # most of a head anyway: score every channel left, once, rather than in rounds
             new = ~scored
             m = int(new.sum(-1).max())
-        # per head, its new channels first (stable sort), padded with channels whose result is dropped
-        idx = torch.argsort((~new).to(torch.int8), dim=-1, stable=True)[..., :m]  # [KV,rep,m]
-        keep = new.gather(-1, idx)
+        # per head: its new channels, then its other unscored channels by bound (kept too), then scored ones
+        # (recomputed, dropped) to fill the round's size
+        rank = torch.where(new, 0, torch.where(scored, 2, 1)).to(torch.int8)
+        by_bound = torch.argsort(bound.amax(0), dim=-1, descending=True, stable=True)
+        idx = by_bound.gather(-1, torch.argsort(rank.gather(-1, by_bound), dim=-1, stable=True))[..., :m]
+        keep = ~scored.gather(-1, idx)
         qi = qa.gather(3, idx[None, ..., None].expand(B, KV, rep, m, T))
         ki = kt.expand(B, KV, rep, D, kt.shape[-1]).gather(3, idx[None, ..., None].expand(B, KV, rep, m, kt.shape[-1]))
         got = exact(qi, ki)
-        n2.scatter_(3, idx[None].expand(B, KV, rep, m), torch.where(keep, got, n2.gather(3, idx[None].expand(B, KV, rep, m))))
-        scored |= new
+        at = idx[None].expand(B, KV, rep, m)
+        n2.scatter_(3, at, torch.where(keep, got, n2.gather(3, at)))
+        scored.scatter_(-1, idx, True)
         computed += KV * rep * m
-        wanted = torch.zeros_like(scored)
-        score = torch.where(scored, n2.sqrt(), float("-inf"))
-        if kq:
-            tau = _kth(score.flatten(1), kq)  # [B]
-            wanted |= (bound >= tau[:, None, None, None]).any(0)
-        if kk:
-            full = scored.all(1)  # [KV, D]: every head reading g scored
-            kscore = torch.where(full, n2.sum(2).sqrt(), float("-inf"))
-            tau_k = _kth(kscore.flatten(1), kk)
-            reach = ((kbound >= tau_k[:, None, None]) & ~full).any(0)  # [KV, D]
-            wanted |= reach[:, None, :]
     if stats is not None:
         stats["scored"] = stats.get("scored", 0) + B * computed
         stats["channels"] = stats.get("channels", 0) + B * KV * rep * D
     q_imp = torch.where(scored, n2.sqrt(), float("-inf")).expand(B, KV, rep, D).reshape(B, KV * rep * D)
-    full = scored.all(1)
-    k_imp = torch.where(full, n2.sum(2).sqrt(), float("-inf")).reshape(B, KV * D)
+    heads_done = scored.all(1)
+    k_imp = torch.where(heads_done, n2.sum(2).sqrt(), float("-inf")).reshape(B, KV * D)
     return q_imp, k_imp
 
 
@@ -656,15 +719,13 @@ class ImportanceProbe:
         self.inline = None
         mt = getattr(model.config, "model_type", None)
         registry = uses_attention_registry(model)
-        if self.wants_qk and mt == "falcon" and model.config.alibi:
-            raise InputError("groups attn_q/attn_k: Falcon with alibi is not supported (transformers adds its "
-                             "alibi bias differently between its versions and attention paths); use --groups "
-                             "without attn_q,attn_k")
-        if self.wants_qk and registry and alibi_in_mask(model.config):
-            # the bias would reach the attention function inside an additive mask, which the score reads as
-            # visibility only: refused rather than scored without it
-            raise InputError(f"groups attn_q/attn_k: model type '{mt}' adds an alibi bias to the attention mask, "
-                             "which the query/key score does not model; use --groups without attn_q,attn_k")
+        if self.wants_qk and alibi_in_mask(model.config) and (registry or mt == "falcon"):
+            # on the registry path the bias reaches the attention function inside an additive mask, which the
+            # score reads as visibility only; Falcon adds it differently between transformers versions and
+            # paths: refused rather than scored without it (BLOOM's inline alibi is scored with the bias)
+            what = "Falcon with alibi" if mt == "falcon" else f"model type '{mt}'"
+            raise InputError(f"groups attn_q/attn_k: {what} adds an alibi bias to the attention scores, which the "
+                             "query/key score does not model on this path; use --groups without attn_q,attn_k")
         if self.wants_qk and not registry:
             if mt not in _INLINE_ATTENTION or "qkv" not in self.layers[0]:
                 raise InputError(f"groups attn_q/attn_k: model type '{mt}' does not compute attention through "

@@ -726,6 +726,11 @@ def check_architecture(config, model: str) -> None:
     head = f"--model {model}: model type '{mt}' is not supported:"
     if getattr(config, "is_encoder_decoder", False):
         raise InputError(f"{head} an encoder-decoder model, not a causal decoder")
+    if getattr(c, "slow_but_exact", False) and getattr(c, "pretraining_tp", 1) > 1:
+        # BLOOM then applies its output projections as slices of their weights, past the modules' forward,
+        # where no hook reads or changes a neuron
+        raise InputError(f"{head} slow_but_exact with pretraining_tp {c.pretraining_tp} computes its output "
+                         "projections outside their modules; set slow_but_exact to false in its config.json")
     from transformers import AutoModelForCausalLM
     try:
         with torch.device("meta"):

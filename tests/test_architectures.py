@@ -400,6 +400,15 @@ def test_unsupported_architectures_are_refused_at_check_time(kind, why, tmp_path
         check_architecture(AutoConfig.from_pretrained(path), str(path))
 
 
+def test_bloom_slow_but_exact_is_refused():
+    """BLOOM with slow_but_exact and pretraining_tp > 1 multiplies slices of its dense weights directly: the
+    hooks on those modules would never run, so it is refused (the same model without slow_but_exact is not)."""
+    cfg = dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=259, pretraining_tp=2)
+    with pytest.raises(InputError, match="model type 'bloom' is not supported: slow_but_exact"):
+        check_architecture(AutoConfig.for_model("bloom", slow_but_exact=True, **cfg), "tiny-bloom")
+    check_architecture(AutoConfig.for_model("bloom", slow_but_exact=False, **cfg), "tiny-bloom")
+
+
 @pytest.mark.parametrize("script,extra", [("detection.py", []), ("deactivation.py", []),
                                           ("train.py", ["--lang", "fr", "--neurons", "full"]),
                                           ("evaluate.py", ["--tasks", "ppl"])])

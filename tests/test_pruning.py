@@ -8,6 +8,7 @@ import torch
 
 import detection
 from bench.detection import floor_counts, layer_macs
+from langneurons import importance
 from langneurons.importance import qk_importance, qk_importance_reference, qk_upper_bounds
 from langneurons.data import pad_batch
 from langneurons.model import GROUPS, Geometry
@@ -116,12 +117,16 @@ def test_detection_selections_equal_exhaustive(arch):
 
 
 def test_layer_macs_hand_counted():
-    # 3 tokens, causal: the rows see 1, 2, 3 keys; 10 weight entries, 2 heads of width 2
-    # decoder 3*10 + 2*(2*2)*(1+2+3) = 78; q/k: 2*2*(1*min(1,2) + 2*min(2,2) + 3*min(3,2)) = 4*11 = 44
-    assert layer_macs(3, 10, 2, 2) == (78, 44)
-    # a window of 2: the rows see 1, 2, 2 keys, the last one keys 2..3, so its factor is min(3, 2) wide
-    # decoder 30 + 8*5 = 70; q/k: 4*(1*1 + 2*2 + 2*2) = 36
-    assert layer_macs(3, 10, 2, 2, window=2) == (70, 36)
+    # 3 tokens, causal: the rows see keys {1}, {1,2}, {1,2,3}; key s has min(s, 2) entries in the values'
+    # factor; 10 weight entries, 2 heads of width 2
+    # decoder 3*10 + 2*(2*2)*(1+2+3) = 78; q/k: 2*2*(1 + (1+2) + (1+2+2)) = 4*9 = 36
+    assert layer_macs(3, 10, 2, 2) == (78, 36)
+    # a window of 2: the rows see keys {1}, {1,2}, {2,3}
+    # decoder 30 + 8*5 = 70; q/k: 4*(1 + (1+2) + (2+2)) = 32
+    assert layer_macs(3, 10, 2, 2, window=2) == (70, 32)
+    # head_dim 4, 6 tokens, window 3: rows see keys {1} {1,2} {1,2,3} {2,3,4} {3,4,5} {4,5,6}, of min(s, 4)
+    # entries each: 1 + 3 + 6 + 9 + 11 + 12 = 42
+    assert layer_macs(6, 0, 1, 4, window=3)[1] == 4 * 42
     # one token: only its own key
     assert layer_macs(1, 7, 3, 5) == (7 + 2 * 15, 15)
 
@@ -132,7 +137,7 @@ def test_floor_counts_sum_layers_and_sentences():
     got = floor_counts(shapes, [3, 1])
     # the 3-token sentence as above in each layer, the 1-token one 10 + 2*(2*2)*1 = 18 and 2*2*1*1 = 4 in each
     dec = 78 + 70 + 2 * (10 + 2 * 4 * 1)
-    qk = 44 + 36 + 2 * 4
+    qk = 36 + 32 + 2 * 4
     assert got["decoder_macs"] == dec and got["qk_macs"] == qk
     assert math.isclose(got["floor"], 1 + qk / dec)
 
@@ -148,3 +153,58 @@ def test_bf16_product_of_float32_differences_is_close(softcap):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-4)
     with pytest.raises(ValueError):
         qk_importance(q, k, v, keep, valid, 0.3, softcap, product="float16")
+
+
+def test_pruning_scores_no_channel_twice():
+    """Where channels are alike (plain random inputs: nothing can be pruned), pruned scoring does no more exact
+    work than exhaustive scoring: a round's padding is kept, not recomputed, and the sampled bound settles
+    that every channel is needed without the full one (with one, the count equals the channels)."""
+    for seed in range(3):
+        q, k, v, keep, valid = inputs(seed, D=32)
+        for kq, kk in ((1, 1), (3, 2), (40, 10)):
+            stats = {}
+            qk_importance(q, k, v, keep, valid, 0.3, None, top_k=(kq, kk), stats=stats)
+            assert 0 < stats["scored"] <= stats["channels"]
+
+
+def test_sampled_bound_is_at_most_the_full_bound():
+    """The sampled bound (the terms of every _SAMPLE_STEP-th query row) never exceeds the full bound: what it
+    puts at a text's k-th exact score, the full bound does too, so deciding on it keeps the lists exact."""
+    for seed, scales, softcap in ((0, False, None), (1, True, None), (2, True, 5.0)):
+        q, k, v, keep, valid = inputs(seed, scales=scales)
+        B, H, T, D = q.shape
+        KV = k.shape[1]
+        own = torch.arange(T)[:, None] == torch.arange(T)
+        keep2 = torch.where(valid[:, None, :, None], keep, own)
+        pre = (q @ k.repeat_interleave(H // KV, 1).transpose(-1, -2)) * 0.3
+        capped = pre if softcap is None else torch.tanh(pre / softcap) * softcap
+        probs = torch.softmax(capped.masked_fill(~keep2, float("-inf")), -1).view(B, KV, H // KV, T, T)
+        out = (probs.view(B, H, T, T) @ v.repeat_interleave(H // KV, 1)).view(B, KV, H // KV, T, D)
+        last = torch.where(keep2, torch.arange(T), -1).amax(-1).amax(1).amax(0)
+        qg = q.view(B, KV, H // KV, T, D)
+        full = qk_upper_bounds(qg, k, v, probs, out, valid, last, 0.3, softcap)
+        rows = torch.arange(0, T, importance._SAMPLE_STEP)
+        sample = qk_upper_bounds(qg[:, :, :, rows], k, v, probs[:, :, :, rows], out[:, :, :, rows], valid[:, rows],
+                                 last[rows], 0.3, softcap)
+        assert (sample <= full * (1 + 1e-6)).all() and (sample < full).any()
+
+
+@pytest.mark.parametrize("K,N,s0", [(40, 40, 0), (200, 128, 0), (256, 256, 0), (150, 128, 30), (90, 128, 100),
+                                    (130, 128, 0), (64, 128, 0), (300, 256, 10)])
+def test_trapezoidal_product_equals_the_full_product(K, N, s0):
+    """The values' factor is lower trapezoidal in absolute key order; the product that skips its zeros (keys
+    before the head_dim-th in chunks, into the columns they reach) equals the plain product."""
+    g = torch.Generator().manual_seed(K + N + s0)
+    x = torch.rand(3, 50, K, generator=g)
+    keys = torch.arange(s0, s0 + K)
+    rt = torch.randn(3, K, N, generator=g) * (torch.arange(N)[None, :] <= keys[:, None])
+    got = importance._trapezoidal_product(x, rt, s0, torch.full((3, 50, N), float("nan")))
+    torch.testing.assert_close(got, x @ rt, rtol=1e-5, atol=1e-5)
+
+
+def test_running_max_equals_cummax_and_leaves_its_input():
+    for shape in ((2, 3, 1, 4), (2, 3, 7, 4), (4, 2, 256, 5), (3, 2, 33)):
+        x = torch.randn(*shape)
+        before = x.clone()
+        assert torch.equal(importance._running_max(x), x.cummax(2).values)
+        assert torch.equal(x, before)
