@@ -400,6 +400,27 @@ def test_unsupported_architectures_are_refused_at_check_time(kind, why, tmp_path
         check_architecture(AutoConfig.from_pretrained(path), str(path))
 
 
+def test_gpt2_cross_attention_layers_are_not_neurons():
+    """GPT-2 built with add_cross_attention has cross-attention blocks that a causal LM run never calls (no
+    encoder states): its neurons and every importance are those of the same weights without them."""
+    cfg = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=259, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", **cfg)).eval()
+    cross = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", add_cross_attention=True, **cfg)).eval()
+    missing = cross.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all("crossattention" in k or "ln_cross_attn" in k for k in missing)
+    check_architecture(cross.config, "tiny-gpt2-cross")
+    assert Geometry.from_config(cross.config) == Geometry.from_config(plain.config)
+    ids, mask = encode(SENTENCES["en"][:2] + SENTENCES["fr"][:1])
+    with torch.no_grad():
+        with ImportanceProbe(plain) as p:
+            want = p(ids, mask)
+        with ImportanceProbe(cross) as p:
+            got = p(ids, mask)
+    for g in GROUPS:
+        torch.testing.assert_close(torch.stack(list(got[g])), torch.stack(list(want[g])), rtol=0, atol=0)
+
+
 def test_bloom_slow_but_exact_is_refused():
     """BLOOM with slow_but_exact and pretraining_tp > 1 multiplies slices of its dense weights directly: the
     hooks on those modules would never run, so it is refused (the same model without slow_but_exact is not)."""

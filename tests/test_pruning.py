@@ -1,5 +1,6 @@
 """Pruned top-k query/key scoring (docs/detection.md, pruned top-k) gives the top lists of exhaustive scoring,
-its upper bound holds, and the benchmark's floor counter counts what it says."""
+its upper bound and its sampled form hold, the triangular product and the prefix-maximum scan equal their
+plain forms, and the benchmark's floor counter counts what it says."""
 import argparse
 import math
 
@@ -156,9 +157,8 @@ def test_bf16_product_of_float32_differences_is_close(softcap):
 
 
 def test_pruning_scores_no_channel_twice():
-    """Where channels are alike (plain random inputs: nothing can be pruned), pruned scoring does no more exact
-    work than exhaustive scoring: a round's padding is kept, not recomputed, and the sampled bound settles
-    that every channel is needed without the full one (with one, the count equals the channels)."""
+    """Where channels are alike (plain random inputs: little or nothing can be pruned), pruned scoring does no
+    more exact work than exhaustive scoring: a round's padding is kept, never scored again."""
     for seed in range(3):
         q, k, v, keep, valid = inputs(seed, D=32)
         for kq, kk in ((1, 1), (3, 2), (40, 10)):
