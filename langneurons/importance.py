@@ -208,10 +208,10 @@ def qk_importance(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     # Channels it already puts at or above a text's k-th exact score must be scored whatever the full bound says,
     # so where they are most of a head the full bound would prune nothing, and it is not computed (random
     # weights: channels are alike and none can be pruned)
-    every = slice(None, None, _SAMPLE_STEP)
+    every, keys = slice(None, None, _SAMPLE_STEP), _key_terms(k, value, softcap)
     sample = qk_upper_bounds(q[:, :, :, every], k, value, probs[:, :, :, every], out[:, :, :, every],
-                             valid[:, every], last[every], scaling, softcap)
-    full = lambda: qk_upper_bounds(q, k, value, probs, out, valid, last, scaling, softcap)
+                             valid[:, every], last[every], scaling, softcap, keys)
+    full = lambda: qk_upper_bounds(q, k, value, probs, out, valid, last, scaling, softcap, keys)
     return _pruned(exact, qa, kt, sample, full, min(kq, H * D), min(kk, KV * D), stats)
 
 
@@ -331,8 +331,23 @@ _PRUNE_ABSOLUTE = 1e-4
 _SAMPLE_STEP = 8  # query rows of the sampled bound: every 8th
 
 
+def _key_terms(k: torch.Tensor, value: torch.Tensor, softcap: float | None) -> dict[str, torch.Tensor]:
+    """What `qk_upper_bounds` needs of the keys and values alone (not of the query rows), so that the sampled
+    and the full bound compute it once: K centred (no soft-capping) or |K| (soft-capping), their prefix maxima
+    over the keys, ||v||^2 and the prefix maxima of ||v||."""
+    vn2 = value.float().square().sum(-1)  # [B,KV,S]
+    terms = {"vn2": vn2, "vmax": _running_max(vn2.sqrt())}
+    if softcap is None:
+        kc = k - k.mean(2, keepdim=True)  # the bound is invariant under a shift of K: centred for accuracy
+        terms.update(kc=kc, kmax=_running_max(kc), kmin=-_running_max(-kc))
+    else:
+        terms.update(kabs=_running_max(k.abs()))
+    return terms
+
+
 def qk_upper_bounds(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, probs: torch.Tensor, out: torch.Tensor,
-                    valid: torch.Tensor, last, scaling: float, softcap: float | None) -> torch.Tensor:
+                    valid: torch.Tensor, last, scaling: float, softcap: float | None,
+                    keys: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """An upper bound [B,KV,rep,D] of every query channel's exact score (the norm, not its square), from
     products of the probabilities with K, K*K and ||v||^2 (docs/detection.md, pruned top-k: derivation).
 
@@ -341,19 +356,21 @@ def qk_upper_bounds(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, probs
     ||change|| = ||E_p[(w - E_p w)(v - o)]|| / E_p[w] <= sqrt(Var_p(w)) / E_p[w] * sigma_t (Cauchy-Schwarz),
     sigma_t^2 = E_p||v||^2 - ||o||^2; Var_p(w) <= e^{2M} Var_p(X) with M the largest X_s - E_p X over the
     keys up to the row's last key, and E_p[w] >= e^{E_p X} (Jensen). It is also at most
-    max_s ||v_s|| + ||o||. Inflated by the float rounding allowances above. q [B,KV,rep,T,D], k [B,KV,S,D]."""
+    max_s ||v_s|| + ||o||. Inflated by the float rounding allowances above. q [B,KV,rep,T,D], k [B,KV,S,D];
+    keys: `_key_terms` of k and value, when the caller has them."""
     B, KV, rep, T, D = q.shape
     S = k.shape[2]
+    keys = keys if keys is not None else _key_terms(k, value, softcap)
     last = torch.as_tensor(last, device=q.device)
     p = probs.reshape(B, KV, rep * T, S)
     a = q * scaling
     if softcap is None:
-        kc = k - k.mean(2, keepdim=True)  # the bound is invariant under a shift of K: centred for accuracy
+        kc = keys["kc"]
         m1 = (p @ kc).view(B, KV, rep, T, D)
         m2 = (p @ kc.square()).view(B, KV, rep, T, D)
         var = (m2 - m1.square()).clamp_(min=0).add_(m2 * 1e-6)
-        kmax = _running_max(kc).index_select(2, last)[:, :, None]  # [B,KV,1,T,D]: max over keys <= last_t
-        kmin = -_running_max(-kc).index_select(2, last)[:, :, None]
+        kmax = keys["kmax"].index_select(2, last)[:, :, None]  # [B,KV,1,T,D]: max over keys <= last_t
+        kmin = keys["kmin"].index_select(2, last)[:, :, None]
         spread = torch.where(a > 0, a * (m1 - kmin), -a * (kmax - m1))  # M - E_p X >= 0
         xvar = a.square() * var
         ratio = torch.where(xvar > 0, xvar * torch.exp(2 * spread), 0)
@@ -361,14 +378,13 @@ def qk_upper_bounds(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, probs
         # soft-capping is 1-Lipschitz: |X_s| <= |a k_s|, so Var_p(w) <= e^{2|a| kabs} a^2 E_p[k^2] and
         # E_p[w] >= e^{-|a| kabs}, kabs the largest |k_s| up to the row's last key
         m2 = (p @ k.square()).view(B, KV, rep, T, D) * (1 + 1e-6)
-        kabs = _running_max(k.abs()).index_select(2, last)[:, :, None]
+        kabs = keys["kabs"].index_select(2, last)[:, :, None]
         xvar = a.square() * m2
         ratio = torch.where(xvar > 0, xvar * torch.exp(4 * a.abs() * kabs), 0)
-    vn2 = value.float().square().sum(-1)  # [B,KV,S]
-    ev2 = (p @ vn2[..., None]).view(B, KV, rep, T, 1)
+    ev2 = (p @ keys["vn2"][..., None]).view(B, KV, rep, T, 1)
     on2 = out.square().sum(-1, keepdim=True)  # ||o||^2: the triangular factor keeps norms
     sigma2 = (ev2 - on2).clamp_(min=0).add_(ev2 * 1e-6)
-    vmax = _running_max(vn2.sqrt()).index_select(2, last)[:, :, None, :, None]  # [B,KV,1,T,1]
+    vmax = keys["vmax"].index_select(2, last)[:, :, None, :, None]  # [B,KV,1,T,1]
     cap = vmax + on2.sqrt()
     row = torch.minimum((ratio * sigma2).sqrt(), cap)  # [B,KV,rep,T,D]
     rowmask = valid.view(B, 1, 1, T, 1).float()
@@ -402,8 +418,8 @@ def _pruned(exact: _ExactScores, qa: torch.Tensor, kt: torch.Tensor, sample: tor
     is left, every channel whose bound reaches the k-th exact score of some text (for keys: the bound summed
     over the heads reading the kv head). The sampled bound decides while it can: a channel it puts at the k-th
     exact score must be scored in any case; the full bound (`full()`) is computed only when the sampled one
-    asks for no more channels while some are unscored. A round's heads are padded to one size with their not yet scored channels
-    of highest bound, which are kept, so no channel is scored twice."""
+    asks for no more channels while some are unscored. A round's heads are padded to one size with their not
+    yet scored channels of highest bound, which are kept, so no channel is scored twice."""
     B, KV, rep, D, T = qa.shape
     dev = qa.device
     n2 = torch.zeros(B, KV, rep, D, device=dev)
