@@ -73,6 +73,21 @@ def test_scaled_channels_are_pruned():
     assert torch.equal(top_lists(got_q, 2), top_lists(full_q, 2))
 
 
+def bound_inputs(q, k, v, keep, valid, softcap):
+    """What qk_upper_bounds takes besides q, k, v, computed plainly: q grouped by kv head, the probabilities and
+    outputs [B,KV,rep,T,.], and each row's last visible key (padding rows see their own key)."""
+    B, H, T, D = q.shape
+    KV = k.shape[1]
+    own = torch.arange(T)[:, None] == torch.arange(T)
+    keep2 = torch.where(valid[:, None, :, None], keep, own)
+    pre = (q @ k.repeat_interleave(H // KV, 1).transpose(-1, -2)) * 0.3
+    capped = pre if softcap is None else torch.tanh(pre / softcap) * softcap
+    probs = torch.softmax(capped.masked_fill(~keep2, float("-inf")), -1)
+    out = probs @ v.repeat_interleave(H // KV, 1)
+    last = torch.where(keep2, torch.arange(T), -1).amax(-1).amax(1).amax(0)
+    return (q.view(B, KV, H // KV, T, D), probs.view(B, KV, H // KV, T, T), out.view(B, KV, H // KV, T, D), last)
+
+
 @pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("scales", [False, True], ids=["plain", "scaled-1000x"])
 def test_upper_bound_holds(softcap, scales):
@@ -81,17 +96,9 @@ def test_upper_bound_holds(softcap, scales):
     for seed in range(3):
         q, k, v, keep, valid = inputs(seed, scales=scales, window=None if seed < 2 else 9)
         B, H, T, D = q.shape
-        KV = k.shape[1]
         ref_q, _ = qk_importance_reference(q, k, v, keep, valid, 0.3, softcap)
-        own = torch.arange(T)[:, None] == torch.arange(T)
-        keep2 = torch.where(valid[:, None, :, None], keep, own)
-        pre = (q @ k.repeat_interleave(H // KV, 1).transpose(-1, -2)) * 0.3
-        capped = pre if softcap is None else torch.tanh(pre / softcap) * softcap
-        probs = torch.softmax(capped.masked_fill(~keep2, float("-inf")), -1)
-        out = probs @ v.repeat_interleave(H // KV, 1)
-        last = torch.where(keep2, torch.arange(T), -1).amax(-1).amax(1).amax(0)
-        bound = qk_upper_bounds(q.view(B, KV, H // KV, T, D), k, v, probs.view(B, KV, H // KV, T, T),
-                                out.view(B, KV, H // KV, T, D), valid, last, 0.3, softcap)
+        qg, probs, out, last = bound_inputs(q, k, v, keep, valid, softcap)
+        bound = qk_upper_bounds(qg, k, v, probs, out, valid, last, 0.3, softcap)
         assert (bound.reshape(B, H * D) >= ref_q * (1 - 1e-5)).all()
 
 
@@ -172,18 +179,9 @@ def test_sampled_bound_is_at_most_the_full_bound():
     puts at a text's k-th exact score, the full bound does too, so deciding on it keeps the lists exact."""
     for seed, scales, softcap in ((0, False, None), (1, True, None), (2, True, 5.0)):
         q, k, v, keep, valid = inputs(seed, scales=scales)
-        B, H, T, D = q.shape
-        KV = k.shape[1]
-        own = torch.arange(T)[:, None] == torch.arange(T)
-        keep2 = torch.where(valid[:, None, :, None], keep, own)
-        pre = (q @ k.repeat_interleave(H // KV, 1).transpose(-1, -2)) * 0.3
-        capped = pre if softcap is None else torch.tanh(pre / softcap) * softcap
-        probs = torch.softmax(capped.masked_fill(~keep2, float("-inf")), -1).view(B, KV, H // KV, T, T)
-        out = (probs.view(B, H, T, T) @ v.repeat_interleave(H // KV, 1)).view(B, KV, H // KV, T, D)
-        last = torch.where(keep2, torch.arange(T), -1).amax(-1).amax(1).amax(0)
-        qg = q.view(B, KV, H // KV, T, D)
+        qg, probs, out, last = bound_inputs(q, k, v, keep, valid, softcap)
         full = qk_upper_bounds(qg, k, v, probs, out, valid, last, 0.3, softcap)
-        rows = torch.arange(0, T, importance._SAMPLE_STEP)
+        rows = torch.arange(0, q.shape[2], importance._SAMPLE_STEP)
         sample = qk_upper_bounds(qg[:, :, :, rows], k, v, probs[:, :, :, rows], out[:, :, :, rows], valid[:, rows],
                                  last[rows], 0.3, softcap)
         assert (sample <= full * (1 + 1e-6)).all() and (sample < full).any()
